@@ -1,0 +1,40 @@
+"""Image -> normalised tensor, exactly as the backbone expects it (shared by featurize, refine, index and serve)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..images import open_image
+from .registry import BackboneConfig
+
+
+class Preprocessor:
+    """Resize the shorter side to the input size, centre-crop a square, scale and normalise."""
+
+    def __init__(self, config: BackboneConfig):
+        self.size = config.input_size
+        self.mean = np.asarray(config.mean, dtype=np.float32).reshape(3, 1, 1)
+        self.std = np.asarray(config.std, dtype=np.float32).reshape(3, 1, 1)
+
+    def load(self, path: str | os.PathLike) -> np.ndarray:
+        """Decode a file (JPEG downscaled while decoding) into a (3, S, S) float32 array."""
+        return self.array(open_image(path, draft_size=self.size))
+
+    def resize(self, img: Image.Image) -> Image.Image:
+        w, h = img.size
+        scale = self.size / min(w, h)
+        nw, nh = max(self.size, round(w * scale)), max(self.size, round(h * scale))
+        img = img.resize((nw, nh), Image.BILINEAR, reducing_gap=None if max(w, h) < 3 * self.size else 2.0)
+        left, top = (nw - self.size) // 2, (nh - self.size) // 2
+        return img.crop((left, top, left + self.size, top + self.size))
+
+    def array(self, img: Image.Image) -> np.ndarray:
+        x = np.asarray(self.resize(img), dtype=np.float32).transpose(2, 0, 1) / 255.0
+        return (x - self.mean) / self.std
+
+    def tensor(self, img: Image.Image) -> torch.Tensor:
+        return torch.from_numpy(self.array(img))

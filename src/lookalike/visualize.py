@@ -1,0 +1,146 @@
+"""Every plot and picture lookalike draws lives here (matplotlib for charts, Pillow for image grids)."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image, ImageDraw, ImageOps  # noqa: E402
+
+from .errors import BadImageError  # noqa: E402
+from .fileio import write_bytes  # noqa: E402
+from .images import open_image  # noqa: E402
+
+GREEN, RED, GREY = (40, 160, 60), (210, 40, 40), (150, 150, 150)
+
+
+def _save_figure(fig, path: str | os.PathLike) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    write_bytes(path, buf.getvalue())
+
+
+def _save_image(img: Image.Image, path: str | os.PathLike) -> None:
+    buf = io.BytesIO()
+    fmt = "PNG" if str(path).lower().endswith(".png") else "JPEG"
+    img.save(buf, format=fmt, **({"quality": 88} if fmt == "JPEG" else {}))
+    write_bytes(path, buf.getvalue())
+
+
+def plot_calibration(ranker, scores: np.ndarray, labels: np.ndarray, path: str | os.PathLike) -> None:
+    """SVM score -> calibrated probability, over histograms of the validation scores by class."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    lo, hi = float(np.min(scores)) - 0.5, float(np.max(scores)) + 0.5
+    xs = np.linspace(lo, hi, 200)
+    ax2 = ax.twinx()
+    bins = np.linspace(lo, hi, 40)
+    ax2.hist(scores[labels == 0], bins=bins, alpha=0.35, color="tab:red", label="different attribute", density=True)
+    ax2.hist(scores[labels == 1], bins=bins, alpha=0.35, color="tab:green", label="same attribute", density=True)
+    ax2.set_ylabel("density of validation pairs")
+    ax2.legend(loc="center right", fontsize=8)
+    ax.plot(xs, ranker.probability_from_score(xs), color="black", lw=2, label="Platt scaling")
+    ax.set_xlabel("SVM score  (= - learned distance)")
+    ax.set_ylabel("P(same attribute)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_zorder(ax2.get_zorder() + 1)
+    ax.patch.set_visible(False)
+    ax.set_title(f"Calibration: P = sigmoid({ranker.platt_a_:.2f} * score + {ranker.platt_b_:.2f})")
+    _save_figure(fig, path)
+
+
+def plot_rank_curves(ranks_by_distance: dict[str, np.ndarray], path: str | os.PathLike, max_rank: int = 20) -> None:
+    """Cumulative accuracy: fraction of queries whose positive is within the top k, per distance."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ks = np.arange(1, max_rank + 1)
+    for name, ranks in ranks_by_distance.items():
+        ranks = np.asarray(ranks)
+        ax.plot(ks, [(ranks <= k).mean() for k in ks], marker="o", ms=3, label=name)
+    ax.set_xlabel("k")
+    ax.set_ylabel("top-k accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Rank of the positive among its comparative set")
+    _save_figure(fig, path)
+
+
+def plot_training_curves(history: Sequence[dict], path: str | os.PathLike) -> None:
+    """Train and test classification error per epoch (test is only reported, never used to choose)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    epochs = [h["epoch"] for h in history]
+    for key, label in (("train_error", "train"), ("validation_error", "validation"), ("test_error", "test")):
+        if any(key in h for h in history):
+            ax.plot(epochs, [h.get(key, np.nan) for h in history], marker="o", ms=3, label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("classification error")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("Refinement")
+    _save_figure(fig, path)
+
+
+def _thumb(path: str | os.PathLike, size: int) -> Image.Image:
+    try:
+        img = open_image(path, draft_size=size)
+    except BadImageError:
+        img = Image.new("RGB", (size, size), GREY)
+    return ImageOps.pad(img, (size, size), color=(255, 255, 255))
+
+
+def _captioned(img: Image.Image, caption: str, frame: tuple[int, int, int] | None, border: int = 6) -> Image.Image:
+    size = img.size[0]
+    tile = Image.new("RGB", (size + 2 * border, size + 2 * border + 18), "white")
+    if frame is not None:
+        tile.paste(frame, (0, 0, size + 2 * border, size + 2 * border))
+    tile.paste(img, (border, border))
+    ImageDraw.Draw(tile).text((border, size + 2 * border + 3), caption[:38], fill=(0, 0, 0))
+    return tile
+
+
+def _row(tiles: list[Image.Image], gap: int = 8) -> Image.Image:
+    w = sum(t.size[0] for t in tiles) + gap * (len(tiles) - 1)
+    h = max(t.size[1] for t in tiles)
+    out = Image.new("RGB", (w, h), "white")
+    x = 0
+    for t in tiles:
+        out.paste(t, (x, 0))
+        x += t.size[0] + gap
+    return out
+
+
+def query_picture(query: str, best: str, correct: str, is_right: bool, path: str | os.PathLike, rank: int, size: int = 200) -> None:
+    """query | best match | correct match; the best match is framed green when it is the positive, red otherwise."""
+    tiles = [
+        _captioned(_thumb(query, size), "query", None),
+        _captioned(_thumb(best, size), "best match", GREEN if is_right else RED),
+        _captioned(_thumb(correct, size), f"correct match (rank {rank})", GREEN),
+    ]
+    _save_image(_row(tiles), path)
+
+
+def retrieval_grid(query: str, results: Sequence[tuple[str, float, str]], path: str | os.PathLike, columns: int = 4, size: int = 160) -> None:
+    """The query top-left, then the matches in order with their distance (and label, when known)."""
+    tiles = [_captioned(_thumb(query, size), "query", (60, 60, 200))]
+    for i, (p, dist, label) in enumerate(results, 1):
+        tiles.append(_captioned(_thumb(p, size), f"{i}. {dist:.3f} {label}".strip(), None))
+    rows = [_row(tiles[i : i + columns]) for i in range(0, len(tiles), columns)]
+    w = max(r.size[0] for r in rows)
+    out = Image.new("RGB", (w, sum(r.size[1] for r in rows) + 6 * (len(rows) - 1)), "white")
+    y = 0
+    for r in rows:
+        out.paste(r, (0, y))
+        y += r.size[1] + 6
+    _save_image(out, path)
+
+
+def relative(path: str | os.PathLike, start: str | os.PathLike) -> str:
+    return os.path.relpath(Path(path), Path(start))

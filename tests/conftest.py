@@ -1,0 +1,60 @@
+"""Shared fixtures: generated texture images, a small real-photo subset, and an isolated feature cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "fashionTexture"
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory, monkeypatch):
+    """Every test gets its own feature cache, so no test sees another's work."""
+    monkeypatch.setenv("LOOKALIKE_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+
+
+def texture(kind: str, size: int = 64, seed: int = 0) -> Image.Image:
+    """A small synthetic texture: stripes, dots or checks, with random phase, scale and colour."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    period = rng.uniform(6, 12)
+    phase = rng.uniform(0, period)
+    if kind == "stripes":
+        mask = ((xx + phase) % period) < period / 2
+    elif kind == "dots":
+        mask = (((xx + phase) % period - period / 2) ** 2 + ((yy + phase) % period - period / 2) ** 2) < (period / 4) ** 2
+    else:
+        mask = (((xx + phase) // (period / 2)) + ((yy + phase) // (period / 2))) % 2 == 0
+    fg, bg = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+    img = np.where(mask[..., None], fg, bg).astype(np.float32) + rng.normal(0, 8, (size, size, 3))
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def make_dataset(root: Path, per_attribute: int = 8, kinds=("stripes", "dots", "checks"), size: int = 64) -> Path:
+    for k, kind in enumerate(kinds):
+        (root / kind).mkdir(parents=True, exist_ok=True)
+        for i in range(per_attribute):
+            texture(kind, size, seed=1000 * k + i).save(root / kind / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture
+def synthetic_dataset(tmp_path) -> Path:
+    return make_dataset(tmp_path / "textures")
+
+
+@pytest.fixture
+def real_subset(tmp_path) -> Path:
+    """A few real photos per attribute, linked (not copied) from the shared dataset."""
+    assert REAL_DATA.is_dir(), f"the example dataset is expected at {REAL_DATA}"
+    root = tmp_path / "fashion"
+    for attribute in ("dotted", "leopard", "striped"):
+        (root / attribute).mkdir(parents=True)
+        for src in sorted((REAL_DATA / attribute).glob("*.jpg"))[:14]:
+            os.symlink(src, root / attribute / src.name)
+    return root

@@ -1,0 +1,141 @@
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import make_dataset, texture
+from lookalike.config import DataConfig
+from lookalike.data import make_split, scan_dataset, verify_disjoint
+from lookalike.data.splits import PARTS
+from lookalike.errors import LookalikeError
+
+
+def test_scan_lists_and_skips_with_reasons(tmp_path):
+    root = make_dataset(tmp_path / "d", per_attribute=6)
+    (root / "dots" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    (root / "dots" / "empty.png").write_bytes(b"")
+    (root / "dots" / "readme.txt").write_text("hi")
+    (root / "dots" / ".hidden.png").write_bytes(b"")
+    (root / "stripes" / "UPPER.PNG").write_bytes((root / "stripes" / "000.png").read_bytes())
+    texture("dots", seed=77).convert("CMYK").save(root / "dots" / "cmyk.jpg")
+    (root / "lonely").mkdir()
+    texture("dots", seed=99).save(root / "lonely" / "one.png")
+    (root / "empty_attribute").mkdir()
+    ds = scan_dataset(root, progress=False)
+    assert ds.attributes == ["checks", "dots", "stripes"]
+    assert len(ds.images) == 6 + 7 + 6  # the CMYK image is usable
+    reasons = {s["path"]: s["reason"] for s in ds.skipped}
+    assert "empty" in reasons["dots/empty.png"]
+    assert "corrupt" in reasons["dots/broken.jpg"] or "not a recognised" in reasons["dots/broken.jpg"]
+    assert "not an image" in reasons["dots/readme.txt"]
+    assert "identical content" in reasons["stripes/UPPER.PNG"]
+    assert "1 usable image" in reasons["lonely/"] and "0 usable image" in reasons["empty_attribute/"]
+    assert not any(".hidden" in p for p in reasons)
+
+
+def test_single_attribute_is_refused(tmp_path):
+    root = make_dataset(tmp_path / "d", per_attribute=6, kinds=("dots",))
+    with pytest.raises(LookalikeError, match="at least 2 attribute"):
+        scan_dataset(root, progress=False)
+
+
+def test_missing_and_file_roots_are_refused(tmp_path):
+    with pytest.raises(LookalikeError, match="does not exist"):
+        scan_dataset(tmp_path / "nope")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(LookalikeError, match="is a file"):
+        scan_dataset(tmp_path / "f")
+
+
+def test_unreadable_dataset_folder(tmp_path, monkeypatch):
+    root = make_dataset(tmp_path / "d", per_attribute=4)
+
+    def denied(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(os, "scandir", denied)
+    with pytest.raises(LookalikeError, match="permission denied"):
+        scan_dataset(root)
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    return scan_dataset(make_dataset(tmp_path / "d", per_attribute=20), progress=False)
+
+
+def test_split_is_deterministic_disjoint_and_sized(dataset):
+    cfg = DataConfig(test_queries_per_attribute=5, negatives_per_query=20)
+    a, b = make_split(dataset, cfg, seed=3), make_split(dataset, cfg, seed=3)
+    assert a.to_dict() == b.to_dict()
+    assert make_split(dataset, cfg, seed=4).to_dict() != a.to_dict()
+    all_parts = [set(a.parts[p]) for p in PARTS]
+    assert sum(len(p) for p in all_parts) == len(dataset.images)
+    assert not (all_parts[0] & all_parts[1]) and not (all_parts[0] & all_parts[2]) and not (all_parts[1] & all_parts[2])
+    for attribute in dataset.attributes:
+        n_train_val = sum(dataset.images[i].attribute == attribute for i in a.parts["train"] + a.parts["validation"])
+        assert n_train_val == 15  # 0.75 of 20
+    assert len(a.sets["test"]) == 3 * 5
+    for part in PARTS:
+        members = set(a.parts[part])
+        for s in a.sets[part]:
+            attr = dataset.images[s.query].attribute
+            assert s.query != s.positive and dataset.images[s.positive].attribute == attr
+            assert {s.query, s.positive, *s.negatives} <= members
+            assert all(dataset.images[n].attribute != attr for n in s.negatives)
+            assert len(set(s.negatives)) == len(s.negatives)
+    assert all(len(s.negatives) == 20 for s in a.sets["train"])
+
+
+def test_negatives_capped_by_what_exists(dataset):
+    s = make_split(dataset, DataConfig(negatives_per_query=100), seed=0)
+    n_other_test = {s_.query: sum(dataset.images[i].attribute != dataset.images[s_.query].attribute for i in s.parts["test"]) for s_ in s.sets["test"]}
+    assert all(len(c.negatives) == n_other_test[c.query] for c in s.sets["test"])
+
+
+def test_queries_capped_per_attribute(dataset):
+    s = make_split(dataset, DataConfig(train_queries_per_attribute=2), seed=0)
+    assert len(s.sets["train"]) == 3 * 2
+
+
+def test_split_by_subfolder_keeps_groups_together(tmp_path):
+    root = tmp_path / "d"
+    for k, kind in enumerate(("dots", "stripes")):
+        for g in range(6):
+            (root / kind / f"product{g}").mkdir(parents=True)
+            for i in range(3):
+                texture(kind, seed=k * 100 + g * 10 + i).save(root / kind / f"product{g}" / f"{i}.png")
+    ds = scan_dataset(root, progress=False)
+    s = make_split(ds, DataConfig(split_by_subfolder=True), seed=0)
+    where = {}
+    for part, members in s.parts.items():
+        for i in members:
+            im = ds.images[i]
+            where.setdefault((im.attribute, im.group), set()).add(part)
+    assert all(len(parts) == 1 for parts in where.values())
+    assert len(where) == 12
+
+
+def test_leak_by_content_is_caught(dataset):
+    s = make_split(dataset, DataConfig(), seed=0)
+    # pretend a training image has the same bytes as a test image
+    i, j = s.parts["train"][0], s.parts["test"][0]
+    dataset.images[j] = type(dataset.images[j])(dataset.images[j].path, dataset.images[j].attribute, "", dataset.images[i].sha256)
+    with pytest.raises(LookalikeError, match="share 1 image"):
+        verify_disjoint(dataset, s.parts)
+
+
+def test_leak_by_path_is_caught(dataset):
+    s = make_split(dataset, DataConfig(), seed=0)
+    parts = {p: list(v) for p, v in s.parts.items()}
+    parts["test"].append(parts["train"][0])
+    with pytest.raises(LookalikeError, match="by path"):
+        verify_disjoint(dataset, parts)
+
+
+def test_split_json_round_trip(dataset):
+    from lookalike.data import Split
+
+    s = make_split(dataset, DataConfig(), seed=1)
+    assert Split.from_dict(s.to_dict()) == s
+    assert np.all(np.diff(s.parts["train"]) > 0)

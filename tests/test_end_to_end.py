@@ -1,0 +1,129 @@
+"""The whole pipeline through the real CLI, on real photos from the example dataset."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lookalike.data.splits import PARTS
+
+CONTRACT_DISTANCES = {"random", "l1", "l2", "cosine", "weighted_l2"}
+
+
+def lookalike(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "lookalike", *map(str, args)], capture_output=True, text=True, env=os.environ | {"COLUMNS": "200"})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"lookalike {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def small_config(tmp_path):
+    p = tmp_path / "small.toml"
+    p.write_text("[data]\ntrain_queries_per_attribute = 10\ntest_queries_per_attribute = 4\n[evaluate]\nquery_pictures = 3\n")
+    return p
+
+
+def test_run_two_splits_writes_the_contract(real_subset, tmp_path, small_config):
+    run = tmp_path / "run"
+    proc = lookalike("run", "--data", real_subset, "--out", run, "--splits", "2", "--config", small_config)
+    assert "weighted L2" in proc.stdout and "report:" in proc.stdout
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["splits"] == 2 and m["n_images"] == 42 and m["attributes"] == ["dotted", "leopard", "striped"]
+    assert m["backbone"] == "efficientnet-lite0"
+    assert set(m["distances"]) == CONTRACT_DISTANCES
+    for d in m["distances"].values():
+        assert 0 <= d["top1"] <= d["top5"] <= 1 and d["mean_rank"] >= 1 and "top1_std" in d
+    assert set(m["gallery"]) == {"recall_at_1", "recall_at_5", "map"}
+    assert all(0 <= v <= 1 for v in m["gallery"].values())
+    # the learned distance and plain L2 beat chance on real photos
+    assert m["distances"]["l2"]["mean_rank"] < m["distances"]["random"]["mean_rank"]
+    for k in (0, 1):
+        sdir = run / f"split-{k}"
+        for f in ("split.json", "features.npy", "metric.json", "evaluation.json", "calibration.png", "ranks.png", "queries/query-000.jpg"):
+            assert (sdir / f).exists(), f
+        model = json.loads((sdir / "metric.json").read_text())
+        assert len(model["weights"]) == 1280 and {"bias", "platt_a", "platt_b", "params"} <= set(model)
+        split = json.loads((sdir / "split.json").read_text())
+        parts = [set(split["parts"][p]) for p in PARTS]
+        assert not (parts[0] & parts[2]) and not (parts[1] & parts[2]) and not (parts[0] & parts[1])
+    assert json.loads((run / "split-0/split.json").read_text())["parts"] != json.loads((run / "split-1/split.json").read_text())["parts"]
+    html = (run / "report.html").read_text()
+    assert "split-0/ranks.png" in html and "queries/query-000.jpg" in html and "weighted L2" in html
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["data"]["test_queries_per_attribute"] == 4
+    assert not list(run.rglob("*.tmp*")), "no temporary files are left behind"
+
+    # a re-run reuses every stage: nothing is embedded or refit
+    before = (run / "split-0" / "metric.json").stat().st_mtime_ns
+    lookalike("run", "--data", real_subset, "--out", run, "--splits", "2", "--config", small_config)
+    assert (run / "split-0" / "metric.json").stat().st_mtime_ns == before
+
+    # retrieval (tutorial A1) against the run's test images
+    query = next((real_subset / "striped").iterdir())
+    res = json.loads(lookalike("retrieve", query, "--run", run, "--top", "5", "--json").stdout)
+    assert len(res["results"]) == 5 and Path(res["picture"]).exists()
+    dists = [r["distance"] for r in res["results"]]
+    assert dists == sorted(dists) and all(0 < r["probability"] < 1 for r in res["results"])
+    probs = [r["probability"] for r in res["results"]]
+    assert probs == sorted(probs, reverse=True)
+
+
+def test_stages_one_by_one_and_featurize_dir(real_subset, tmp_path, small_config):
+    run = tmp_path / "run"
+    lookalike("prepare", "--data", real_subset, "--out", run, "--config", small_config)
+    assert (run / "split-0" / "split.json").exists() and not (run / "split-0" / "features.npy").exists()
+    lookalike("featurize", "--run", run)
+    lookalike("train-metric", "--run", run)
+    proc = lookalike("evaluate", "--run", run)
+    assert "random" in proc.stdout and (run / "metrics.json").exists()
+
+    out = tmp_path / "emb.npy"
+    lookalike("featurize-dir", real_subset / "dotted", "--out", out, "--run", run)
+    feats = np.load(out, allow_pickle=False)
+    info = json.loads(out.with_suffix(".json").read_text())
+    assert feats.shape == (14, 1280) and len(info["paths"]) == 14
+    assert np.allclose(np.linalg.norm(feats, axis=1), 1, atol=1e-5)
+    # same images, same vectors as the run's own features
+    run_feats = np.load(run / "split-0" / "features.npy")
+    assert any(np.allclose(feats[0], r, atol=1e-5) for r in run_feats)
+
+    pq = tmp_path / "emb.parquet"
+    lookalike("featurize-dir", real_subset / "dotted", "--out", pq)
+    import pyarrow.parquet as papq
+
+    table = papq.read_table(pq)
+    assert table.num_rows == 14 and set(table.column_names) == {"path", "sha256", "embedding"}
+
+
+def test_bad_dataset_files_are_listed_not_fatal(real_subset, tmp_path, small_config):
+    (real_subset / "dotted" / "zero.jpg").write_bytes(b"")
+    (real_subset / "dotted" / "page.jpg").write_text("<html>not found</html>")
+    run = tmp_path / "run"
+    lookalike("prepare", "--data", real_subset, "--out", run, "--config", small_config)
+    log = (run / "log.txt").read_text()
+    assert "skipped dotted/zero.jpg: file is empty" in log and "skipped dotted/page.jpg" in log
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["run", "--data", "/nonexistent/data", "--out", "{tmp}/r"], "does not exist"),
+        (["run", "--data", "{data}", "--out", "{tmp}/r", "--backbone", "vgg99"], "unknown backbone 'vgg99'"),
+        (["run", "--data", "{data}", "--out", "{tmp}/r", "--backbone", "resnet18"], "no pretrained weights for 'resnet18'"),
+        (["run", "--data", "{data}", "--out", "{tmp}/r", "--config", "{tmp}/bad.toml"], "unknown key"),
+        (["evaluate", "--run", "{tmp}/empty"], "run `lookalike prepare`"),
+        (["retrieve", "{tmp}/bad.toml", "--run", "{tmp}/empty"], "run `lookalike prepare`"),
+    ],
+)
+def test_cli_errors_are_messages_not_tracebacks(real_subset, tmp_path, args, message, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    (tmp_path / "bad.toml").write_text("[data]\nratio = 1\n")
+    proc = lookalike(*[a.format(tmp=tmp_path, data=real_subset) for a in args], check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr.replace("\n", " ") or message in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout

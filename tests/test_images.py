@@ -1,0 +1,86 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lookalike.errors import BadImageError
+from lookalike.images import is_image_file, open_image, open_image_bytes
+
+
+def test_extensions_any_case_and_hidden_files():
+    assert is_image_file("a/b.JPG") and is_image_file("x.Jpeg") and is_image_file("y.webp") and is_image_file("z.TIF")
+    assert not is_image_file(".hidden.jpg") and not is_image_file("notes.txt")
+
+
+@pytest.mark.parametrize("content,reason", [(b"", "empty"), (b"this is not an image", "not a recognised"), (b"<html><body>404</body></html>", "not a recognised")])
+def test_unusable_files_are_refused_with_reason(tmp_path, content, reason):
+    p = tmp_path / "bad.jpg"
+    p.write_bytes(content)
+    with pytest.raises(BadImageError, match=reason) as e:
+        open_image(p)
+    assert str(p) in str(e.value)
+
+
+def test_truncated_jpeg_is_refused(tmp_path):
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8)).save(buf, "JPEG")
+    p = tmp_path / "cut.jpg"
+    p.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    with pytest.raises(BadImageError, match="corrupt or truncated"):
+        open_image(p)
+
+
+@pytest.mark.parametrize("mode", ["CMYK", "L", "P", "RGBA", "LA", "I;16", "1"])
+def test_odd_modes_become_rgb(tmp_path, mode):
+    if mode == "I;16":
+        img = Image.fromarray((np.linspace(0, 65535, 32 * 32).reshape(32, 32)).astype(np.uint16))
+        fmt, name = "PNG", "x.png"
+    else:
+        img = Image.new("RGB", (32, 32), (200, 30, 30)).convert(mode)
+        fmt, name = ("JPEG", "x.jpg") if mode == "CMYK" else ("PNG", "x.png")
+    p = tmp_path / name
+    img.save(p, fmt)
+    out = open_image(p)
+    assert out.mode == "RGB" and out.size == (32, 32)
+    if mode == "I;16":
+        arr = np.asarray(out)
+        assert arr.min() == 0 and arr.max() == 255, "16-bit range is scaled, not clipped"
+
+
+def test_alpha_composited_on_white(tmp_path):
+    img = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
+    p = tmp_path / "clear.png"
+    img.save(p)
+    assert np.asarray(open_image(p))[0, 0].tolist() == [255, 255, 255]
+
+
+def test_exif_rotation_is_applied(tmp_path):
+    img = Image.new("RGB", (40, 20), (0, 0, 255))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when displayed
+    p = tmp_path / "rotated.jpg"
+    img.save(p, "JPEG", exif=exif.tobytes())
+    assert open_image(p).size == (20, 40)
+
+
+def test_one_pixel_image_is_fine(tmp_path):
+    p = tmp_path / "dot.png"
+    Image.new("RGB", (1, 1), (1, 2, 3)).save(p)
+    assert open_image(p).size == (1, 1)
+
+
+def test_decompression_bomb_is_refused(tmp_path):
+    p = tmp_path / "bomb.png"
+    Image.new("1", (10000, 10000)).save(p)
+    assert p.stat().st_size < 200_000
+    with pytest.raises(BadImageError, match="decompression bomb"):
+        open_image(p)
+
+
+def test_bytes_api_matches_file_api(tmp_path):
+    p = tmp_path / "a.png"
+    Image.new("RGB", (5, 7), (9, 8, 7)).save(p)
+    assert np.array_equal(np.asarray(open_image(p)), np.asarray(open_image_bytes(p.read_bytes())))
+    with pytest.raises(BadImageError, match="empty"):
+        open_image_bytes(b"")
