@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from PIL import Image, ImageDraw, ImageOps  # noqa: E402
+from PIL import Image, ImageDraw, ImageFont, ImageOps  # noqa: E402
 
 from .errors import BadImageError  # noqa: E402
 from .fileio import write_bytes  # noqa: E402
@@ -52,7 +52,7 @@ def plot_calibration(ranker, scores: np.ndarray, labels: np.ndarray, path: str |
     ax.set_ylim(-0.02, 1.02)
     ax.set_zorder(ax2.get_zorder() + 1)
     ax.patch.set_visible(False)
-    ax.set_title(f"Calibration: P = sigmoid({ranker.platt_a_:.2f} * score + {ranker.platt_b_:.2f})")
+    ax.set_title(f"Calibration: P = sigmoid({ranker.platt_a_:.2f} * score {ranker.platt_b_:+.2f})")
     _save_figure(fig, path)
 
 
@@ -98,11 +98,11 @@ def _thumb(path: str | os.PathLike, size: int) -> Image.Image:
 
 def _captioned(img: Image.Image, caption: str, frame: tuple[int, int, int] | None, border: int = 6) -> Image.Image:
     size = img.size[0]
-    tile = Image.new("RGB", (size + 2 * border, size + 2 * border + 18), "white")
+    tile = Image.new("RGB", (size + 2 * border, size + 2 * border + 22), "white")
     if frame is not None:
         tile.paste(frame, (0, 0, size + 2 * border, size + 2 * border))
     tile.paste(img, (border, border))
-    ImageDraw.Draw(tile).text((border, size + 2 * border + 3), caption[:38], fill=(0, 0, 0))
+    ImageDraw.Draw(tile).text((border, size + 2 * border + 3), caption[:38], fill=(0, 0, 0), font=ImageFont.load_default(size=14))
     return tile
 
 
