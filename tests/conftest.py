@@ -30,8 +30,11 @@ def texture(kind: str, size: int = 64, seed: int = 0) -> Image.Image:
         mask = (((xx + phase) % period - period / 2) ** 2 + ((yy + phase) % period - period / 2) ** 2) < (period / 4) ** 2
     else:
         mask = (((xx + phase) // (period / 2)) + ((yy + phase) // (period / 2))) % 2 == 0
-    fg, bg = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
-    img = np.where(mask[..., None], fg, bg).astype(np.float32) + rng.normal(0, 8, (size, size, 3))
+    fg = rng.integers(0, 256, 3)
+    bg = (fg + 128) % 256  # strong contrast, so distinct textures never look like near-duplicates
+    # a random low-frequency shading gives every image its own layout (distinct difference hashes)
+    shading = np.asarray(Image.fromarray(rng.uniform(0.35, 1.0, (3, 3)).astype(np.float32), mode="F").resize((size, size), Image.BICUBIC))
+    img = np.where(mask[..., None], fg, bg).astype(np.float32) * shading[..., None] + rng.normal(0, 8, (size, size, 3))
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
 

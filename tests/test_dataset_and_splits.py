@@ -139,3 +139,32 @@ def test_split_json_round_trip(dataset):
     s = make_split(dataset, DataConfig(), seed=1)
     assert Split.from_dict(s.to_dict()) == s
     assert np.all(np.diff(s.parts["train"]) > 0)
+
+
+def _near_copy_dataset(tmp_path):
+    root = make_dataset(tmp_path / "d", per_attribute=12)
+    for i in range(12):  # a re-encoded, resized twin of every dots image
+        img = Image.open(root / "dots" / f"{i:03d}.png").resize((60, 60))
+        img.save(root / "dots" / f"{i:03d}-copy.jpg", quality=80)
+    return scan_dataset(root, progress=False)
+
+
+def test_near_duplicates_across_the_split_are_refused_with_pairs(tmp_path):
+    from lookalike.data.splits import NearDuplicateLeak
+
+    ds = _near_copy_dataset(tmp_path)
+    assert all(len(im.dhash) == 64 for im in ds.images)
+    with pytest.raises(NearDuplicateLeak) as e:
+        make_split(ds, DataConfig(), seed=0)
+    assert e.value.pairs and all(p["a"].replace("-copy.jpg", "") [:8] == p["b"].replace("-copy.jpg", "")[:8] for p in e.value.pairs)
+    assert "lookalike dedup" in str(e.value)
+
+
+def test_near_duplicates_resolved_keep_twins_together(tmp_path):
+    ds = _near_copy_dataset(tmp_path)
+    s = make_split(ds, DataConfig(near_duplicates="resolve"), seed=0)
+    assert s.near_duplicates
+    part_of = {ds.images[i].path: p for p, members in s.parts.items() for i in members}
+    for i in range(12):
+        assert part_of[f"dots/{i:03d}.png"] == part_of[f"dots/{i:03d}-copy.jpg"]
+    assert make_split(ds, DataConfig(near_duplicates="ignore"), seed=0).near_duplicates == []

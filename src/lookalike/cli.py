@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import LookalikeError
@@ -211,7 +212,7 @@ def main() -> None:
     try:
         app()
     except LookalikeError as e:
-        err.print(f"[red]error:[/red] {e}")
+        err.print(f"[red]error:[/red] {escape(str(e))}")
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/yellow]; finished stages are kept, rerun the same command to continue")
@@ -219,5 +220,5 @@ def main() -> None:
     except Exception as e:  # noqa: BLE001 - last line of defence: never show users a traceback
         if os.environ.get("LOOKALIKE_DEBUG") == "1":
             raise
-        err.print(f"[red]internal error:[/red] {type(e).__name__}: {e}\nSet LOOKALIKE_DEBUG=1 to see the traceback, and please report it.")
+        err.print(f"[red]internal error:[/red] {type(e).__name__}: {escape(str(e))}\nSet LOOKALIKE_DEBUG=1 to see the traceback, and please report it.")
         sys.exit(1)

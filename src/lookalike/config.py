@@ -24,6 +24,8 @@ class DataConfig(_Section):
     validation_queries_per_attribute: int = Field(20, ge=1)
     test_queries_per_attribute: int = Field(20, ge=1)
     negatives_per_query: int = Field(100, ge=1)
+    near_duplicates: Literal["refuse", "resolve", "ignore"] = "refuse"
+    near_duplicate_max_distance: int = Field(16, ge=0, le=256)
 
 
 class FeaturesConfig(_Section):

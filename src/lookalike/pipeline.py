@@ -17,6 +17,7 @@ from . import visualize
 from .backbones import Backbone, create_backbone, load_backbone
 from .config import LookalikeConfig
 from .data import Dataset, Split, make_split, scan_dataset
+from .data.splits import NearDuplicateLeak
 from .errors import LookalikeError
 from .evaluation import gallery_metrics, positive_ranks, rank_summary
 from .features import FeatureCache, default_cache_dir, embed_paths
@@ -68,7 +69,15 @@ def prepare(data_dir: str | os.PathLike, run_dir: str | os.PathLike, cfg: Lookal
     fp = fingerprint(scan_fp, cfg.data.model_dump(), seed)
     if not force and up_to_date(split_path, fp):
         return load_split(run, split)
-    s = make_split(dataset, cfg.data, seed)
+    report = run.split_dir(split) / "near_duplicates.json"
+    try:
+        s = make_split(dataset, cfg.data, seed)
+    except NearDuplicateLeak as e:
+        write_json(report, {"action": "refused", "pairs": e.pairs})
+        raise LookalikeError(f"{e} (report: {report})") from None
+    if s.near_duplicates:
+        write_json(report, {"action": "resolved", "pairs": s.near_duplicates})
+        run.log(f"split {split}: moved {len(s.near_duplicates)} near-duplicate(s) to their twin's part (report: {report})", style="yellow")
     write_json(split_path, s.to_dict() | {"fingerprint": fp})
     sizes = ", ".join(f"{p} {len(v)} images / {len(s.sets[p])} queries" for p, v in s.parts.items())
     run.log(f"split {split} (seed {seed}): {sizes}; train, validation and test share no image (checked by path and content hash)")
@@ -245,7 +254,7 @@ def run_pipeline(data_dir, run_dir, cfg: LookalikeConfig, splits: int = 1, force
     run = RunDir(run_dir)
     start = time.perf_counter()
     for k in range(splits):
-        run.log(f"[bold]split {k + 1}/{splits}[/bold]")
+        run.log(f"split {k + 1}/{splits}", style="bold")
         prepare(data_dir, run_dir, cfg, split=k, force=force)
         featurize(run_dir, split=k, force=force, progress=progress)
         train_metric(run_dir, split=k, force=force)

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import LookalikeError
 from .fileio import read_json
@@ -62,7 +63,7 @@ class RunDir:
 
     def log(self, message: str, style: str = "") -> None:
         """Print to the console and append to RUN_DIR/log.txt."""
-        console.print(message, style=style or None)
+        console.print(escape(message), style=style or None)
         self.root.mkdir(parents=True, exist_ok=True)
         stamp = _dt.datetime.now().isoformat(timespec="seconds")
         with open(self.log_file, "a", encoding="utf-8") as f:

@@ -8,9 +8,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..datatools.dedup import dhash_bits
 from ..errors import BadImageError, LookalikeError
 from ..fileio import sha256_file
-from ..images import is_image_file, open_image
+from ..images import is_image_file
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,7 @@ class ImageRecord:
     attribute: str
     group: str  # the sub-folder below the attribute folder ("" for files directly inside it)
     sha256: str
+    dhash: str = ""  # 16x16 difference hash (hex), to find near-duplicates across parts
 
 
 @dataclass
@@ -48,7 +50,7 @@ class Dataset:
         return cls(root=d["root"], images=[ImageRecord(**im) for im in d["images"]], skipped=list(d.get("skipped", [])))
 
 
-def scan_dataset(root: str | os.PathLike, min_images_per_attribute: int = 4, check_images: bool = True, progress: bool = True) -> Dataset:
+def scan_dataset(root: str | os.PathLike, min_images_per_attribute: int = 4, progress: bool = True) -> Dataset:
     """Find every usable image below `root`, one sub-folder per attribute value.
 
     Hidden files and folders are ignored. Non-images, corrupt files, exact duplicates and attributes
@@ -95,8 +97,7 @@ def scan_dataset(root: str | os.PathLike, min_images_per_attribute: int = 4, che
     for rel, attribute, group in tqdm(candidates, desc="Checking images", unit="img", disable=not progress or not candidates, leave=False):
         path = root / rel
         try:
-            if check_images:
-                open_image(path, draft_size=64)
+            near_hash = dhash_bits(path).tobytes().hex()  # decodes the image, so unusable files fail here
             digest = sha256_file(path)
         except BadImageError as e:
             skipped.append({"path": rel, "reason": e.reason})
@@ -109,7 +110,7 @@ def scan_dataset(root: str | os.PathLike, min_images_per_attribute: int = 4, che
             also = f" (labelled {first.attribute} there)" if first.attribute != attribute else ""
             skipped.append({"path": rel, "reason": f"identical content to {first.path}{also}"})
             continue
-        record = ImageRecord(rel, attribute, group, digest)
+        record = ImageRecord(rel, attribute, group, digest, near_hash)
         seen[digest] = record
         images.append(record)
 

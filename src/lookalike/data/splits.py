@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -28,11 +28,13 @@ class Split:
     seed: int
     parts: dict[str, list[int]]
     sets: dict[str, list[ComparativeSet]]
+    near_duplicates: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {
             "seed": self.seed,
             "parts": self.parts,
+            "near_duplicates": self.near_duplicates,
             "sets": {p: [asdict(s) | {"negatives": list(s.negatives)} for s in sets] for p, sets in self.sets.items()},
         }
 
@@ -42,6 +44,7 @@ class Split:
             seed=d["seed"],
             parts={p: list(v) for p, v in d["parts"].items()},
             sets={p: [ComparativeSet(s["query"], s["positive"], tuple(s["negatives"])) for s in v] for p, v in d["sets"].items()},
+            near_duplicates=list(d.get("near_duplicates", [])),
         )
 
 
@@ -73,13 +76,58 @@ def make_split(dataset: Dataset, cfg: DataConfig, seed: int) -> Split:
     for part in PARTS:
         parts[part].sort()
     verify_disjoint(dataset, parts)
+    near = near_duplicate_leaks(dataset, parts, cfg.near_duplicate_max_distance) if cfg.near_duplicates != "ignore" else []
+    if near and cfg.near_duplicates == "refuse":
+        raise NearDuplicateLeak(near)
+    moved: dict[int, tuple[str, str]] = {}
+    for leak in sorted(near, key=lambda x: PARTS.index(x["part_a"])):  # pairs with train first
+        moved.setdefault(leak["index_b"], (leak["part_b"], leak["part_a"]))
+    for index, (source, target) in moved.items():
+        parts[source].remove(index)
+        parts[target].append(index)
+    for part in PARTS:
+        parts[part].sort()
     queries = {
         "train": cfg.train_queries_per_attribute,
         "validation": cfg.validation_queries_per_attribute,
         "test": cfg.test_queries_per_attribute,
     }
     sets = {part: comparative_sets(dataset, parts[part], queries[part], cfg.negatives_per_query, rng) for part in PARTS}
-    return Split(seed=seed, parts=parts, sets=sets)
+    return Split(seed=seed, parts=parts, sets=sets, near_duplicates=near)
+
+
+class NearDuplicateLeak(LookalikeError):
+    """Near-duplicate images on both sides of the split; `pairs` is the report."""
+
+    def __init__(self, pairs: list[dict]):
+        self.pairs = pairs
+        shown = "; ".join(f"{p['a']} ~ {p['b']} ({p['part_a']}/{p['part_b']}, {p['distance']} bits)" for p in pairs[:5])
+        super().__init__(
+            f"{len(pairs)} near-duplicate pair(s) straddle the split, which would flatter the evaluation: {shown}"
+            f"{' ...' if len(pairs) > 5 else ''}. Remove them with `lookalike dedup DATASET`, or set "
+            "data.near_duplicates = \"resolve\" to move each pair's later-part image next to its twin"
+        )
+
+
+def near_duplicate_leaks(dataset: Dataset, parts: dict[str, list[int]], max_distance: int) -> list[dict]:
+    """Pairs of images in different parts whose difference hashes are within `max_distance` bits."""
+    from ..datatools.dedup import near_pairs
+
+    hashed = {p: [i for i in parts[p] if dataset.images[i].dhash] for p in PARTS}
+    found = []
+    for ia, part_a in enumerate(PARTS):
+        for part_b in PARTS[ia + 1 :]:
+            a, b = hashed[part_a], hashed[part_b]
+            if not a or not b:
+                continue
+            ha = np.array([np.frombuffer(bytes.fromhex(dataset.images[i].dhash), np.uint8) for i in a])
+            hb = np.array([np.frombuffer(bytes.fromhex(dataset.images[i].dhash), np.uint8) for i in b])
+            for i, j, d in zip(*near_pairs(ha, hb, max_distance)):
+                found.append({
+                    "a": dataset.images[a[i]].path, "b": dataset.images[b[j]].path, "part_a": part_a, "part_b": part_b,
+                    "distance": int(d), "index_b": int(b[j]),
+                })
+    return sorted(found, key=lambda x: x["distance"])
 
 
 def comparative_sets(dataset: Dataset, members: list[int], queries_per_attribute: int, n_negatives: int, rng: np.random.Generator) -> list[ComparativeSet]:
