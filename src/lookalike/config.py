@@ -35,6 +35,8 @@ class FeaturesConfig(_Section):
     normalization: Literal["backbone", "imagenet", "inception"] = "backbone"
     batch_size: int = Field(32, ge=1)
     cache_dir: str = ""
+    engine: Literal["auto", "torch", "onnx"] = "auto"
+    quantize: bool = False
 
 
 class RefineConfig(_Section):

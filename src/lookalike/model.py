@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 
 from .backbones import Backbone, Preprocessor
-from .features import FeatureCache, default_cache_dir, embed_paths
+from .features import Engine, FeatureCache, create_engine, default_cache_dir, embed_paths
 from .features.extract import l2_normalize
 from .metric import WeightedL2Ranker
 from .rundir import RunDir
@@ -20,10 +20,21 @@ from .rundir import RunDir
 class SimilarityModel:
     """Embeds images and says how alike they are: a learned distance and a calibrated probability."""
 
-    def __init__(self, backbone: Backbone, ranker: WeightedL2Ranker, cache_dir: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        backbone: Backbone,
+        ranker: WeightedL2Ranker,
+        cache_dir: str | os.PathLike | None = None,
+        engine: str = "auto",
+        quantize: bool = False,
+    ):
         self.backbone = backbone
         self.ranker = ranker
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.engine_kind = engine
+        self.quantize = quantize
+        self._engine: Engine | None = None
+        self._engine_lock = threading.Lock()
         self._pre = Preprocessor(backbone.config)
 
     @classmethod
@@ -35,11 +46,19 @@ class SimilarityModel:
         ranker = WeightedL2Ranker.load(run.require(run.split_dir(split) / "metric.json", "train-metric"))
         backbone = split_backbone(run, cfg, split)
         cache = Path(cfg.features.cache_dir).expanduser() if cfg.features.cache_dir else None
-        return cls(backbone, ranker, cache)
+        return cls(backbone, ranker, cache, cfg.features.engine, cfg.features.quantize)
+
+    def engine(self, calibration_paths: Sequence[str | os.PathLike] = ()) -> Engine:
+        """The inference engine, built on first use (ONNX export and INT8 calibration are cached on disk)."""
+        with self._engine_lock:
+            if self._engine is None:
+                self._engine = create_engine(self.backbone, self.engine_kind, self.quantize, self.cache_dir, calibration_paths)
+            return self._engine
 
     @property
     def backbone_fingerprint(self) -> str:
-        return self.backbone.fingerprint
+        """Names the vectors this model makes: the backbone's, plus an INT8 suffix when quantised."""
+        return self.engine().fingerprint if self.quantize else self.backbone.fingerprint
 
     @property
     def embedding_dim(self) -> int:
@@ -47,15 +66,14 @@ class SimilarityModel:
 
     def embed_paths(self, paths: Sequence[str | os.PathLike], progress: bool = True, batch_size: int = 32) -> tuple[np.ndarray, list[str], list[dict]]:
         """Unit-length embeddings of the readable files, their paths, and the skipped files with reasons."""
-        with FeatureCache(self.cache_dir, self.backbone.fingerprint, self.embedding_dim) as cache:
-            result = embed_paths(self.backbone, paths, batch_size, cache=cache, progress=progress)
+        engine = self.engine(calibration_paths=paths)
+        with FeatureCache(self.cache_dir, engine.fingerprint, self.embedding_dim) as cache:
+            result = embed_paths(engine, paths, batch_size, cache=cache, progress=progress)
         return l2_normalize(result.features), result.paths, result.skipped
 
     def embed_image(self, img: Image.Image) -> np.ndarray:
         """Unit-length embedding of an image already in memory (e.g. an upload)."""
-        with torch.inference_mode():
-            out = self.backbone(self._pre.tensor(img)[None]).float().numpy()
-        return l2_normalize(out)[0]
+        return l2_normalize(self.engine()(self._pre.array(img)[None]))[0]
 
     def distance(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return self.ranker.distance(a, np.atleast_2d(b))

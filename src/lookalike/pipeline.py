@@ -20,7 +20,7 @@ from .data import Dataset, Split, make_split, scan_dataset
 from .data.splits import NearDuplicateLeak
 from .errors import LookalikeError
 from .evaluation import gallery_metrics, positive_ranks, rank_summary
-from .features import FeatureCache, default_cache_dir, embed_paths
+from .features import FeatureCache, create_engine, default_cache_dir, embed_paths
 from .features.extract import l2_normalize
 from .fileio import load_npy, read_json, save_npy, write_json
 from .metric import HardNegativeMiner, WeightedL2Ranker, pair_features, pairs_from_sets, standard_distances
@@ -115,23 +115,32 @@ def featurize(run_dir: str | os.PathLike, split: int = 0, force: bool = False, p
     out = run.split_dir(split) / "features.npy"
     meta_path = run.split_dir(split) / "features.json"
     backbone = split_backbone(run, cfg, split)
-    fp = fingerprint(backbone.fingerprint, read_json(run.split_dir(split) / "split.json")["fingerprint"])
-    if not force and up_to_date(meta_path, fp) and out.exists():
-        return load_npy(out)
     members = sorted(set().union(*s.parts.values()))
     paths = [str(dataset.absolute_path(i)) for i in members]
     digests = [dataset.images[i].sha256 for i in members]
     cache_dir = Path(cfg.features.cache_dir).expanduser() if cfg.features.cache_dir else default_cache_dir()
+
+    def make_engine():
+        return create_engine(backbone, cfg.features.engine, cfg.features.quantize, cache_dir, calibration_paths=paths, report=run.log)
+
+    # The float engines share the backbone's vectors; only the INT8 model needs building to know its fingerprint.
+    engine = make_engine() if cfg.features.quantize else None
+    embedding_fp = engine.fingerprint if engine else backbone.fingerprint
+    fp = fingerprint(embedding_fp, read_json(run.split_dir(split) / "split.json")["fingerprint"])
+    if not force and up_to_date(meta_path, fp) and out.exists():
+        return load_npy(out)
+    engine = engine or make_engine()
     start = time.perf_counter()
-    with FeatureCache(cache_dir, backbone.fingerprint, backbone.config.embedding_dim) as cache:
-        result = embed_paths(backbone, paths, cfg.features.batch_size, cache=cache, digests=digests, progress=progress)
+    with FeatureCache(cache_dir, engine.fingerprint, backbone.config.embedding_dim) as cache:
+        result = embed_paths(engine, paths, cfg.features.batch_size, cache=cache, digests=digests, progress=progress)
     if result.skipped:
         bad = ", ".join(f"{x['path']} ({x['reason']})" for x in result.skipped)
         raise LookalikeError(f"could not embed {len(result.skipped)} image(s) that passed the scan: {bad}; run prepare again with --force")
     features = l2_normalize(result.features)
     save_npy(out, features)
-    write_json(meta_path, {"fingerprint": fp, "backbone": asdict(backbone.config), "backbone_fingerprint": backbone.fingerprint, "rows": members})
-    run.log(f"split {split}: {len(members)} embeddings ({backbone.config.name}, {backbone.config.embedding_dim}-d) in {time.perf_counter() - start:.1f}s")
+    meta = {"fingerprint": fp, "backbone": asdict(backbone.config), "backbone_fingerprint": backbone.fingerprint, "embedding_fingerprint": engine.fingerprint, "engine": engine.name}
+    write_json(meta_path, meta | {"rows": members})
+    run.log(f"split {split}: {len(members)} embeddings ({backbone.config.name}, {backbone.config.embedding_dim}-d, {engine.name}) in {time.perf_counter() - start:.1f}s")
     return features
 
 

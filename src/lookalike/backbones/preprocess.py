@@ -19,6 +19,9 @@ class Preprocessor:
         self.size = config.input_size
         self.mean = np.asarray(config.mean, dtype=np.float32).reshape(3, 1, 1)
         self.std = np.asarray(config.std, dtype=np.float32).reshape(3, 1, 1)
+        # (x / 255 - mean) / std as one multiply-add per pixel, on the channels-last pixels Pillow hands over.
+        self._scale = (1.0 / (255.0 * self.std)).reshape(3)
+        self._bias = (-self.mean / self.std).reshape(3)
 
     def load(self, path: str | os.PathLike) -> np.ndarray:
         """Decode a file (JPEG downscaled while decoding) into a (3, S, S) float32 array."""
@@ -33,8 +36,10 @@ class Preprocessor:
         return img.crop((left, top, left + self.size, top + self.size))
 
     def array(self, img: Image.Image) -> np.ndarray:
-        x = np.asarray(self.resize(img), dtype=np.float32).transpose(2, 0, 1) / 255.0
-        return (x - self.mean) / self.std
+        x = np.asarray(self.resize(img), dtype=np.float32)
+        x *= self._scale
+        x += self._bias
+        return np.ascontiguousarray(x.transpose(2, 0, 1))
 
     def tensor(self, img: Image.Image) -> torch.Tensor:
         return torch.from_numpy(self.array(img))

@@ -19,6 +19,7 @@ class FeatureCache:
     """One SQLite file per backbone fingerprint; safe for several processes at once."""
 
     def __init__(self, directory: str | os.PathLike, fingerprint: str, dim: int):
+        self.fingerprint = fingerprint
         self.path = Path(directory) / f"features-{fingerprint}.sqlite"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.dim = dim

@@ -1,21 +1,20 @@
-"""Embed image files with a backbone: parallel decode overlapped with batched inference, bad files skipped."""
+"""Embed image files with a backbone: parallel decode overlapped with batched inference (PyTorch or ONNX Runtime), bad files skipped."""
 
 from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from ..backbones import Backbone, Preprocessor
-from ..errors import BadImageError
+from ..errors import BadImageError, LookalikeError
 from ..fileio import sha256_file
 from .cache import FeatureCache
+from .engines import Engine, cpu_threads, create_engine
 
 
 @dataclass
@@ -29,15 +28,20 @@ class EmbeddingResult:
 
 
 def embed_paths(
-    backbone: Backbone,
+    model: Backbone | Engine,
     paths: Sequence[str | os.PathLike],
     batch_size: int = 32,
     cache: FeatureCache | None = None,
     digests: Sequence[str] | None = None,
     progress: bool = True,
     workers: int | None = None,
+    engine: str = "auto",
 ) -> EmbeddingResult:
-    """Embed `paths`; files already in `cache` (by content hash) are not decoded again."""
+    """Embed `paths`; files already in `cache` (by content hash) are not decoded again.
+
+    `model` is an engine from `create_engine`, or a backbone to run with the `engine` kind
+    ("auto": ONNX Runtime when available, else PyTorch; both give the same vectors).
+    """
     paths = [str(p) for p in paths]
     skipped: list[dict] = []
     if digests is None:
@@ -51,17 +55,22 @@ def embed_paths(
                 skipped.append({"path": p, "reason": f"cannot read file ({e.strerror or e})"})
         paths = readable
     digests = list(digests)
+    fingerprint = model.fingerprint
+    if cache is not None and cache.fingerprint != fingerprint:
+        raise LookalikeError(f"feature cache {cache.path} belongs to model {cache.fingerprint}, not {fingerprint}; open it with engine.fingerprint")
     known = cache.get_many(list(set(digests))) if cache is not None else {}
     todo = [i for i, d in enumerate(digests) if d not in known]
     computed: dict[str, np.ndarray] = {}
     if todo:
-        pre = Preprocessor(backbone.config)
-        bar = tqdm(total=len(todo), desc=f"Embedding ({backbone.config.name})", unit="img", disable=not progress)
-        for batch_idx, arrays, bad in _decoded_batches(pre, [paths[i] for i in todo], batch_size, workers):
+        if isinstance(model, Backbone):
+            cache_dir = cache.path.parent if cache is not None else None
+            model = create_engine(model, engine, cache_dir=cache_dir)
+        pre = Preprocessor(model.config)
+        bar = tqdm(total=len(todo), desc=f"Embedding ({model.config.name}, {model.name})", unit="img", disable=not progress)
+        for batch_idx, batch, bad in _decoded_batches(pre, [paths[i] for i in todo], batch_size, workers):
             skipped.extend(bad)
-            if arrays:
-                with torch.inference_mode():
-                    out = backbone(torch.from_numpy(np.stack(arrays))).float().numpy()
+            if batch_idx:
+                out = model(batch)
                 for j, vec in zip(batch_idx, out):
                     computed[digests[todo[j]]] = vec
             bar.update(len(batch_idx) + len(bad))
@@ -70,13 +79,16 @@ def embed_paths(
             cache.put_many(computed)
     known.update(computed)
     keep = [i for i, d in enumerate(digests) if d in known]
-    dim = backbone.config.embedding_dim
+    dim = model.config.embedding_dim
     features = np.stack([known[digests[i]] for i in keep]).astype(np.float32) if keep else np.zeros((0, dim), np.float32)
     return EmbeddingResult(features, [paths[i] for i in keep], [digests[i] for i in keep], skipped)
 
 
-def _decoded_batches(pre: Preprocessor, paths: list[str], batch_size: int, workers: int | None) -> Iterator[tuple[list[int], list[np.ndarray], list[dict]]]:
-    """Yield (indices, arrays, skipped) per batch, decoding the next batch while the caller runs the model."""
+def _decoded_batches(pre: Preprocessor, paths: list[str], batch_size: int, workers: int | None) -> Iterator[tuple[list[int], np.ndarray, list[dict]]]:
+    """Yield (indices, stacked batch, skipped) per batch, decoding the next batches while the caller runs the model.
+
+    Threads suffice: Pillow releases the GIL while decoding and resizing.
+    """
 
     def decode(i: int):
         try:
@@ -84,7 +96,7 @@ def _decoded_batches(pre: Preprocessor, paths: list[str], batch_size: int, worke
         except BadImageError as e:
             return i, None, {"path": paths[i], "reason": e.reason}
 
-    workers = workers or min(4, os.cpu_count() or 1)
+    workers = workers or cpu_threads()
     with ThreadPoolExecutor(max_workers=workers) as pool:
         batches = [range(s, min(s + batch_size, len(paths))) for s in range(0, len(paths), batch_size)]
         pending = [pool.map(decode, b) for b in batches[:2]]
@@ -93,7 +105,8 @@ def _decoded_batches(pre: Preprocessor, paths: list[str], batch_size: int, worke
             if n + 2 < len(batches):
                 pending.append(pool.map(decode, batches[n + 2]))
             ok = [(i, a) for i, a, err in results if err is None]
-            yield [i for i, _ in ok], [a for _, a in ok], [err for _, _, err in results if err is not None]
+            batch = np.stack([a for _, a in ok]) if ok else np.zeros((0, 3, pre.size, pre.size), np.float32)
+            yield [i for i, _ in ok], batch, [err for _, _, err in results if err is not None]
 
 
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
