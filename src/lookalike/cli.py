@@ -144,11 +144,14 @@ def retrieve(
 
 @app.command("featurize-dir")
 def featurize_dir(
-    directory: Path = typer.Argument(..., help="Folder of images (searched recursively)."),
-    out_file: Path = typer.Option(..., "--out", "-o", help="Output: FILE.npy (+ FILE.json with the paths) or FILE.parquet."),
+    directory: str = typer.Argument(..., help="Folder of images (searched recursively); with --engine ray also s3://bucket/prefix or another fsspec URI."),
+    out_file: str = typer.Option(..., "--out", "-o", help="Output: FILE.npy (+ FILE.json with the paths) or FILE.parquet; with --engine ray also a folder for the Parquet shards alone."),
     backbone: Optional[str] = typer.Option(None, help="Embed with this pretrained backbone (default efficientnet-lite0)."),
     run: Optional[Path] = typer.Option(None, "--run", "-r", help="Embed with this run's (refined) backbone instead."),
     weights: Optional[Path] = typer.Option(None, help="Weights file for --backbone."),
+    engine: str = typer.Option("local", help="local (this process) or ray (a Ray cluster; pip install 'lookalike\\[ray]'). See docs/scale-out.md."),
+    address: Optional[str] = typer.Option(None, help="With --engine ray: the cluster to use (auto, or ray://HOST:10001); default a private local instance."),
+    shard_size: int = typer.Option(256, min=1, help="With --engine ray: images per Parquet shard (the unit of work and of resuming)."),
 ):
     """Embed every image below DIRECTORY into unit-length vectors (tutorial script A2)."""
     from .backbones import create_backbone
@@ -157,8 +160,18 @@ def featurize_dir(
 
     if run is not None and backbone is not None:
         raise LookalikeError("pass either --backbone or --run, not both")
-    model = SimilarityModel.load(run) if run is not None else create_backbone(backbone or "efficientnet-lite0", weights)
-    info = _featurize_dir(directory, out_file, model)
+    if engine not in ("local", "ray"):
+        raise LookalikeError(f"--engine {engine}: choose local or ray")
+    if engine == "ray":
+        from .distributed import ModelSpec, featurize_dir_ray
+
+        spec = ModelSpec.of(backbone, weights, run)
+        info = featurize_dir_ray(directory, out_file, spec, spec.load(), address=address, shard_size=shard_size)
+    elif address is not None:
+        raise LookalikeError("--address needs --engine ray")
+    else:
+        model = SimilarityModel.load(run) if run is not None else create_backbone(backbone or "efficientnet-lite0", weights)
+        info = _featurize_dir(directory, out_file, model)
     out.print(f"wrote {info['n']} embeddings ({info['dim']}-d, {info['backbone']}) to {out_file}; skipped {len(info['skipped'])}")
     for s in info["skipped"]:
         err.print(f"skipped {s['path']}: {s['reason']}", style="yellow")

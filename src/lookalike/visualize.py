@@ -127,7 +127,7 @@ def query_picture(query: str, best: str, correct: str, is_right: bool, path: str
     _save_image(_row(tiles), path)
 
 
-def retrieval_grid(query: str, results: Sequence[tuple[str, float, str]], path: str | os.PathLike, columns: int = 4, size: int = 160) -> None:
+def retrieval_grid(query: str, results: Sequence[tuple[str, float, str]], path: str | os.PathLike, columns: int = 4, size: int = 200) -> None:
     """The query top-left, then the matches in order with their distance (and label, when known)."""
     tiles = [_captioned(_thumb(query, size), "query", (60, 60, 200))]
     for i, (p, dist, label) in enumerate(results, 1):

@@ -1,0 +1,87 @@
+"""Build a lookalike index (SQLite catalog + raw vectors + FAISS) from the Parquet shards of a Ray run.
+
+The shards already hold everything the catalog needs (path, attribute, sha256, size, mtime) and
+the unit-length vectors, so no image is read again. Rows are committed in large groups; an
+interrupted build resumes (ImageIndex.create reopens it and rows already catalogued are skipped).
+The FAISS index is built once at the end; for large sets the store picks HNSW or IVF-PQ and trains
+it on a random sample of the vectors (`train_sample`), not on all of them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from tqdm import tqdm
+
+from ..errors import LookalikeError
+from . import shards as sh
+
+
+def build_index_from_shards(
+    shards_dir: str,
+    index_dir: str | os.PathLike,
+    metric,
+    kind: str = "auto",
+    params: dict | None = None,
+    run_dir: str | None = None,
+    overwrite: bool = False,
+    commit_rows: int = 50_000,
+    progress: bool = True,
+) -> dict:
+    """Catalogue every shard's rows into a new index at `index_dir`, then build its FAISS index; returns its stats."""
+    from ..index.catalog import NewImage
+    from ..index.store import ImageIndex
+
+    shards_dir = str(shards_dir)
+    info = sh.read_manifest(shards_dir)
+    if metric.kind == "learned" and metric.weights is not None and metric.weights.size != info["dim"]:
+        raise LookalikeError(f"the run's learned distance has {metric.weights.size} weights but the shards in {shards_dir} hold {info['dim']}-d vectors; use the run they were embedded with")
+    index = ImageIndex.create(index_dir, info["dim"], metric, info["backbone_fingerprint"], kind, params, run_dir, overwrite)
+    try:
+        known = set(index.entries_by_path())
+        images: list = []
+        vectors: list[np.ndarray] = []
+        bar = tqdm(total=info["n"], desc="Cataloguing shards", unit="img", disable=not progress)
+        for table, _ in sh.iter_shards(shards_dir, info["shards"], info["backbone_fingerprint"]):
+            cols = {name: table.column(name).to_pylist() for name in ("path", "attribute", "sha256", "size", "mtime")}
+            fresh = [i for i, p in enumerate(cols["path"]) if p not in known]
+            if fresh:
+                images += [NewImage(cols["path"][i], cols["attribute"][i], cols["sha256"][i], cols["size"][i], cols["mtime"][i]) for i in fresh]
+                vectors.append(sh.embeddings_of(table)[fresh])
+            if len(images) >= commit_rows:
+                index.add(images, np.concatenate(vectors))
+                images, vectors = [], []
+            bar.update(table.num_rows)
+        if images:
+            index.add(images, np.concatenate(vectors))
+        bar.close()
+        index.merge(force=True, progress=progress)
+        index.finish_build()
+        return index.stats()
+    finally:
+        index.close()
+
+
+def featurize_and_index(
+    source: str,
+    index_dir: str | os.PathLike,
+    spec,
+    metric,
+    shards_dir: str | None = None,
+    backbone=None,
+    address: str | None = None,
+    shard_size: int = 256,
+    kind: str = "auto",
+    params: dict | None = None,
+    run_dir: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """`lookalike index build --engine ray`: embed on Ray into shards (default INDEX_DIR.shards beside the index), then index them."""
+    from .pipeline import featurize_ray
+
+    shards_dir = str(shards_dir or f"{os.fspath(index_dir).rstrip('/')}.shards")
+    info = featurize_ray(source, shards_dir, spec, backbone, address, shard_size, progress=progress)
+    stats = build_index_from_shards(shards_dir, index_dir, metric, kind, params, run_dir, overwrite, progress=progress)
+    return {"index": stats, "shards": shards_dir, "embedded": info["n"], "failed": info["failed"]}

@@ -1,0 +1,69 @@
+"""Build or grow an index with a trained run's model: the one library entry behind the CLI, the service and Ray."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import LookalikeError
+from .ingest import IngestReport, check_embedder, ingest
+from .metric import IndexMetric
+from .store import ImageIndex
+
+
+class ModelEmbedder:
+    """SimilarityModel seen as the index's Embedder."""
+
+    def __init__(self, model, progress: bool = True):
+        self.model = model
+        self.fingerprint = model.backbone_fingerprint
+        self.dim = model.embedding_dim
+        self.progress = progress
+
+    def embed(self, paths: list[str]):
+        return self.model.embed_paths(paths, progress=self.progress)
+
+
+def absolute(path: str | os.PathLike) -> str:
+    """Absolute, with symlinks kept, the way the catalog stores paths."""
+    return os.path.abspath(Path(path).expanduser())
+
+
+def load_model(run: str | os.PathLike | None, index: ImageIndex | None = None, progress: bool = True):
+    """The run's SimilarityModel and its embedder, checked against `index` when one is given."""
+    from ..model import SimilarityModel
+
+    run_dir = run or (index.manifest["run_dir"] if index is not None else None)
+    if not run_dir:
+        raise LookalikeError("this index does not record its run; pass --run RUN_DIR")
+    if not Path(run_dir).is_dir():
+        raise LookalikeError(f"the run {run_dir} does not exist (moved?); pass --run with the run the index was built from")
+    model = SimilarityModel.load(run_dir)
+    embedder = ModelEmbedder(model, progress)
+    if index is not None:
+        check_embedder(index, embedder)
+        if index.metric.kind == "learned" and IndexMetric.from_ranker(model.ranker).fingerprint() != index.manifest["metric_fingerprint"]:
+            raise LookalikeError(
+                f"the learned distance of {run_dir} is not the one the index at {index.directory} was built with "
+                "(was the metric retrained?); build the index again with `lookalike index build --overwrite`"
+            )
+    return model, embedder
+
+
+def build_index(
+    run: str | os.PathLike,
+    images: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    kind: str = "auto",
+    distance: str = "learned",
+    overwrite: bool = False,
+    chunk: int = 1024,
+    progress: bool = True,
+) -> tuple[IngestReport, dict]:
+    """Embed every image below `images` into a new index at `out_dir`; rerunning resumes an interrupted build."""
+    model, embedder = load_model(run, progress=progress)
+    metric = IndexMetric.from_ranker(model.ranker, distance)
+    with ImageIndex.create(out_dir, embedder.dim, metric, embedder.fingerprint, kind, run_dir=absolute(run), overwrite=overwrite) as index:
+        report = ingest(index, images, embedder, chunk_size=chunk)
+        index.finish_build()
+        return report, index.stats()

@@ -1,0 +1,218 @@
+"""`lookalike index ...`: a searchable, updatable catalog of your images, ranked by the learned distance."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from ..errors import BadImageError, LookalikeError
+from .build import absolute, build_index, load_model
+from .ingest import ingest
+from .metric import METRICS, IndexMetric
+from .search import search_vectors
+from .store import ImageIndex
+from .vectors import DEFAULT_PARAMS, EXACT_BELOW, HNSW_BELOW
+
+index_app = typer.Typer(
+    name="index",
+    help=(
+        "A catalog of images you can search for lookalikes, grow and shrink without rebuilding.\n\n"
+        "  lookalike index build --run runs/mine --images photos/ --out photos.index\n\n"
+        "  lookalike index search photos.index query.jpg --top 15 --grid matches.png\n\n"
+        "  lookalike index add photos.index new_photos/      (embeds only new or changed files)\n\n"
+        "  lookalike index remove photos.index photos/old/\n\n"
+        "Images are embedded with the run's backbone (refined if present) and ranked by its learned "
+        "weighted L2 distance, with the calibrated probability that a match shares the query's attribute. "
+        f"Catalogs under {EXACT_BELOW:,} images are searched exactly; larger ones approximately "
+        f"(HNSW below {HNSW_BELOW:,}, IVF-PQ above), with an exact re-ranking of the shortlist."
+    ),
+    no_args_is_help=True,
+)
+out = Console(highlight=False)
+
+IndexDirArg = typer.Argument(..., help="The index folder (made by `lookalike index build`).")
+JsonOpt = typer.Option(False, "--json", help="Print JSON instead of tables.")
+KindOpt = typer.Option("auto", "--kind", help="auto (by size), flat (exact), hnsw (graph) or ivfpq (compressed, for catalogs past RAM).")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(index_app, name="index")
+
+
+def _print_report(action: str, report, index: ImageIndex, as_json: bool) -> None:
+    stats = index.stats()
+    if as_json:
+        print(json.dumps({"action": action, **report.to_dict(), "images": stats["images"], "kind": stats["kind"]}, indent=2))
+        return
+    out.print(
+        f"{action}: {report.added} new, {report.changed} changed, {report.unchanged} unchanged "
+        f"({report.embedded} embedded, {report.reused_vectors} reused by content hash); "
+        f"index now holds {stats['images']:,} images ({stats['kind'] or 'empty'})"
+    )
+    for s in report.skipped:
+        out.print(f"  [yellow]skipped[/yellow] {escape(s['path'])}: {escape(s['reason'])}")
+
+
+@index_app.command()
+def build(
+    run: Path = typer.Option(..., "--run", "-r", help="Run directory of a trained model (lookalike run / train-metric)."),
+    images: str = typer.Option(..., "--images", "-i", help="Folder of images; a top-level sub-folder name becomes the image's attribute. With --engine ray also s3://bucket/prefix."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Index folder to create."),
+    kind: str = KindOpt,
+    distance: str = typer.Option("learned", "--distance", help=f"Rank by: {', '.join(METRICS)}."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing index in --out."),
+    chunk: int = typer.Option(1024, "--chunk", min=1, help="Images committed per step; an interrupted build resumes from the last step."),
+    engine: str = typer.Option("local", help="local (this process) or ray (embed on a Ray cluster into Parquet shards, then index them; see docs/scale-out.md)."),
+    address: Optional[str] = typer.Option(None, help="With --engine ray: the cluster (auto, or ray://HOST:10001); default a private local instance."),
+    as_json: bool = JsonOpt,
+):
+    """Embed every image under --images into a new index (rerun the same command to resume an interrupted build)."""
+    if engine == "ray":
+        from ..distributed import ModelSpec, featurize_and_index
+
+        model, _ = load_model(run)
+        result = featurize_and_index(
+            images, out_dir, ModelSpec.of(run=str(run)), IndexMetric.from_ranker(model.ranker, distance),
+            backbone=model.backbone, address=address, kind=kind, run_dir=absolute(run), overwrite=overwrite,
+        )
+        if as_json:
+            print(json.dumps(result, indent=2, default=str))
+        else:
+            out.print(f"build (ray): {escape(str(result))}")
+        return
+    if engine != "local" or address is not None:
+        raise LookalikeError("--engine is local or ray, and --address goes with --engine ray")
+    if "://" in images:
+        raise LookalikeError(f"--images {images}: remote folders need --engine ray")
+    report, _ = build_index(run, images, out_dir, kind, distance, overwrite, chunk)
+    with ImageIndex.open(out_dir) as index:
+        _print_report("build", report, index, as_json)
+
+
+@index_app.command()
+def add(
+    index_dir: Path = IndexDirArg,
+    images: Path = typer.Argument(..., help="Folder of images to add or refresh."),
+    run: Optional[Path] = typer.Option(None, "--run", "-r", help="Run to embed with (default: the one the index was built from)."),
+    chunk: int = typer.Option(1024, "--chunk", min=1, help="Images committed per step."),
+    as_json: bool = JsonOpt,
+):
+    """Add new images and re-embed changed ones; unchanged files (same size and time, or same content) cost nothing."""
+    with ImageIndex.open(index_dir, writable=True) as index:
+        _, embedder = load_model(run, index)
+        report = ingest(index, images, embedder, chunk_size=chunk)
+        _print_report("add", report, index, as_json)
+
+
+@index_app.command()
+def remove(
+    index_dir: Path = IndexDirArg,
+    paths: List[Path] = typer.Argument(..., help="Image files or folders to take out of the index (the files themselves are not touched)."),
+    as_json: bool = JsonOpt,
+):
+    """Take images out of the index by path; a folder removes everything below it."""
+    with ImageIndex.open(index_dir, writable=True) as index:
+        ids, missing = [], []
+        for p in paths:
+            entries = index.entries_by_path(absolute(p))
+            if entries:
+                ids.extend(e.id for e in entries.values())
+            else:
+                missing.append(str(p))
+        removed = index.remove(ids)
+        index.merge()
+        if as_json:
+            print(json.dumps({"removed": removed, "not_in_index": missing, "images": index.size}, indent=2))
+            return
+        out.print(f"removed {removed} image(s); index now holds {index.size:,}")
+        for m in missing:
+            out.print(f"  [yellow]not in the index:[/yellow] {escape(m)}")
+
+
+@index_app.command()
+def search(
+    index_dir: Path = IndexDirArg,
+    image: Path = typer.Argument(..., help="The query image (need not be in the index)."),
+    top: int = typer.Option(15, "--top", "-k", min=1, help="How many matches to show."),
+    grid: Optional[Path] = typer.Option(None, "--grid", help="Also save the tutorial's picture: the query and its matches with distances (.png/.jpg)."),
+    keep_self: bool = typer.Option(False, "--keep-self", help="When the query is itself in the index, list it too (it is left out by default)."),
+    run: Optional[Path] = typer.Option(None, "--run", "-r", help="Run to embed the query with (default: the one the index was built from)."),
+    rerank: Optional[int] = typer.Option(None, help=f"Approximate kinds: shortlist size re-ranked exactly (default {DEFAULT_PARAMS['rerank']})."),
+    ef_search: Optional[int] = typer.Option(None, help=f"HNSW: search breadth (default {DEFAULT_PARAMS['ef_search']})."),
+    nprobe: Optional[int] = typer.Option(None, help=f"IVF-PQ: cells visited (default {DEFAULT_PARAMS['nprobe']})."),
+    as_json: bool = JsonOpt,
+):
+    """The images most alike to IMAGE, with the learned distance (lower = more alike) and P(same attribute)."""
+    with ImageIndex.open(index_dir) as index:
+        query_path = Path(absolute(image))
+        if not query_path.is_file():
+            raise LookalikeError(f"query image {image} does not exist")
+        own = index.entries_by_path(str(query_path)).get(str(query_path))
+        stat = query_path.stat()
+        if own is not None and own.size == stat.st_size and own.mtime == stat.st_mtime:
+            vector = index.vectors()[own.id]  # already embedded: no model needed
+        else:
+            model, _ = load_model(run, index)
+            feats, _, skipped = model.embed_paths([str(query_path)], progress=False)
+            if skipped:
+                raise BadImageError(query_path, skipped[0]["reason"])
+            vector = feats[0]
+        params = {k: v for k, v in {"rerank": rerank, "ef_search": ef_search, "nprobe": nprobe}.items() if v is not None}
+        exclude = [own.id] if own is not None and not keep_self else None
+        matches = search_vectors(index, vector, top, params, exclude_ids=exclude)[0]
+        if grid is not None:
+            from ..visualize import retrieval_grid
+
+            if grid.suffix.lower() not in (".png", ".jpg", ".jpeg"):
+                raise LookalikeError(f"--grid {grid}: use a .png or .jpg file name")
+            labels = [f"{m.attribute or ''}" + (f" p={m.probability:.2f}" if m.probability is not None else "") for m in matches]
+            retrieval_grid(str(query_path), [(m.path, m.distance, label) for m, label in zip(matches, labels)], grid)
+        if as_json:
+            print(json.dumps({"query": str(query_path), "distance": index.metric.describe(), "matches": [m.to_dict() for m in matches], "grid": str(grid) if grid else None}, indent=2))
+            return
+        table = Table(title=f"{len(matches)} closest to {query_path.name} ({index.metric.describe()})")
+        for col in ("#", "distance", "P(same)", "attribute", "path"):
+            table.add_column(col, justify="right" if col in ("#", "distance", "P(same)") else "left")
+        for rank, m in enumerate(matches, 1):
+            table.add_row(str(rank), f"{m.distance:.4f}", "-" if m.probability is None else f"{m.probability:.2f}", m.attribute or "", escape(m.path))
+        out.print(table)
+        if grid is not None:
+            out.print(f"grid: {grid}")
+
+
+@index_app.command()
+def stats(index_dir: Path = IndexDirArg, as_json: bool = JsonOpt):
+    """What the index holds: images per attribute, index kind, un-merged tail, tombstones, files and sizes."""
+    with ImageIndex.open(index_dir) as index:
+        s = index.stats()
+    if as_json:
+        print(json.dumps(s, indent=2))
+        return
+    table = Table(show_header=False, title=f"index {s['directory']}")
+    for key in ("images", "distance", "kind", "kind_requested", "dim", "indexed_rows", "tail_rows", "tombstones", "vector_rows", "generation", "run_dir", "backbone_fingerprint", "updated"):
+        table.add_row(key, str(s[key]))
+    table.add_row("attributes", ", ".join(f"{a}: {n}" for a, n in s["attributes"].items()))
+    table.add_row("files", ", ".join(f"{n} {b / 2**20:.1f} MB" for n, b in s["files_bytes"].items()))
+    out.print(table)
+
+
+@index_app.command()
+def reindex(
+    index_dir: Path = IndexDirArg,
+    kind: str = KindOpt,
+    as_json: bool = JsonOpt,
+):
+    """Rebuild the FAISS index from the stored vectors (no re-embedding): switch kind, or drop removed images' leftovers."""
+    with ImageIndex.open(index_dir, writable=True) as index:
+        index.reindex(kind, progress=not as_json)
+        s = index.stats()
+    if as_json:
+        print(json.dumps(s, indent=2))
+    else:
+        out.print(f"reindexed {s['images']:,} images as {s['kind']}")

@@ -1,0 +1,1 @@
+"""Similarity search as a web service: REST API, web page and metrics over an index (`lookalike serve`)."""

@@ -1,0 +1,83 @@
+"""`lookalike serve`: the REST API and web page over an index, under uvicorn."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from pydantic import ValidationError
+
+from ..errors import LookalikeError
+from .settings import ServeSettings
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def parse_rankers(specs: list[str]) -> dict[str, Path]:
+    """NAME=RUN_DIR pairs of --ranker into a mapping."""
+    rankers: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, run = (part.strip() for part in spec.partition("="))
+        if not sep or not name or not run:
+            raise LookalikeError(f"--ranker {spec!r}: write it as NAME=RUN_DIR, e.g. --ranker sleeve=runs/sleeve")
+        if name in rankers:
+            raise LookalikeError(f"--ranker {name} is given twice; each ranker needs its own name")
+        rankers[name] = Path(run)
+    return rankers
+
+
+def settings_from_options(**options) -> ServeSettings:
+    try:
+        settings = ServeSettings(**options)
+    except ValidationError as e:
+        problems = "; ".join(f"--{'-'.join(str(p) for p in err['loc']).replace('_', '-')}: {err['msg']}" for err in e.errors())
+        raise LookalikeError(f"invalid serve options: {problems}") from None
+    if settings.allow_writes and settings.api_key is None:
+        raise LookalikeError("--allow-writes needs an API key: pass --api-key or set LOOKALIKE_API_KEY, so that only key holders can change the catalog")
+    return settings
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `serve` command to the main CLI."""
+
+    @app.command()
+    def serve(
+        index: Path = typer.Option(..., "--index", "-i", help="Index directory built by `lookalike index build`."),
+        run: Optional[Path] = typer.Option(None, "--run", "-r", help="Run whose model embeds queries; default: the run the index was built with."),
+        host: str = typer.Option("127.0.0.1", help="Address to listen on. Loopback by default; use 0.0.0.0 only behind a proxy or firewall."),
+        port: int = typer.Option(8000, help="TCP port."),
+        api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LOOKALIKE_API_KEY", help="Key (16+ characters) that catalog writes must send as X-API-Key."),
+        allow_writes: bool = typer.Option(False, "--allow-writes", help="Enable POST /catalog and DELETE /catalog/{id} (needs --api-key)."),
+        upload_dir: Optional[Path] = typer.Option(None, help="Where images added through the API are stored; default: <INDEX>-uploads next to the index."),
+        max_upload_mb: float = typer.Option(20.0, help="Largest request body accepted, in MB (413 beyond)."),
+        max_concurrency: int = typer.Option(2, help="Model jobs (embedding, thumbnails) run at once; about the number of CPU cores."),
+        timeout: float = typer.Option(30.0, help="Seconds a request may wait for a model slot or run, or stall while uploading (503 / 408)."),
+        ranker: list[str] = typer.Option([], "--ranker", help="Extra ranker for /compare, as NAME=RUN_DIR (repeatable); probabilities are fused."),
+    ):
+        """Serve similarity search over an index: REST API (docs at /docs), web page at /, metrics at /metrics."""
+        import uvicorn
+
+        from .app import create_app
+        from .engine import Engine
+
+        settings = settings_from_options(
+            index_dir=index,
+            run_dir=run,
+            host=host,
+            port=port,
+            api_key=api_key,
+            allow_writes=allow_writes,
+            upload_dir=upload_dir,
+            max_upload_mb=max_upload_mb,
+            max_concurrency=max_concurrency,
+            timeout_s=timeout,
+        )
+        if host not in LOOPBACK:
+            typer.secho(f"listening on {host}: the service is reachable from other machines", fg="yellow", err=True)
+        engine = Engine(settings, parse_rankers(ranker))
+        try:
+            typer.echo(f"lookalike serving {engine.index.directory} on http://{host}:{port}/ (API docs at /docs)")
+            uvicorn.run(create_app(engine), host=host, port=port, log_level="info", server_header=False, timeout_keep_alive=5)
+        finally:
+            engine.close()

@@ -1,0 +1,317 @@
+"""The service's engine: the models that embed uploads and the index they are searched against.
+
+CPU work (decoding, embedding, thumbnails) runs in a thread pool behind a semaphore, so the event
+loop stays free and at most `max_concurrency` jobs compete for the cores; a request that cannot get
+a slot, or whose job overruns, within `timeout_s` is answered 503 with Retry-After. The index is
+used from one dedicated thread, because its SQLite connection belongs to the thread that opened
+it; that thread reopens the index whenever its manifest changes (a write by this service or by
+`lookalike index add`), so searches always see the last committed generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import mimetypes
+import os
+import time
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from ..datatools.fusion import fuse_probabilities
+from ..errors import BadImageError, LookalikeError
+from ..fileio import write_bytes
+from ..images import open_image, open_image_bytes
+from ..index.catalog import ImageEntry, NewImage
+from ..index.ingest import check_embedder
+from ..index.search import Match, search_vectors
+from ..index.store import MANIFEST, ImageIndex
+from ..model import SimilarityModel
+from .errors import ApiError
+from .settings import ServeSettings
+from .uploads import EXTENSION
+
+
+class ModelEmbedder:
+    """SimilarityModel seen as the index's Embedder (fingerprint, dim, embed(paths)): the adapter the index checks against."""
+
+    def __init__(self, model: SimilarityModel):
+        self.model = model
+        self.fingerprint = model.backbone_fingerprint
+        self.dim = model.embedding_dim
+
+    def embed(self, paths: list[str]) -> tuple[np.ndarray, list[str], list[dict]]:
+        return self.model.embed_paths(paths, progress=False)
+
+
+@dataclass(frozen=True)
+class Ranker:
+    """A named model; the first one embeds queries for the index, the others only score /compare."""
+
+    name: str
+    model: SimilarityModel
+
+
+@dataclass(frozen=True)
+class Upload:
+    """An uploaded image whose header has been checked: `name` labels it in messages, `size` is as uploaded."""
+
+    data: bytes
+    name: str
+    filename: str
+    format: str
+    size: tuple[int, int]
+
+
+def resolve_run_dir(index_dir: Path, recorded: str | None, override: Path | None) -> Path:
+    """The run that embeds queries: --run if given, else the one the index records (absolute, or relative to cwd or the index)."""
+    if override is not None:
+        return Path(override).expanduser().resolve()
+    if not recorded:
+        raise LookalikeError(f"the index at {index_dir} does not record the run it was built with; pass --run RUN_DIR")
+    path = Path(recorded).expanduser()
+    for candidate in ([path] if path.is_absolute() else [Path.cwd() / path, index_dir / path, index_dir.parent / path]):
+        if candidate.is_dir():
+            return candidate.resolve()
+    raise LookalikeError(f"the run {recorded} that built the index at {index_dir} is not there any more; pass --run RUN_DIR (the same model)")
+
+
+class IndexAccess:
+    """The index, used only from its own thread; reopened when the manifest on disk changes."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory).expanduser().resolve()
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="lookalike-index")
+        self._index: ImageIndex | None = None
+        self._stamp: tuple[int, int] | None = None
+        self.attributes: dict[str, int] = {}
+
+    def submit(self, fn: Callable, *args) -> Future:
+        """Run fn(index, *args) on the index thread."""
+        return self._thread.submit(lambda: fn(self._current(), *args))
+
+    def _current(self) -> ImageIndex:
+        try:
+            st = os.stat(self.directory / MANIFEST)
+        except OSError:
+            raise LookalikeError(f"the index at {self.directory} has gone away; restart the service with a valid --index") from None
+        stamp = (st.st_ino, st.st_mtime_ns)
+        if stamp != self._stamp:
+            fresh = ImageIndex.open(self.directory)
+            if self._index is not None:
+                self._index.close()
+            self._index, self._stamp = fresh, stamp
+            self.attributes = fresh.catalog.attribute_counts(fresh.generation)
+        return self._index
+
+    def close(self) -> None:
+        def _close(_index):
+            if self._index is not None:
+                self._index.close()
+                self._index = None
+
+        self.submit(_close).result()
+        self._thread.shutdown(wait=True)
+
+
+class Engine:
+    """Everything a request needs besides HTTP: embedding, searching, scoring, thumbnails, catalog writes."""
+
+    def __init__(self, settings: ServeSettings, extra_rankers: dict[str, Path] | None = None):
+        self.settings = settings
+        self.index = IndexAccess(settings.index_dir)
+        manifest = self.index.submit(lambda ix: ix.manifest).result()
+        run_dir = resolve_run_dir(self.index.directory, manifest.get("run_dir"), settings.run_dir)
+        model = SimilarityModel.load(run_dir)
+        self.index.submit(check_embedder, ModelEmbedder(model)).result()
+        self.rankers = [Ranker(run_dir.name, model)] + [Ranker(name, SimilarityModel.load(path)) for name, path in (extra_rankers or {}).items()]
+        self.model = model
+        self.pool = ThreadPoolExecutor(settings.max_concurrency, thread_name_prefix="lookalike-model")
+        self._slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = weakref.WeakKeyDictionary()
+        self.jobs_running = 0
+        self.thumbnail = lru_cache(maxsize=settings.thumbnail_cache)(self._render_thumbnail)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        self.index.close()
+
+    # ---- running work off the event loop -------------------------------------------------------
+
+    async def cpu(self, fn: Callable, *args):
+        """Run fn in the model pool, at most max_concurrency at once, within the request timeout."""
+        loop = asyncio.get_running_loop()
+        slots = self._slots.setdefault(loop, asyncio.Semaphore(self.settings.max_concurrency))
+        timeout = self.settings.timeout_s
+        start = time.monotonic()
+        try:
+            await asyncio.wait_for(slots.acquire(), timeout)
+        except TimeoutError:
+            raise self._busy("no model slot became free") from None
+        self.jobs_running += 1
+        job = loop.run_in_executor(self.pool, fn, *args)
+        job.add_done_callback(lambda _: self._job_done(slots))  # the slot is held until the thread really finishes
+        return await self._await(job, timeout - (time.monotonic() - start))
+
+    def _job_done(self, slots: asyncio.Semaphore) -> None:
+        self.jobs_running -= 1
+        slots.release()
+
+    async def on_index(self, fn: Callable, *args):
+        """Run fn(index, *args) on the index thread, within the request timeout."""
+        return await self._await(asyncio.wrap_future(self.index.submit(fn, *args)), self.settings.timeout_s)
+
+    async def _await(self, job, timeout: float):
+        try:
+            return await asyncio.wait_for(asyncio.shield(job), max(timeout, 0.001))
+        except TimeoutError:
+            raise self._busy("the request took too long") from None
+
+    def _busy(self, why: str) -> ApiError:
+        return ApiError(
+            503,
+            "busy",
+            f"{why} within the {self.settings.timeout_s:g} s limit ({self.settings.max_concurrency} model jobs at once); retry shortly",
+            {"Retry-After": "1"},
+        )
+
+    # ---- model work (pool threads) -------------------------------------------------------------
+
+    def decode(self, upload: Upload) -> Image.Image:
+        return open_image_bytes(upload.data, upload.name, draft_size=self.model.backbone.config.input_size)
+
+    def embed_upload(self, upload: Upload) -> np.ndarray:
+        """Unit vector of an uploaded image, decoded as the index's files were."""
+        return self.model.embed_image(self.decode(upload))
+
+    def compare(self, a: Upload, b: Upload) -> dict:
+        """Distance and calibrated probability from every ranker, and their fusion."""
+        images = {}
+        scores = []
+        for ranker in self.rankers:
+            size = ranker.model.backbone.config.input_size
+            pair = images.setdefault(size, [open_image_bytes(u.data, u.name, draft_size=size) for u in (a, b)])
+            va, vb = (ranker.model.embed_image(img) for img in pair)
+            d = float(ranker.model.distance(va, vb)[0])
+            scores.append({"name": ranker.name, "distance": d, "probability": float(ranker.model.probability(d))})
+        fused = fuse_probabilities({s["name"]: s["probability"] for s in scores})
+        return {**{k: scores[0][k] for k in ("distance", "probability")}, "rankers": scores, "fused_probability": float(fused)}
+
+    def _render_thumbnail(self, path: str, sha256: str) -> bytes:
+        """JPEG thumbnail (cached by path and content hash)."""
+        px = self.settings.thumbnail_px
+        img = open_image(path, draft_size=px)
+        img.thumbnail((px, px))
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=85, optimize=True)
+        return buf.getvalue()
+
+    # ---- index work (index thread) -------------------------------------------------------------
+
+    def search(self, index: ImageIndex, vector: np.ndarray, top: int, attribute: str | None, exclude: list[int]) -> list[dict]:
+        """Top matches, optionally of one attribute: the shortlist grows until it holds `top` of them or the whole catalog."""
+        if attribute is not None and attribute not in self.index.attributes:
+            known = ", ".join(self.index.attributes) or "none"
+            raise ApiError(422, "unknown_attribute", f"no catalog image has the attribute {attribute!r}; known attributes: {known}")
+        wanted = None if attribute == "(none)" else attribute
+        k = top if attribute is None else min(4 * top, max(index.size, 1))
+        while True:
+            matches = search_vectors(index, vector, k, exclude_ids=exclude)[0] if index.size else []
+            if attribute is not None:
+                matches = [m for m in matches if m.attribute == wanted]
+            if len(matches) >= top or attribute is None or k >= index.size:
+                break
+            k = min(4 * k, index.size)
+        return self._with_probability(index, vector, matches[:top])
+
+    def _with_probability(self, index: ImageIndex, vector: np.ndarray, matches: list[Match]) -> list[dict]:
+        """Matches as dicts; an index ranked by a plain distance still reports the run's calibrated probability."""
+        rows = [m.to_dict() for m in matches]
+        missing = [r for r in rows if r["probability"] is None]
+        if missing:
+            X = index.vectors()[[r["id"] for r in missing]]
+            probs = self.model.probability(self.model.distance(vector, X))
+            for r, p in zip(missing, probs):
+                r["probability"] = float(p)
+        return rows
+
+    @staticmethod
+    def entry(index: ImageIndex, image_id: int) -> ImageEntry:
+        found = index.entries([image_id]).get(image_id)
+        if found is None:
+            raise ApiError(404, "not_found", f"the catalog has no image with id {image_id}")
+        return found
+
+    def vector_of(self, index: ImageIndex, image_id: int) -> np.ndarray:
+        self.entry(index, image_id)
+        return np.array(index.vectors()[image_id])
+
+    def stats(self, index: ImageIndex) -> dict:
+        return {"images": index.size, "attributes": dict(self.index.attributes), "distance": index.metric.describe(), "generation": index.generation}
+
+    def add(self, _reader: ImageIndex, uploads: list[Upload], vectors: np.ndarray, attribute: str | None) -> list[dict]:
+        """Store the uploads (named by content hash) and catalogue the new ones in one committed update."""
+        folder = self.settings.resolved_upload_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = [str(folder / f"{hashlib.sha256(u.data).hexdigest()}{EXTENSION[u.format]}") for u in uploads]
+        writer = self._open_writer()
+        try:
+            known = writer.entries_by_path(str(folder))
+            fresh: dict[str, tuple[Upload, np.ndarray]] = {}
+            for path, upload, vector in zip(paths, uploads, vectors):
+                if path not in known:
+                    fresh.setdefault(path, (upload, vector))
+            ids: dict[str, int] = {}
+            if fresh:
+                for path, (upload, _) in fresh.items():
+                    write_bytes(path, upload.data)
+                images = [NewImage(p, attribute, Path(p).stem, os.stat(p).st_size, os.stat(p).st_mtime) for p in fresh]
+                ids = dict(zip(fresh, writer.add(images, np.stack([v for _, v in fresh.values()])).tolist()))
+                writer.merge()
+            return [
+                {
+                    "id": known[p].id if p in known else ids[p],
+                    "name": u.filename,
+                    "attribute": known[p].attribute if p in known else attribute,
+                    "already_present": p in known,
+                }
+                for p, u in zip(paths, uploads)
+            ]
+        finally:
+            writer.close()
+
+    def remove(self, _reader: ImageIndex, image_id: int) -> None:
+        writer = self._open_writer()
+        try:
+            if not writer.remove([image_id]):
+                raise ApiError(404, "not_found", f"the catalog has no image with id {image_id}")
+        finally:
+            writer.close()
+
+    def _open_writer(self) -> ImageIndex:
+        try:
+            return ImageIndex.open(self.index.directory, writable=True)
+        except LookalikeError:
+            raise ApiError(409, "index_busy", "the index is being updated by another process; retry when it has finished", {"Retry-After": "5"}) from None
+
+    @staticmethod
+    def media_type(path: str) -> str:
+        return mimetypes.guess_type(path)[0] or "application/octet-stream"
+
+
+def readable_file(entry: ImageEntry) -> str:
+    """The entry's file, or a 404 that does not reveal where it was."""
+    if not os.path.isfile(entry.path):
+        raise ApiError(404, "image_missing", f"catalog image {entry.id} is no longer available on the server")
+    return entry.path
+
+
+def unreadable(entry: ImageEntry, e: BadImageError) -> ApiError:
+    return ApiError(404, "image_missing", f"catalog image {entry.id} cannot be read on the server ({e.reason.split(' (')[0]})")

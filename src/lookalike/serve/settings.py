@@ -1,0 +1,51 @@
+"""What the service is allowed to do, in one validated object shared by the CLI, the app and the tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class ServeSettings(BaseModel):
+    """Service limits and switches; every one has a safe default (loopback, read-only, 20 MB uploads)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    index_dir: Path
+    run_dir: Path | None = Field(None, description="Model run to embed queries with; default: the run recorded in the index.")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: str | None = Field(None, description="Key required (header X-API-Key) for catalog writes.")
+    allow_writes: bool = False
+    upload_dir: Path | None = Field(None, description="Where images added through POST /catalog are stored; default: <INDEX_DIR>-uploads.")
+    max_upload_mb: float = Field(20.0, gt=0, le=1024)
+    max_concurrency: int = Field(2, ge=1, le=64, description="Model or image jobs (embedding, thumbnails) that run at once.")
+    timeout_s: float = Field(30.0, gt=0, le=3600, description="Longest a request may wait for a model slot, run, or stall while uploading.")
+    max_top: int = Field(100, ge=1, le=10_000)
+    max_files: int = Field(32, ge=1, le=1000, description="Most images one POST /catalog request may add.")
+    thumbnail_px: int = Field(256, ge=32, le=1024)
+    thumbnail_cache: int = Field(2048, ge=0, description="Thumbnails kept in memory (LRU).")
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_long_enough(cls, v: str | None) -> str | None:
+        if not v:
+            return None
+        if len(v) < 16:
+            raise ValueError("the API key must be at least 16 characters (e.g. `python -c 'import secrets; print(secrets.token_urlsafe())'`)")
+        return v
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def writes_enabled(self) -> bool:
+        return self.allow_writes and self.api_key is not None
+
+    def resolved_upload_dir(self) -> Path:
+        if self.upload_dir is not None:
+            return Path(self.upload_dir).expanduser().resolve()
+        index = Path(self.index_dir).expanduser().resolve()
+        return index.with_name(index.name + "-uploads")

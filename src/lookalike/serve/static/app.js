@@ -1,0 +1,140 @@
+// The search page: upload or drop an image, show the top matches, click one to search by it.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = { objectUrl: null };
+
+function setStatus(text, isError = false) {
+  $("status").textContent = text;
+  $("status").classList.toggle("error", isError);
+}
+
+function showQuery(src) {
+  if (state.objectUrl && state.objectUrl !== src) {
+    URL.revokeObjectURL(state.objectUrl);
+    state.objectUrl = null;
+  }
+  $("query-image").src = src;
+  $("query-image").hidden = false;
+  $("drop-text").hidden = true;
+}
+
+function params() {
+  const top = Math.max(1, Math.min(100, parseInt($("top").value, 10) || 15));
+  return { top, attribute: $("attribute").value };
+}
+
+async function answer(response) {
+  const body = await response.json().catch(() => ({ detail: `HTTP ${response.status}` }));
+  if (!response.ok) throw new Error(body.detail || `HTTP ${response.status}`);
+  return body;
+}
+
+async function searchFile(file) {
+  const url = URL.createObjectURL(file);
+  showQuery(url);
+  state.objectUrl = url;
+  state.last = { file };
+  const { top, attribute } = params();
+  const form = new FormData();
+  form.append("image", file);
+  form.append("top", String(top));
+  if (attribute) form.append("attribute", attribute);
+  await run(() => fetch("/search", { method: "POST", body: form }));
+}
+
+async function searchById(id) {
+  showQuery(`/images/${id}`);
+  state.last = { id };
+  const { top, attribute } = params();
+  const query = new URLSearchParams({ top: String(top) });
+  if (attribute) query.set("attribute", attribute);
+  await run(() => fetch(`/images/${id}/similar?${query}`));
+}
+
+async function run(request) {
+  setStatus("searching…");
+  try {
+    const body = await answer(await request());
+    render(body.results);
+    setStatus(`${body.results.length} matches in ${Math.round(body.took_ms)} ms`);
+  } catch (err) {
+    render([]);
+    setStatus(err.message, true);
+  }
+}
+
+function render(results) {
+  const list = $("results");
+  list.replaceChildren();
+  for (const r of results) {
+    const item = document.createElement("li");
+    item.dataset.id = r.id;
+    const button = document.createElement("button");
+    button.title = `Search with ${r.name}`;
+    button.addEventListener("click", () => searchById(r.id));
+    const img = document.createElement("img");
+    img.src = r.thumbnail_url;
+    img.alt = r.name;
+    img.loading = "lazy";
+    const bar = document.createElement("div");
+    bar.className = "bar";
+    bar.style.width = `${(r.probability * 100).toFixed(1)}%`;
+    const score = document.createElement("div");
+    score.className = "score";
+    for (const [label, value] of [
+      ["p(same)", `${(r.probability * 100).toFixed(1)}%`],
+      ["distance", r.distance.toFixed(3)],
+      ["attribute", r.attribute ?? "—"],
+    ]) {
+      const b = document.createElement("b");
+      b.textContent = label;
+      const span = document.createElement("span");
+      span.textContent = value;
+      score.append(b, span);
+    }
+    button.append(img, bar, score);
+    item.append(button);
+    list.append(item);
+  }
+}
+
+async function loadCatalog() {
+  try {
+    const info = await answer(await fetch("/catalog"));
+    $("catalog-info").textContent = `${info.images} images · ${info.distance}`;
+    for (const [name, count] of Object.entries(info.attributes)) {
+      const option = document.createElement("option");
+      option.value = name;
+      option.textContent = `${name} (${count})`;
+      $("attribute").append(option);
+    }
+  } catch (err) {
+    $("catalog-info").textContent = `catalog unavailable: ${err.message}`;
+  }
+}
+
+function rerun() {
+  if (!state.last) return;
+  if (state.last.file) searchFile(state.last.file);
+  else searchById(state.last.id);
+}
+
+function init() {
+  const drop = $("drop");
+  $("file").addEventListener("change", (e) => e.target.files[0] && searchFile(e.target.files[0]));
+  drop.addEventListener("keydown", (e) => (e.key === "Enter" || e.key === " ") && $("file").click());
+  drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault();
+    drop.classList.remove("over");
+    const file = e.dataTransfer.files[0];
+    if (file) searchFile(file);
+  });
+  $("attribute").addEventListener("change", rerun);
+  $("top").addEventListener("change", rerun);
+  loadCatalog();
+}
+
+init();

@@ -1,0 +1,228 @@
+"""The index on generated vectors: the learned-distance rewrite, every search kind against brute force, updates."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from index_helpers import clustered_vectors, mixed_weights
+from lookalike.errors import LookalikeError
+from lookalike.index import ImageIndex, IndexMetric, NewImage, search_vectors
+from lookalike.index.ingest import check_embedder
+
+DIM = 48
+SMALL = {"pca_dim": 48, "pq_m": 24, "hnsw_m": 16, "ef_construction": 40, "train_sample": 20_000, "nprobe": 64}
+
+
+def metrics() -> list[IndexMetric]:
+    w = mixed_weights(DIM)
+    return [IndexMetric("learned", w, 0.7, 3.0, -2.0), IndexMetric("l2"), IndexMetric("cosine")]
+
+
+def images(n: int, start: int = 0) -> list[NewImage]:
+    return [NewImage(f"/img/{i}.jpg", ("a", "b", "c")[i % 3], f"{i:064x}", 100 + i, 1.5) for i in range(start, start + n)]
+
+
+def brute_force(metric: IndexMetric, q: np.ndarray, X: np.ndarray, k: int, alive=None) -> tuple[np.ndarray, np.ndarray]:
+    d = metric.distance(q, X)
+    if alive is not None:
+        d = np.where(alive, d, np.inf)
+    order = np.lexsort((np.arange(len(d)), d))[:k]
+    return order, d[order]
+
+
+@pytest.mark.parametrize("signs", ["mixed", "all_alike_negative", "all_positive"])
+def test_learned_distance_rewrite_ranks_exactly_like_brute_force(signs):
+    rng = np.random.default_rng(1)
+    w = {"mixed": mixed_weights(DIM, 3), "all_alike_negative": -np.abs(rng.normal(1, 0.5, DIM)), "all_positive": np.abs(rng.normal(1, 0.5, DIM))}[signs]
+    metric = IndexMetric("learned", w, bias=-0.4)
+    X = clustered_vectors(3000, DIM, seed=2).astype(np.float64)
+    Q = clustered_vectors(20, DIM, seed=3).astype(np.float64)
+    Z = metric.data_space(X).astype(np.float64)
+    for q, r in zip(Q, metric.query_space(Q).astype(np.float64)):
+        exact = metric.distance(q, X)
+        l2 = ((Z - r) ** 2).sum(axis=1)
+        # |r - z|^2 = d + b + 2 sum_N |v| q^2 + M: the same shift for every catalogue vector
+        shift = l2 - exact
+        assert np.ptp(shift) < 1e-4 * (1 + np.abs(shift).max())
+        # so L2 order is learned-distance order, up to float32 rounding of the stored search vectors
+        by_l2 = exact[np.argsort(l2, kind="stable")[:50]]
+        assert np.all(np.diff(by_l2) > -1e-5 * (1 + np.abs(exact).max()))
+        np.testing.assert_allclose(by_l2, np.sort(exact)[:50], atol=1e-5 * (1 + np.abs(exact).max()))
+        # the maximum-inner-product form of the issue: store [x, sum w x^2], query with [-2 w q, 1]
+        mips = np.c_[X, (X * X) @ w] @ np.r_[-2 * w * q, 1.0]
+        np.testing.assert_allclose(-(mips + (w * q * q).sum() + metric.bias), exact, rtol=1e-9, atol=1e-9)
+
+
+def test_metric_matches_the_run_ranker_and_its_probability():
+    from lookalike.metric.ranker import WeightedL2Ranker
+
+    ranker = WeightedL2Ranker.from_dict(
+        {"format": "lookalike.weighted_l2/1", "params": {}, "weights": mixed_weights(DIM).tolist(), "bias": 0.2, "platt_a": 4.0, "platt_b": -1.0}
+    )
+    metric = IndexMetric.from_ranker(ranker)
+    X = clustered_vectors(200, DIM)
+    np.testing.assert_allclose(metric.distance(X[0], X), ranker.distance(X[0], X))
+    np.testing.assert_allclose(metric.probability(metric.distance(X[0], X)), ranker.probability(ranker.distance(X[0], X)))
+    assert IndexMetric("cosine").probability([0.1]) is None
+
+
+def test_vectors_longer_than_the_bound_are_refused():
+    metric = IndexMetric("learned", mixed_weights(DIM))
+    with pytest.raises(LookalikeError, match="L2-normalised"):
+        metric.data_space(np.full((1, DIM), 1.0))
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivfpq"])
+@pytest.mark.parametrize("metric", metrics(), ids=lambda m: m.kind)
+def test_every_kind_and_distance_agrees_with_brute_force(tmp_path, kind, metric):
+    n, k = 12_000, 15
+    X = clustered_vectors(n, DIM, seed=5)
+    Q = clustered_vectors(25, DIM, seed=6)
+    with ImageIndex.create(tmp_path / "ix", DIM, metric, kind=kind, params=SMALL) as ix:
+        ix.add(images(n), X)
+        assert ix.merge()
+        assert ix.stats()["kind"] == kind and ix.stats()["tail_rows"] == 0
+        found = search_vectors(ix, Q, k)
+    recalls = []
+    for q, matches in zip(Q, found):
+        truth, truth_d = brute_force(metric, q, X, k)
+        ids = np.array([m.id for m in matches])
+        # whatever the kind, a reported distance is the exact one, and results come nearest first
+        np.testing.assert_allclose([m.distance for m in matches], metric.distance(q, X[ids]), rtol=1e-10)
+        assert all(a.distance <= b.distance for a, b in zip(matches, matches[1:]))
+        assert [m.path for m in matches] == [f"/img/{i}.jpg" for i in ids]
+        if kind == "flat":
+            np.testing.assert_array_equal(ids, truth)
+            np.testing.assert_allclose([m.distance for m in matches], truth_d, rtol=1e-10)
+        recalls.append(len(set(ids) & set(truth)) / k)
+    assert np.mean(recalls) >= (1.0 if kind == "flat" else 0.9), np.mean(recalls)
+    if metric.calibrated:
+        p = [m.probability for m in found[0]]
+        assert all(0 <= x <= 1 for x in p) and p == sorted(p, reverse=True)
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_add_remove_and_tail_stay_exact(tmp_path, kind):
+    metric = metrics()[0]
+    X = clustered_vectors(3000, DIM, seed=7)
+    with ImageIndex.create(tmp_path / "ix", DIM, metric, kind=kind, params=SMALL) as ix:
+        ix.add(images(2000), X[:2000])
+        ix.merge()
+        ix.add(images(500, start=2000), X[2000:2500])  # below the merge threshold: stays in the exact tail
+        assert not ix.merge() and ix.stats()["tail_rows"] == 500
+        removed = list(range(0, 2500, 7))
+        assert ix.remove(removed) == len(removed)
+        assert ix.remove(removed) == 0  # already gone
+        alive = np.ones(2500, bool)
+        alive[removed] = False
+        for q in X[2500:2520]:
+            got = [m.id for m in search_vectors(ix, q, 15)[0]]
+            truth, _ = brute_force(metric, q, X[:2500], 15, alive)
+            if kind == "flat":
+                assert got == list(truth)
+            assert not set(got) & set(removed)
+        # removed rows still inside the FAISS index are filtered at query time until the next merge
+        assert ix.stats()["tombstones"] == len([r for r in removed if r < 2000])
+        ix.reindex(kind)
+        stats = ix.stats()
+        assert (stats["images"], stats["tombstones"], stats["tail_rows"]) == (2500 - len(removed), 0, 0)
+        assert sorted(m.id for m in search_vectors(ix, X[5], 3000)[0]) == list(np.flatnonzero(alive))
+
+
+def test_auto_kind_follows_catalog_size(tmp_path, monkeypatch):
+    import lookalike.index.store as store
+    import lookalike.index.vectors as vectors
+
+    monkeypatch.setattr(vectors, "EXACT_BELOW", 1000)
+    monkeypatch.setattr(store, "choose_kind", lambda n: "flat" if n < 1000 else "hnsw")
+    X = clustered_vectors(1500, DIM)
+    with ImageIndex.create(tmp_path / "ix", DIM, IndexMetric("l2"), params=SMALL) as ix:
+        ix.add(images(800), X[:800])
+        ix.merge()
+        assert ix.stats()["kind"] == "flat"
+        ix.add(images(700, start=800), X[800:])
+        ix.merge()
+        assert ix.stats()["kind"] == "hnsw" and ix.stats()["images"] == 1500
+
+
+def test_index_persists_across_processes(tmp_path):
+    metric = metrics()[0]
+    X = clustered_vectors(1000, DIM, seed=9)
+    np.save(tmp_path / "X.npy", X)
+    script = f"""
+import json, numpy as np
+from lookalike.index import ImageIndex, IndexMetric, NewImage
+X = np.load({str(tmp_path / 'X.npy')!r})
+metric = IndexMetric.from_dict(json.loads({json.dumps(json.dumps(metric.to_dict()))}))
+with ImageIndex.create({str(tmp_path / 'ix')!r}, X.shape[1], metric, backbone_fingerprint="bb", kind="flat") as ix:
+    ix.add([NewImage(f"/img/{{i}}.jpg", None, f"{{i:064x}}", 1, 0.0) for i in range(len(X))], X)
+    ix.merge()
+    ix.remove([3, 4])
+"""
+    subprocess.run([sys.executable, "-c", script], check=True)
+    with ImageIndex.open(tmp_path / "ix") as ix:
+        assert ix.size == 998 and ix.manifest["backbone_fingerprint"] == "bb"
+        got = search_vectors(ix, X[3], 10)[0]
+    alive = np.ones(len(X), bool)
+    alive[[3, 4]] = False
+    truth, truth_d = brute_force(metric, X[3], X, 10, alive)
+    assert [m.id for m in got] == list(truth)
+    np.testing.assert_allclose([m.distance for m in got], truth_d)
+
+
+def test_mismatched_backbone_or_dimension_is_a_clear_error(tmp_path):
+    class Other:
+        fingerprint, dim = "another-backbone", DIM
+
+    with ImageIndex.create(tmp_path / "ix", DIM, IndexMetric("l2"), backbone_fingerprint="mine") as ix:
+        with pytest.raises(LookalikeError, match="not the one the index"):
+            check_embedder(ix, Other())
+        Other.fingerprint, Other.dim = "mine", 512
+        with pytest.raises(LookalikeError, match="512-d vectors"):
+            check_embedder(ix, Other())
+        with pytest.raises(LookalikeError, match="dimension 10"):
+            search_vectors(ix, np.ones(10), 5)
+        with pytest.raises(LookalikeError, match="vectors of shape"):
+            ix.add(images(2), np.ones((2, 10), np.float32))
+
+
+def test_existing_index_and_foreign_folders_are_not_overwritten(tmp_path):
+    with ImageIndex.create(tmp_path / "ix", DIM, IndexMetric("l2")) as ix:
+        ix.add(images(5), clustered_vectors(5, DIM))
+        ix.finish_build()
+    with pytest.raises(LookalikeError, match="already holds an index"):
+        ImageIndex.create(tmp_path / "ix", DIM, IndexMetric("l2"))
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.jpg").write_bytes(b"x")
+    with pytest.raises(LookalikeError, match="holds other files"):
+        ImageIndex.create(tmp_path / "photos", DIM, IndexMetric("l2"))
+    with pytest.raises(LookalikeError, match="not a lookalike index"):
+        ImageIndex.open(tmp_path / "photos")
+    with ImageIndex.create(tmp_path / "ix", DIM, IndexMetric("cosine"), overwrite=True) as ix:
+        assert ix.size == 0 and ix.metric.kind == "cosine"
+    assert Path(tmp_path / "photos" / "a.jpg").exists()
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_removed_neighbours_do_not_cut_results_short(tmp_path, kind):
+    metric = metrics()[0]
+    X = clustered_vectors(2000, DIM, seed=11)
+    q = X[0]
+    nearest, _ = brute_force(metric, q, X, 60)
+    with ImageIndex.create(tmp_path / "ix", DIM, metric, kind=kind, params=SMALL) as ix:
+        ix.add(images(2000), X)
+        ix.merge()
+        ix.remove(nearest[:60])  # all of the query's neighbourhood, still inside the FAISS index
+        alive = np.ones(2000, bool)
+        alive[nearest[:60]] = False
+        got = [m.id for m in search_vectors(ix, q, 15)[0]]
+    truth, _ = brute_force(metric, q, X, 15, alive)
+    assert len(got) == 15 and not set(got) & set(nearest[:60])
+    if kind == "flat":
+        assert got == list(truth)

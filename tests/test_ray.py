@@ -1,0 +1,202 @@
+"""The Ray engine: same embeddings and neighbours as the single-process path, failures reported, re-runs resume.
+
+Ray runs as one local instance for the whole file (2 CPUs, no dashboard, bound to 127.0.0.1).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REAL_DATA, make_dataset
+
+PER_ATTRIBUTE = 8
+SHARD_SIZE = 8
+needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray is not installed (pip install 'lookalike[ray]')")
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> Path:
+    """The feature cache (and ONNX export) of both paths: exported once, shared by the driver and the Ray workers."""
+    return tmp_path_factory.mktemp("model-cache")
+
+
+@pytest.fixture(scope="session")
+def ray_local(model_cache):
+    """One local Ray for the file, bound to 127.0.0.1."""
+    from lookalike.distributed.pipeline import LOCAL_ONLY_ENV
+
+    os.environ.setdefault(LOCAL_ONLY_ENV, "0")
+    import ray
+
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=500 * 1024**2,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+        runtime_env={"env_vars": {"LOOKALIKE_CACHE_DIR": str(model_cache)}},
+    )
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """Real photos (linked), plus an empty and a truncated JPEG that both engines must report, not crash on."""
+    root = tmp_path_factory.mktemp("photos")
+    for attribute in ("dotted", "leopard", "striped"):
+        (root / attribute).mkdir()
+        for src in sorted((REAL_DATA / attribute).glob("*.jpg"))[:PER_ATTRIBUTE]:
+            os.symlink(src, root / attribute / src.name)
+    (root / "broken").mkdir()
+    (root / "broken" / "empty.jpg").write_bytes(b"")
+    (root / "broken" / "truncated.jpg").write_bytes(next((REAL_DATA / "dotted").glob("*.jpg")).read_bytes()[:1500])
+    return root
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    from lookalike.backbones import create_backbone
+
+    return create_backbone("efficientnet-lite0")
+
+
+@pytest.fixture(scope="module")
+def single(photos, backbone, model_cache, tmp_path_factory):
+    """The single-process `featurize-dir` output (computed: the cache holds no features of these photos yet)."""
+    from lookalike.retrieval import featurize_dir
+
+    out = tmp_path_factory.mktemp("single") / "emb.parquet"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LOOKALIKE_CACHE_DIR", str(model_cache))
+        info = featurize_dir(photos, out, backbone, progress=False)
+    return out, info
+
+
+@pytest.fixture(scope="module")
+def on_ray(ray_local, photos, backbone, tmp_path_factory):
+    from lookalike.distributed import ModelSpec, featurize_dir_ray
+
+    out = tmp_path_factory.mktemp("ray") / "emb.parquet"
+    info = featurize_dir_ray(photos, out, ModelSpec.of("efficientnet-lite0"), backbone, shard_size=SHARD_SIZE, progress=False)
+    return out, info
+
+
+def _read(path: Path):
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    return table.column("path").to_pylist(), table.column("sha256").to_pylist(), np.stack(table.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
+
+
+@needs_ray
+def test_ray_embeddings_equal_single_process(single, on_ray):
+    (single_out, single_info), (ray_out, ray_info) = single, on_ray
+    paths, digests, X = _read(single_out)
+    ray_paths, ray_digests, Y = _read(ray_out)
+    assert len(paths) == 3 * PER_ATTRIBUTE
+    assert ray_paths == paths and ray_digests == digests
+    assert np.abs(X - Y).max() < 1e-5
+    assert ray_info["n"] == single_info["n"] and ray_info["backbone_fingerprint"] == single_info["backbone_fingerprint"]
+    ray_reasons, single_reasons = ({Path(s["path"]).name: s["reason"] for s in info["skipped"]} for info in (ray_info, single_info))
+    assert ray_reasons == single_reasons
+    assert set(ray_reasons) == {"empty.jpg", "truncated.jpg"}
+    report = json.loads((Path(f"{ray_out}.shards") / "failed.json").read_text())
+    assert report["n_failed"] == 2 and {Path(f["path"]).name for f in report["failed"]} == {"empty.jpg", "truncated.jpg"}
+
+
+@needs_ray
+def test_index_from_ray_shards_returns_same_neighbours(single, on_ray, photos, tmp_path):
+    from lookalike.distributed import build_index_from_shards
+    from lookalike.index.catalog import NewImage
+    from lookalike.index.metric import IndexMetric
+    from lookalike.index.search import search_vectors
+    from lookalike.index.store import ImageIndex
+
+    paths, digests, X = _read(single[0])
+    stats = build_index_from_shards(f"{on_ray[0]}.shards", tmp_path / "ray-index", IndexMetric("l2"), kind="flat", progress=False)
+    assert stats["images"] == len(paths) and stats["kind"] == "flat"
+    assert stats["attributes"] == {"dotted": PER_ATTRIBUTE, "leopard": PER_ATTRIBUTE, "striped": PER_ATTRIBUTE}
+    with ImageIndex.create(tmp_path / "single-index", X.shape[1], IndexMetric("l2"), single[1]["backbone_fingerprint"], kind="flat") as ref:
+        absolute = [str((photos / p).absolute()) for p in paths]
+        ref.add([NewImage(p, Path(p).parent.name, d, 0, 0.0) for p, d in zip(absolute, digests)], X)
+        ref.merge(force=True)
+        ref.finish_build()
+    with ImageIndex.open(tmp_path / "ray-index") as a, ImageIndex.open(tmp_path / "single-index") as b:
+        found_ray = [[m.path for m in ms] for ms in search_vectors(a, X, k=5)]
+        found_single = [[m.path for m in ms] for ms in search_vectors(b, X, k=5)]
+    assert found_ray == found_single
+    assert all(ms[0] == p for ms, p in zip(found_ray, absolute))
+
+
+@needs_ray
+def test_rerun_resumes_from_shards(on_ray, photos):
+    """A re-run embeds nothing; after losing one shard (and leaving a half-written file) it redoes that block only."""
+    from typer.testing import CliRunner
+
+    from lookalike.cli import app
+
+    out, _ = on_ray
+    shards = Path(f"{out}.shards")
+    parts = sorted(shards.glob("part-*.parquet"))
+    assert len(parts) == -(-(3 * PER_ATTRIBUTE + 2) // SHARD_SIZE)
+    before = {p.name: p.stat().st_mtime_ns for p in parts}
+    expected = _read(out)
+    parts[1].unlink()
+    (shards / f".{parts[2].name}.abc.tmp.parquet").write_bytes(b"half")
+    result = CliRunner().invoke(app, ["featurize-dir", str(photos), "--out", str(out), "--engine", "ray", "--shard-size", str(SHARD_SIZE)])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((shards / "manifest.json").read_text())
+    assert (manifest["blocks_embedded"], manifest["blocks_resumed"]) == (1, len(parts) - 1)
+    after = {p.name: p.stat().st_mtime_ns for p in shards.glob("part-*.parquet")}
+    assert set(after) == set(before) and not list(shards.glob(".*tmp*"))
+    assert [n for n in before if after[n] != before[n]] == [parts[1].name]
+    paths, digests, Y = _read(out)
+    assert (paths, digests) == expected[:2] and np.abs(Y - expected[2]).max() < 1e-6
+
+
+def test_single_process_path_never_imports_ray(tmp_path):
+    images = make_dataset(tmp_path / "textures", per_attribute=2)
+    code = (
+        "import sys\n"
+        "from lookalike import cli\n"
+        "cli._register_plugins()\n"
+        f"cli.app(['featurize-dir', {str(images)!r}, '--out', {str(tmp_path / 'emb.npy')!r}], standalone_mode=False)\n"
+        "import lookalike.distributed\n"
+        "print('RAY_IMPORTED' if 'ray' in sys.modules else 'NO_RAY')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env={**os.environ, "LOOKALIKE_CACHE_DIR": str(tmp_path / "cache")})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "NO_RAY"
+    assert (tmp_path / "emb.npy").is_file()
+
+
+def test_lists_and_reads_images_on_an_fsspec_filesystem():
+    """Remote sources go through pyarrow/fsspec filesystems; fsspec's in-memory one stands in for s3:// here."""
+    import io
+
+    import fsspec
+
+    from conftest import texture
+    from lookalike.distributed.sources import list_images, read_bytes
+
+    fs = fsspec.filesystem("memory")
+    buf = io.BytesIO()
+    texture("dots").save(buf, format="PNG")
+    for name in ("photos/dotted/a.png", "photos/striped/b.PNG", "photos/.hidden/c.png", "photos/dotted/notes.txt"):
+        fs.pipe(f"/lookalike-test/{name}", buf.getvalue())
+    try:
+        found = list_images("memory://lookalike-test/photos")
+        assert [(im.uri, im.attribute) for im in found] == [("memory://lookalike-test/photos/dotted/a.png", "dotted"), ("memory://lookalike-test/photos/striped/b.PNG", "striped")]
+        assert read_bytes(found[0].uri) == buf.getvalue() and found[0].size == len(buf.getvalue())
+    finally:
+        fs.rm("/lookalike-test", recursive=True)

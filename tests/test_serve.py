@@ -1,0 +1,461 @@
+"""The web service on a real trained run and index of real photos: REST API, bad input, writes, schema fuzzing, browser."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zlib
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import numpy as np
+import pytest
+import schemathesis
+from schemathesis import GenerationMode
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from PIL import Image
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance, status_code_conformance
+
+from lookalike.serve.app import create_app
+from lookalike.serve.engine import Engine
+from lookalike.index.build import build_index
+from lookalike.serve.settings import ServeSettings
+
+REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "fashionTexture"
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+ATTRIBUTES = ("dotted", "leopard", "striped")
+PER_ATTRIBUTE = 14
+KEY = "test-key-0123456789abcdef"
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory):
+    """A run trained on 14 real photos per attribute and an index of the same photos (built once)."""
+    root = tmp_path_factory.mktemp("serve")
+    data = root / "photos"
+    for attribute in ATTRIBUTES:
+        (data / attribute).mkdir(parents=True)
+        for src in sorted((REAL_DATA / attribute).glob("*.jpg"))[:PER_ATTRIBUTE]:
+            os.symlink(src, data / attribute / src.name)
+    config = root / "small.toml"
+    config.write_text("[data]\ntrain_queries_per_attribute = 10\ntest_queries_per_attribute = 4\n[evaluate]\nquery_pictures = 3\n")
+    env = os.environ | {"LOOKALIKE_CACHE_DIR": str(root / "cache")}
+    cmd = [sys.executable, "-m", "lookalike", "run", "--data", data, "--out", root / "run", "--splits", "1", "--config", config]
+    proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LOOKALIKE_CACHE_DIR", str(root / "cache"))
+        assert build_index(root / "run", data, root / "index", progress=False)[1]["images"] == PER_ATTRIBUTE * len(ATTRIBUTES)
+    return SimpleNamespace(root=root, data=data, run=root / "run", index=root / "index")
+
+
+@pytest.fixture(scope="session")
+def engine(served):
+    eng = Engine(ServeSettings(index_dir=served.index))
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="session")
+def client(engine):
+    with TestClient(create_app(engine), raise_server_exceptions=True) as c:
+        yield c
+
+
+def writable_app(served, name: str, extra_rankers=None):
+    """A copy of the index served with writes on and a key (each copy is changed by one group of tests only)."""
+    index = served.root / name
+    shutil.copytree(served.index, index)
+    eng = Engine(ServeSettings(index_dir=index, allow_writes=True, api_key=KEY, upload_dir=served.root / f"{name}-uploads"), extra_rankers)
+    return eng, index
+
+
+@pytest.fixture(scope="session")
+def writable(served):
+    """Writes on, and a second ranker for /compare (the same run under another name)."""
+    eng, index = writable_app(served, "index-writable", {"texture-copy": served.run})
+    with TestClient(create_app(eng)) as c:
+        yield SimpleNamespace(client=c, engine=eng, index=index, uploads=served.root / "index-writable-uploads")
+    eng.close()
+
+
+def photo(served, attribute: str, i: int = 0) -> Path:
+    return sorted((served.data / attribute).iterdir())[i]
+
+
+def upload(path_or_bytes, name: str = "query.jpg", content_type: str = "image/jpeg"):
+    data = path_or_bytes if isinstance(path_or_bytes, bytes) else Path(path_or_bytes).read_bytes()
+    return (name, data, content_type)
+
+
+def assert_error(response, status: int, error: str | None = None, mentions: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert set(body) == {"error", "detail"} and body["detail"]
+    assert "Traceback" not in response.text and "File \"" not in response.text
+    if error:
+        assert body["error"] == error, body
+    if mentions:
+        assert mentions in body["detail"], body
+    return body
+
+
+# ---- search -----------------------------------------------------------------------------------
+
+
+def test_search_returns_the_photo_itself_first_then_nearest_first(served, client):
+    query = photo(served, "striped", 3)
+    r = client.post("/search", files={"image": upload(query)}, data={"top": "7"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    with Image.open(query) as img:
+        assert (body["query"]["width"], body["query"]["height"]) == img.size and body["query"]["format"] == "JPEG"
+    results = body["results"]
+    assert len(results) == 7
+    assert results[0]["name"] == query.name and results[0]["attribute"] == "striped"
+    distances = [m["distance"] for m in results]
+    assert distances == sorted(distances)
+    assert all(0 <= m["probability"] <= 1 for m in results)
+    assert [m["probability"] for m in results] == sorted((m["probability"] for m in results), reverse=True)
+    assert all(m["image_url"] == f"/images/{m['id']}" and m["thumbnail_url"] == f"/images/{m['id']}/thumbnail" for m in results)
+    assert all("/" not in m["name"] for m in results), "server paths are never exposed"
+
+
+def test_format_is_sniffed_from_content_not_from_name_or_header(served, client):
+    buf = io.BytesIO()
+    with Image.open(photo(served, "leopard")) as img:
+        img.save(buf, "PNG")
+    r = client.post("/search", files={"image": upload(buf.getvalue(), "holiday.jpg", "image/jpeg")}, data={"top": "3"})
+    assert r.status_code == 200 and r.json()["query"]["format"] == "PNG"
+    assert r.json()["results"][0]["name"] == photo(served, "leopard").name
+    text = b"GIF89a? no: just text pretending to be an image"
+    assert_error(client.post("/search", files={"image": upload(text, "cat.png", "image/png")}), 415, "unsupported_media_type", "content is checked")
+
+
+def test_attribute_filter_keeps_only_that_attribute(served, client):
+    r = client.post("/search", files={"image": upload(photo(served, "dotted"))}, data={"top": "20", "attribute": "leopard"})
+    assert r.status_code == 200
+    results = r.json()["results"]
+    assert len(results) == PER_ATTRIBUTE and {m["attribute"] for m in results} == {"leopard"}
+    assert r.json()["attribute"] == "leopard"
+    assert_error(
+        client.post("/search", files={"image": upload(photo(served, "dotted"))}, data={"attribute": "paisley"}),
+        422,
+        "unknown_attribute",
+        "dotted, leopard, striped",
+    )
+
+
+def test_similar_by_id_matches_upload_search_without_the_image_itself(served, client):
+    query = photo(served, "dotted", 2)
+    by_upload = client.post("/search", files={"image": upload(query)}, data={"top": "6"}).json()["results"]
+    own_id = by_upload[0]["id"]
+    r = client.get(f"/images/{own_id}/similar", params={"top": 5})
+    assert r.status_code == 200
+    by_id = r.json()
+    assert by_id["query"]["id"] == own_id
+    assert [m["id"] for m in by_id["results"]] == [m["id"] for m in by_upload[1:]]
+    np.testing.assert_allclose([m["distance"] for m in by_id["results"]], [m["distance"] for m in by_upload[1:]], rtol=1e-4, atol=1e-5)
+    assert_error(client.get("/images/100000/similar"), 404, "not_found")
+
+
+def test_compare_agrees_with_search_and_fuses_rankers(served, client, writable):
+    a, b = photo(served, "striped", 0), photo(served, "leopard", 1)
+    r = client.post("/compare", files={"first": upload(a, "a.jpg"), "second": upload(b, "b.jpg")})
+    assert r.status_code == 200, r.text
+    cmp = r.json()
+    ranked = client.post("/search", files={"image": upload(a)}, data={"top": "42"}).json()["results"]
+    match = next(m for m in ranked if m["name"] == b.name)
+    assert cmp["distance"] == pytest.approx(match["distance"], rel=1e-4, abs=1e-5)
+    assert cmp["probability"] == pytest.approx(match["probability"], rel=1e-4, abs=1e-5)
+    assert len(cmp["rankers"]) == 1 and cmp["fused_probability"] == pytest.approx(cmp["probability"])
+    # two rankers (the second is the same run under another name): each is reported, and fused
+    two = writable.client.post("/compare", files={"first": upload(a, "a.jpg"), "second": upload(b, "b.jpg")}).json()
+    assert [s["name"] for s in two["rankers"]] == ["run", "texture-copy"]
+    assert two["fused_probability"] == pytest.approx(np.mean([s["probability"] for s in two["rankers"]]))
+
+
+# ---- images by id -----------------------------------------------------------------------------
+
+
+def test_images_and_thumbnails_by_id_only(served, client):
+    query = photo(served, "leopard", 4)
+    first = client.post("/search", files={"image": upload(query)}, data={"top": "1"}).json()["results"][0]
+    r = client.get(first["image_url"])
+    assert r.status_code == 200 and r.content == query.read_bytes() and r.headers["content-type"] == "image/jpeg"
+    t = client.get(first["thumbnail_url"])
+    assert t.status_code == 200 and t.headers["content-type"] == "image/jpeg"
+    with Image.open(io.BytesIO(t.content)) as thumb:
+        assert thumb.format == "JPEG" and max(thumb.size) == 256
+    assert client.get(first["thumbnail_url"]).content == t.content  # served from the cache
+    assert_error(client.get("/images/99999"), 404, "not_found")
+    assert_error(client.get("/images/-1"), 422, "invalid_request")
+    assert_error(client.get("/images/abc"), 422, "invalid_request")
+    assert_error(client.get("/images/99999999999999999999999"), 422, "invalid_request")
+    for sneaky in ("/images/..%2F..%2F..%2Fetc%2Fpasswd", "/images/%2Fetc%2Fpasswd", "/static/..%2F..%2Fengine.py", "/images/1/../../etc/passwd"):
+        r = client.get(sneaky)
+        assert r.status_code in (404, 422), (sneaky, r.status_code)
+        assert b"root:" not in r.content and b"import" not in r.content
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A valid 1x1 PNG whose header claims another size: a decompression bomb's calling card."""
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return bytes(data)
+
+
+def test_every_bad_upload_gets_a_4xx_that_says_what_was_wrong(served, client):
+    good = photo(served, "dotted").read_bytes()
+    cases = [
+        (b"", 422, "empty_file", "empty"),
+        (b"%PDF-1.4 not an image", 415, "unsupported_media_type", "not a JPEG"),
+        (good[: len(good) // 3], 422, "bad_image", "truncated"),
+        (png_claiming(40_000, 40_000), 413, "image_too_large", "decompression bomb"),
+        (b"<svg xmlns='http://www.w3.org/2000/svg'/>", 415, "unsupported_media_type", None),
+    ]
+    for data, status, error, mentions in cases:
+        assert_error(client.post("/search", files={"image": upload(data, "x.jpg")}), status, error, mentions)
+    assert_error(client.post("/search", data={"top": "3"}), 422, "invalid_request", "image")
+    assert_error(client.post("/search", files={"image": upload(good)}, data={"top": "0"}), 422, "invalid_request", "top")
+    assert_error(client.post("/search", files={"image": upload(good)}, data={"top": "many"}), 422, "invalid_request", "top")
+    assert_error(client.post("/search", content=b"{}", headers={"content-type": "application/json"}), 422, "invalid_request")
+    assert_error(client.post("/compare", files={"first": upload(good)}), 422, "invalid_request", "second")
+    too_big = b"\xff\xd8\xff" + b"\0" * (21 * 1024 * 1024)
+    assert_error(client.post("/search", files={"image": upload(too_big)}), 413, "content_too_large", "20 MB")
+    assert_error(client.get("/no/such/page"), 404, "not_found")
+    assert_error(client.put("/search"), 405, "method_not_allowed")
+
+
+# ---- writes -----------------------------------------------------------------------------------
+
+
+def test_catalog_writes_need_the_flag_and_the_key(served, client, writable):
+    new_image = photo(served, "striped", 0).read_bytes()
+    files = [("images", upload(new_image, "new.jpg"))]
+    assert_error(client.post("/catalog", files=files, headers={"X-API-Key": KEY}), 403, "writes_disabled", "--allow-writes")
+    assert_error(client.delete("/catalog/0", headers={"X-API-Key": KEY}), 403, "writes_disabled")
+    w = writable.client
+    assert_error(w.post("/catalog", files=files), 401, "unauthorized")
+    assert_error(w.post("/catalog", files=files, headers={"X-API-Key": KEY[:-1] + "X"}), 401, "unauthorized")
+    assert_error(w.delete("/catalog/0"), 401, "unauthorized")
+    assert_error(w.post("/catalog", files=files, data={"attribute": "../etc"}, headers={"X-API-Key": KEY}), 422, "invalid_request", "attribute")
+    assert w.get("/catalog").json()["images"] == 42
+
+
+def test_add_search_and_remove_an_uploaded_image(served, writable):
+    w, auth = writable.client, {"X-API-Key": KEY}
+    buf = io.BytesIO()
+    with Image.open(photo(served, "leopard", 6)) as img:
+        img.rotate(90, expand=True).save(buf, "PNG")  # new content, not already catalogued
+    r = w.post("/catalog", files=[("images", upload(buf.getvalue(), "rotated.png", "image/png"))], data={"attribute": "leopard"}, headers=auth)
+    assert r.status_code == 200, r.text
+    (added,) = r.json()["added"]
+    assert added["name"] == "rotated.png" and added["attribute"] == "leopard" and not added["already_present"]
+    assert w.get("/catalog").json()["attributes"]["leopard"] == PER_ATTRIBUTE + 1
+    stored = list(writable.uploads.iterdir())
+    assert len(stored) == 1 and stored[0].suffix == ".png" and stored[0].read_bytes() == buf.getvalue()
+    top = w.post("/search", files={"image": upload(buf.getvalue(), "q.png")}, data={"top": "1"}).json()["results"][0]
+    assert top["id"] == added["id"]
+    assert w.get(added["image_url"]).content == buf.getvalue()
+
+    again = w.post("/catalog", files=[("images", upload(buf.getvalue(), "again.png"))], headers=auth).json()["added"][0]
+    assert again["already_present"] and again["id"] == added["id"]
+
+    assert w.delete(f"/catalog/{added['id']}", headers=auth).json() == {"removed": added["id"]}
+    assert_error(w.delete(f"/catalog/{added['id']}", headers=auth), 404, "not_found")
+    assert_error(w.get(added["image_url"]), 404, "not_found")
+    after = w.post("/search", files={"image": upload(buf.getvalue(), "q.png")}, data={"top": "50"}).json()["results"]
+    assert added["id"] not in {m["id"] for m in after} and len(after) == 42
+
+
+# ---- service endpoints ------------------------------------------------------------------------
+
+
+def test_health_metrics_docs_and_page(client):
+    health = client.get("/healthz").json()
+    assert health == {"status": "ok", "images": 42, "generation": health["generation"], "model": "run"}
+    client.get("/images/424242")
+    text = client.get("/metrics").text
+    assert 'lookalike_http_requests_total{method="GET",route="/healthz",status="200"}' in text
+    assert 'lookalike_http_errors_total{method="GET",route="/images/{image_id}",status="404"}' in text
+    assert 'lookalike_http_request_duration_seconds_bucket{le="0.005",method="GET",route="/healthz"}' in text
+    assert "lookalike_catalog_images 42.0" in text
+    assert client.get("/docs").status_code == 200
+    spec = client.get("/openapi.json").json()
+    assert {"/search", "/compare", "/images/{image_id}", "/images/{image_id}/thumbnail", "/catalog", "/catalog/{image_id}", "/healthz", "/metrics"} <= set(spec["paths"])
+    page = client.get("/")
+    assert page.status_code == 200 and "script-src 'self'" in page.headers["content-security-policy"]
+    assert page.headers["x-content-type-options"] == "nosniff"
+    assert client.get("/static/app.js").status_code == 200
+
+
+# ---- property-based: every endpoint against the app's own OpenAPI schema -----------------------
+
+
+OPERATIONS = [
+    ("POST", "/search"),
+    ("POST", "/compare"),
+    ("GET", "/images/{image_id}"),
+    ("GET", "/images/{image_id}/thumbnail"),
+    ("GET", "/images/{image_id}/similar"),
+    ("GET", "/catalog"),
+    ("POST", "/catalog"),
+    ("DELETE", "/catalog/{image_id}"),
+    ("GET", "/healthz"),
+    ("GET", "/metrics"),
+]
+
+
+@pytest.fixture(scope="module")
+def api_schema(served):
+    """The schema of an app with writes on (every route live) over its own index copy; the key is sent, so writes are fuzzed too."""
+    eng, _ = writable_app(served, "index-fuzzed")
+    yield schemathesis.openapi.from_asgi("/openapi.json", create_app(eng))
+    eng.close()
+
+
+def test_fuzzing_covers_every_operation(api_schema):
+    found = {(op.ok().method.upper(), op.ok().path) for op in api_schema.get_all_operations()}
+    assert found == set(OPERATIONS)
+
+
+#: Negative (schema-violating) requests need a parameter or body to violate.
+WITHOUT_INPUT = {("GET", "/catalog"), ("GET", "/healthz"), ("GET", "/metrics")}
+FUZZ_CASES = [(m, p, GenerationMode.POSITIVE) for m, p in OPERATIONS] + [(m, p, GenerationMode.NEGATIVE) for m, p in OPERATIONS if (m, p) not in WITHOUT_INPUT]
+
+
+@pytest.mark.parametrize("method, path, mode", FUZZ_CASES, ids=[f"{m} {p} {g.value}" for m, p, g in FUZZ_CASES])
+def test_no_endpoint_ever_answers_5xx(api_schema, method, path, mode):
+    operation = api_schema[path][method]
+
+    @given(case=operation.as_strategy(generation_mode=mode))
+    @settings(max_examples=10, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    def check(case):
+        case.call_and_validate(
+            headers={"X-API-Key": KEY},
+            checks=[not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance],
+        )
+
+    check()
+
+
+# ---- a real server and a real browser ---------------------------------------------------------
+
+
+class LiveServer:
+    """uvicorn on 127.0.0.1 with an ephemeral port, in a thread; always stopped."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.05)
+        host, port = self.server.servers[0].sockets[0].getsockname()[:2]
+        assert host == "127.0.0.1"
+        return f"http://127.0.0.1:{port}"
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def test_browser_upload_see_results_click_one(served, engine):
+    playwright = pytest.importorskip("playwright.sync_api")
+    expect = playwright.expect
+    if not CHROMIUM.exists():
+        message = f"{CHROMIUM} is missing; install Debian's chromium (apt-get install -y chromium)"
+        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+    ARTIFACTS.mkdir(exist_ok=True)
+    query = photo(served, "leopard", 2)
+    with LiveServer(create_app(engine)) as base, playwright.sync_playwright() as p, tempfile.TemporaryDirectory() as profile:
+        browser = p.chromium.launch_persistent_context(
+            profile,
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+            viewport={"width": 1280, "height": 900},
+        )
+        try:
+            page = browser.new_page()
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(base + "/")  # the page's own CSP stays on: no inline script, no eval
+            expect(page.locator("#attribute option")).to_have_count(4)
+            expect(page.locator("#catalog-info")).to_contain_text("42 images")
+            page.fill("#top", "8")
+            page.set_input_files("#file", str(query))
+            expect(page.locator("#status")).to_contain_text("8 matches", timeout=30_000)
+            items = page.locator("#results li")
+            expect(items).to_have_count(8)
+            expect(items.first.locator("img")).to_have_attribute("alt", query.name)
+            expect(page.locator("#query-image")).to_be_visible()
+            for i in range(8):
+                expect(items.nth(i).locator("img")).to_have_js_property("complete", True)
+            page.screenshot(path=str(ARTIFACTS / "serve-search.png"), full_page=True)
+
+            second_id = items.nth(1).get_attribute("data-id")
+            items.nth(1).locator("button").click()
+            expect(page.locator("#query-image")).to_have_attribute("src", f"/images/{second_id}")
+            expect(page.locator(f"#results li[data-id='{second_id}']")).to_have_count(0)
+            expect(items).to_have_count(8)
+            page.select_option("#attribute", "striped")
+            expect(page.locator("#results li .score", has_text="striped")).to_have_count(8)
+            page.screenshot(path=str(ARTIFACTS / "serve-click.png"), full_page=True)
+            assert not errors, errors
+        finally:
+            browser.close()
+    assert (ARTIFACTS / "serve-search.png").stat().st_size > 10_000
+
+
+def test_cli_serves_on_loopback_and_stops(served):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = os.environ | {"LOOKALIKE_CACHE_DIR": str(served.root / "cache")}
+    proc = subprocess.Popen([sys.executable, "-m", "lookalike", "serve", "--index", str(served.index), "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the service did not come up"
+                time.sleep(0.3)
+        assert r.json()["images"] == 42
+        r = httpx.post(f"http://127.0.0.1:{port}/search", files={"image": upload(photo(served, "dotted", 5))}, data={"top": "2"}, timeout=30)
+        assert r.status_code == 200 and r.json()["results"][0]["name"] == photo(served, "dotted", 5).name
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    bad = subprocess.run([sys.executable, "-m", "lookalike", "serve", "--index", str(served.index), "--allow-writes"], capture_output=True, text=True, env=env | {"LOOKALIKE_API_KEY": ""})
+    assert bad.returncode == 2 and "--api-key" in bad.stderr and "Traceback" not in bad.stderr
