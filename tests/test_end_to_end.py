@@ -24,7 +24,7 @@ def lookalike(*args, check=True):
 @pytest.fixture
 def small_config(tmp_path):
     p = tmp_path / "small.toml"
-    p.write_text("[data]\ntrain_queries_per_attribute = 10\ntest_queries_per_attribute = 4\n[evaluate]\nquery_pictures = 3\n")
+    p.write_text("[data]\ntrain_queries_per_attribute = 10\ntest_queries_per_attribute = 4\n[evaluate]\nquery_pictures = 3\n[refine]\nepochs = 0\n")
     return p
 
 

@@ -1,4 +1,4 @@
-"""The stages, in order: prepare -> featurize -> train-metric -> evaluate, repeated over K random splits.
+"""The stages, in order: prepare -> refine -> featurize -> train-metric -> evaluate, repeated over K random splits.
 
 Each stage reads the previous stage's outputs from the run directory, records a fingerprint of its
 inputs, and skips its work when that fingerprint is unchanged (unless forced).
@@ -257,7 +257,8 @@ def _query_pictures(dataset: Dataset, sets, ranks, features, row_of, ranker, sdi
 
 # ---------------------------------------------------------------- whole run
 def run_pipeline(data_dir, run_dir, cfg: LookalikeConfig, splits: int = 1, force: bool = False, progress: bool = True) -> dict:
-    """prepare -> featurize -> [refine] -> train-metric -> evaluate for each split, then the summary and report."""
+    """prepare -> refine -> featurize -> train-metric -> evaluate for each split, then the summary and report."""
+    from .refine.stage import refine
     from .report import write_report
 
     run = RunDir(run_dir)
@@ -265,6 +266,7 @@ def run_pipeline(data_dir, run_dir, cfg: LookalikeConfig, splits: int = 1, force
     for k in range(splits):
         run.log(f"split {k + 1}/{splits}", style="bold")
         prepare(data_dir, run_dir, cfg, split=k, force=force)
+        refine(run_dir, split=k, force=force, progress=progress)
         featurize(run_dir, split=k, force=force, progress=progress)
         train_metric(run_dir, split=k, force=force)
         evaluate(run_dir, split=k, force=force)

@@ -44,25 +44,35 @@ class _Spec:
     download_weights: Callable[[], dict] | None
 
 
-class EmbeddingHead(nn.Module):
-    """A learned projection of the pooled features (Linear + BatchNorm), trained by refinement to pull each attribute together."""
+class AttributeHead(nn.Module):
+    """The refined attribute classifier on the pooled features; its posterior (or logits) is the embedding.
 
-    def __init__(self, in_features: int, out_features: int):
+    Refinement trains it with cross-entropy, so images of one attribute land on one corner of the
+    probability simplex: exactly the tight per-attribute clusters a ranking by distance needs.
+    """
+
+    OUTPUTS = ("posterior", "logits")
+
+    def __init__(self, in_features: int, classes: list[str], output: str = "posterior"):
         super().__init__()
-        self.linear = nn.Linear(in_features, out_features)
-        self.norm = nn.BatchNorm1d(out_features)
+        if output not in self.OUTPUTS:
+            raise LookalikeError(f"unknown attribute head output '{output}'; choose {' or '.join(self.OUTPUTS)}")
+        self.classes = list(classes)
+        self.output = output
+        self.linear = nn.Linear(in_features, len(self.classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.linear(x))
+        logits = self.linear(x)
+        return logits.softmax(-1) if self.output == "posterior" else logits
 
     def describe(self) -> dict:
-        return {"kind": "linear-bn", "in_features": self.linear.in_features, "out_features": self.linear.out_features}
+        return {"kind": "attribute-classifier", "in_features": self.linear.in_features, "classes": self.classes, "output": self.output}
 
 
 class Backbone(nn.Module):
     """An ImageNet CNN cut before its classifier: images -> pooled embeddings (B, D), optionally through a learned head."""
 
-    def __init__(self, trunk: nn.Module, config: BackboneConfig, fingerprint: str, head: EmbeddingHead | None = None):
+    def __init__(self, trunk: nn.Module, config: BackboneConfig, fingerprint: str, head: AttributeHead | None = None):
         super().__init__()
         self.trunk = trunk
         self.head = head
@@ -146,9 +156,9 @@ def load_backbone(directory: str | os.PathLike) -> Backbone:
     head = None
     if meta.get("head"):
         desc = meta["head"]
-        if desc.get("kind") != "linear-bn":
+        if desc.get("kind") != "attribute-classifier":
             raise LookalikeError(f"{meta_path}: unknown embedding head kind '{desc.get('kind')}'")
-        head = EmbeddingHead(desc["in_features"], desc["out_features"])
+        head = AttributeHead(desc["in_features"], desc["classes"], desc["output"])
         head.load_state_dict({k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")})
         head.eval()
     trunk = spec.build()
@@ -166,7 +176,8 @@ def save_backbone(backbone: Backbone, directory: str | os.PathLike) -> None:
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in backbone.trunk.state_dict().items()}
+    # the ImageNet classifier is never used (and not restored by load_backbone), so it is not saved either
+    state = {k: v.detach().cpu().contiguous() for k, v in backbone.trunk.state_dict().items() if not k.startswith(("fc.", "_fc."))}
     meta = asdict(backbone.config)
     if backbone.head is not None:
         state |= {f"head.{k}": v.detach().cpu().contiguous() for k, v in backbone.head.state_dict().items()}

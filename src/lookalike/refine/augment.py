@@ -1,0 +1,69 @@
+"""Augmented views that keep a texture recognisable: random resized crop, flips, mild colour jitter.
+
+Each view is a pure function of (image content hash, view number, seed), so a view computed once can be
+cached and shared by every split and every run that asks for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torchvision.transforms.v2 as T
+from PIL import Image
+
+from ..backbones import BackboneConfig, Preprocessor
+from ..images import open_image
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    """What a random view may change; everything here is part of the activation cache key."""
+
+    crop_scale_min: float = 0.25
+    hflip: bool = True
+    vflip: bool = True
+    color_jitter: float = 0.3
+    hue_jitter: float = 0.02
+
+
+class ViewMaker:
+    """Normalised arrays of an image: view 0 is exactly what featurize sees, views 1, 2, ... are random crops."""
+
+    def __init__(self, config: BackboneConfig, params: AugmentParams, seed: int = 0):
+        self.pre = Preprocessor(config)
+        self.size = config.input_size
+        self.seed = seed
+        steps: list = [T.RandomResizedCrop(self.size, scale=(params.crop_scale_min, 1.0), antialias=True)]
+        if params.hflip:
+            steps.append(T.RandomHorizontalFlip())
+        if params.vflip:
+            steps.append(T.RandomVerticalFlip())
+        if params.color_jitter > 0 or params.hue_jitter > 0:
+            j = params.color_jitter
+            steps.append(T.ColorJitter(brightness=j, contrast=j, saturation=j, hue=params.hue_jitter))
+        self.random = T.Compose(steps)
+
+    def views(self, path: str | os.PathLike, digest: str, numbers: list[int]) -> list[np.ndarray]:
+        """The requested views of one image file, decoding it at most twice."""
+        out: dict[int, np.ndarray] = {}
+        if 0 in numbers:
+            out[0] = self.pre.load(path)
+        random = [v for v in numbers if v != 0]
+        if random:
+            # decoded at about twice the input size, so a crop of a quarter of the picture keeps full detail
+            img = open_image(path, draft_size=2 * self.size)
+            out.update((v, self.random_view(img, digest, v)) for v in random)
+        return [out[v] for v in numbers]
+
+    def random_view(self, img: Image.Image, digest: str, view: int) -> np.ndarray:
+        """A random view that depends only on (image, view number, seed), so it can be cached and shared."""
+        seed = int.from_bytes(hashlib.sha256(f"{digest}:{view}:{self.seed}".encode()).digest()[:8], "little")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            out = self.random(img)
+        x = np.asarray(out, dtype=np.float32).transpose(2, 0, 1) / 255.0
+        return (x - self.pre.mean) / self.pre.std

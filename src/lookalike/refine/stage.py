@@ -1,0 +1,158 @@
+"""The refine stage of a run: fine-tune the backbone on one split's training images, save it for featurize.
+
+Writes RUN_DIR/split-k/refined/: backbone.safetensors + backbone.json (the refined model, which featurize
+then uses), history.json (per-epoch loss and errors) and curves.png. Only the split's training images are
+trained on; validation and test errors are measured after each epoch and never used to choose anything.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import visualize
+from ..backbones import Backbone, create_backbone, load_backbone
+from ..backbones.registry import AttributeHead, save_backbone
+from ..config import LookalikeConfig
+from ..features import FeatureCache, default_cache_dir
+from ..fileio import read_json, write_json
+from ..rundir import RunDir, fingerprint, up_to_date
+from .augment import AugmentParams, ViewMaker
+from .cached import ActivationCache, fill_cache, frozen_runner
+from .stages import split_stages
+from .trainer import CachedViews, OnlineViews, RefineNet, Refiner
+
+CACHE_FORMAT = 2
+
+
+def resolve_mode(cfg: LookalikeConfig) -> str:
+    """'full' (every block trained on fresh augmentations) on a CUDA GPU, else 'cached' (CPU), unless set."""
+    if cfg.refine.mode != "auto":
+        return cfg.refine.mode
+    return "full" if torch.cuda.is_available() else "cached"
+
+
+def base_backbone(cfg: LookalikeConfig) -> Backbone:
+    """The pretrained backbone refinement starts from, at the refinement resolution."""
+    f = cfg.features
+    return create_backbone(f.backbone, f.weights or None, cfg.refine.resolution or f.resolution, f.normalization)
+
+
+def refine(run_dir: str | os.PathLike, split: int = 0, force: bool = False, progress: bool = True) -> dict | None:
+    """Fine-tune on split `split`'s training images; returns the history record, or None when refinement is off."""
+    from ..pipeline import load_dataset, load_run_config, load_split
+
+    run = RunDir(run_dir)
+    cfg = load_run_config(run)
+    rc = cfg.refine
+    out = run.split_dir(split) / "refined"
+    if rc.epochs == 0:
+        if out.exists():
+            shutil.rmtree(out)
+            run.log(f"split {split}: refine.epochs = 0, removed the earlier refined model; featurize uses the pretrained backbone")
+        return None
+    mode = resolve_mode(cfg)
+    seed = cfg.data.seed + split
+    split_fp = read_json(run.require(run.split_dir(split) / "split.json", "prepare"))["fingerprint"]
+    fp = fingerprint(split_fp, cfg.features.model_dump(include={"backbone", "weights", "resolution", "normalization"}), rc.model_dump(), mode, seed)
+    record_path = out / "history.json"
+    if not force and up_to_date(record_path, fp) and (out / "backbone.safetensors").exists():
+        return read_json(record_path)
+
+    dataset = load_dataset(run)
+    s = load_split(run, split)
+    backbone = base_backbone(cfg)
+    blocks = 0 if rc.last_layer_only else (-1 if mode == "full" else rc.trainable_blocks)
+    frozen, trainable = split_stages(backbone, blocks)
+    if len(trainable) == 0:
+        frozen = nn.Sequential(*frozen, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    augment = AugmentParams(rc.crop_scale_min, rc.hflip, rc.vflip, rc.color_jitter, rc.hue_jitter)
+    maker = ViewMaker(backbone.config, augment)
+    parts = {p: s.parts[p] for p in ("train", "validation", "test") if s.parts.get(p)}
+    digests = {p: [dataset.images[i].sha256 for i in idx] for p, idx in parts.items()}
+    labels = {p: [dataset.images[i].attribute for i in idx] for p, idx in parts.items()}
+    start = time.perf_counter()
+    run.log(
+        f"split {split}: refining {backbone.config.name} at {backbone.config.input_size} px on {len(parts['train'])} training images, "
+        f"{mode} mode ({'whole trunk' if blocks < 0 else f'last {len(trainable)} block(s)'} + new layers), {rc.epochs} epochs"
+    )
+    cache = None
+    if mode == "cached":
+        cache_dir = Path(cfg.features.cache_dir).expanduser() if cfg.features.cache_dir else default_cache_dir()
+        key = fingerprint(backbone.fingerprint, len(frozen), asdict(augment), CACHE_FORMAT)
+        cache = ActivationCache(cache_dir, key)
+        paths = {dataset.images[i].sha256: str(dataset.absolute_path(i)) for idx in parts.values() for i in idx}
+        wanted = [(d, v) for d in digests["train"] for v in range(rc.cached_views + 1)]
+        wanted += [(d, 0) for p in ("validation", "test") for d in digests.get(p, [])]
+        todo = cache.missing(wanted)
+        runner = frozen_runner(frozen, backbone.config.input_size, cache_dir, key) if todo else None
+        computed = fill_cache(cache, runner, maker, paths, todo, cfg.features.batch_size, progress=progress)
+        run.log(f"split {split}: {computed} new view(s) of the frozen blocks cached, {len(wanted) - computed} reused ({time.perf_counter() - start:.0f}s)")
+        views = {p: CachedViews(cache, digests[p], rc.cached_views) for p in parts}
+        net_frozen: nn.Module = nn.Sequential()
+    else:
+        views = {p: OnlineViews(maker, [str(dataset.absolute_path(i)) for i in parts[p]], digests[p]) for p in parts}
+        net_frozen = frozen
+    head = AttributeHead(backbone.config.embedding_dim, dataset.attributes, "logits" if rc.embedding == "pooled" else rc.embedding)
+    net = RefineNet(net_frozen, trainable, head, rc.dropout)
+    monitor = {p: (views[p], labels[p]) for p in ("validation", "test") if p in parts}
+    keep_head = rc.embedding != "pooled"
+    dim = len(dataset.attributes) if keep_head else backbone.config.embedding_dim
+    try:
+        refiner = Refiner(rc, seed=seed, progress=progress, log=run.log).fit(net, views["train"], labels["train"], monitor)
+        refined = Backbone(backbone.trunk.eval(), replace(backbone.config, embedding_dim=dim), "", head.eval() if keep_head else None)
+        save_backbone(refined, out)
+        if cache is not None:
+            _store_embeddings(cfg, out, net, views, digests)
+    finally:
+        if cache is not None:
+            cache.close()
+        for part_views in views.values():
+            if isinstance(part_views, OnlineViews):
+                part_views.close()
+    record = {
+        "fingerprint": fp,
+        "mode": mode,
+        "device": str(refiner.device_),
+        "trained_blocks": "all" if blocks < 0 else len(trainable),
+        "classes": refiner.classes_,
+        "seconds": round(time.perf_counter() - start, 1),
+        "history": refiner.history_,
+    }
+    visualize.plot_training_curves(refiner.history_, out / "curves.png")
+    write_json(record_path, record)
+    last = refiner.history_[-1]
+    run.log(
+        f"split {split}: refined in {record['seconds']:.0f}s; final train error {last['train_error']:.1%}"
+        + (f", validation {last['validation_error']:.1%}" if "validation_error" in last else "")
+        + (f", test {last['test_error']:.1%}" if "test_error" in last else "")
+    )
+    return record
+
+
+def _store_embeddings(cfg: LookalikeConfig, out: Path, net: RefineNet, views: dict[str, CachedViews], digests: dict[str, list[str]]) -> None:
+    """Put the refined model's embeddings of the split's images into the feature cache, from the cached centre views.
+
+    The centre view's frozen-block activations are kept in float32, so these are the vectors featurize would
+    compute from the images; featurize then finds them all in the cache instead of running the whole trunk again.
+    """
+    saved = load_backbone(out)
+    cache_dir = Path(cfg.features.cache_dir).expanduser() if cfg.features.cache_dir else default_cache_dir()
+    net.eval()
+    vectors: dict[str, np.ndarray] = {}
+    with torch.inference_mode():
+        for part, part_views in views.items():
+            for start in range(0, len(digests[part]), 64):
+                items = list(range(start, min(start + 64, len(digests[part]))))
+                pooled = net.pooled(part_views.eval(items))
+                emb = saved.head(pooled) if saved.head is not None else pooled
+                vectors.update(zip((digests[part][i] for i in items), emb.numpy()))
+    with FeatureCache(cache_dir, saved.fingerprint, saved.config.embedding_dim) as cache:
+        cache.put_many(vectors)
