@@ -18,7 +18,7 @@ from lookalike.errors import LookalikeError
 from lookalike.images import open_image
 from lookalike.pipeline import featurize, prepare
 from lookalike.refine.stage import refine
-from lookalike.refine.stages import split_stages, trunk_stages
+from lookalike.refine.blocks import split_stages, trunk_stages
 from lookalike.refine.trainer import epoch_order, learning_rate
 
 TINY = {"data": {"train_ratio": 0.6, "validation_ratio": 0.25}, "features": {"resolution": 64, "batch_size": 16}}

@@ -26,7 +26,7 @@ from ..fileio import read_json, write_json
 from ..rundir import RunDir, fingerprint, up_to_date
 from .augment import AugmentParams, ViewMaker
 from .cached import ActivationCache, fill_cache, frozen_runner
-from .stages import split_stages
+from .blocks import split_stages
 from .trainer import CachedViews, OnlineViews, RefineNet, Refiner
 
 CACHE_FORMAT = 2
