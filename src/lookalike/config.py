@@ -88,13 +88,6 @@ class LookalikeConfig(_Section):
     refine: RefineConfig = RefineConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
 
-    def section_hash(self, *names: str) -> str:
-        """A short fingerprint of the named sections, so a stage reruns only when its inputs changed."""
-        import hashlib
-        import json
-
-        payload = json.dumps({n: getattr(self, n).model_dump() for n in names}, sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> LookalikeConfig:

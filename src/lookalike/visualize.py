@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-from pathlib import Path
 from typing import Sequence
 
 import matplotlib
@@ -140,7 +139,3 @@ def retrieval_grid(query: str, results: Sequence[tuple[str, float, str]], path: 
         out.paste(r, (0, y))
         y += r.size[1] + 6
     _save_image(out, path)
-
-
-def relative(path: str | os.PathLike, start: str | os.PathLike) -> str:
-    return os.path.relpath(Path(path), Path(start))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -185,12 +185,6 @@ def save_backbone(backbone: Backbone, directory: str | os.PathLike) -> None:
     with atomic_path(directory / "backbone.safetensors") as tmp:
         save_file(state, str(tmp))
     write_json(directory / "backbone.json", meta)
-
-
-def with_resolution(backbone: Backbone, resolution: int) -> Backbone:
-    """The same weights fed at another input size (a different fingerprint, so caches stay apart)."""
-    config = replace(backbone.config, input_size=resolution)
-    return Backbone(backbone.trunk, config, _fingerprint(config, backbone.fingerprint), backbone.head)
 
 
 def load_state_dict_file(path: Path) -> dict:

@@ -54,9 +54,6 @@ class RawVectors:
         self.dim = dim
         self.row_bytes = 4 * dim
 
-    def rows_on_disk(self) -> int:
-        return self.path.stat().st_size // self.row_bytes if self.path.exists() else 0
-
     def truncate(self, rows: int) -> None:
         """Drop rows written by an update that never committed."""
         if self.path.exists() and self.path.stat().st_size != rows * self.row_bytes:
