@@ -80,3 +80,12 @@ def test_preprocessor_shapes_and_normalisation():
     arr = Preprocessor(b.config).array(texture("stripes", 200, 0).resize((200, 100)))
     assert arr.shape == (3, 64, 64) and arr.dtype == np.float32
     assert -1.01 <= arr.min() and arr.max() <= 1.01  # inception scaling keeps pixels in [-1, 1]
+
+
+def test_describe_backbones_says_where_weights_are(tmp_path, monkeypatch):
+    from lookalike.backbones.registry import describe_backbones
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    found = {b["name"]: b for b in describe_backbones()}
+    assert found["efficientnet-lite0"]["weights"].endswith(".pth") and found["efficientnet-lite0"]["embedding_dim"] == 1280
+    assert found["resnet18"]["weights"] is None and found["resnet50"]["embedding_dim"] == 2048

@@ -21,7 +21,8 @@ app = typer.Typer(
         "Train, evaluate and serve image similarity rankers on your own photos.\n\n"
         "Bring a folder with one sub-folder per attribute value (e.g. data/dotted/*.jpg, data/striped/*.jpg) and run:\n\n"
         "  lookalike run --data data --out runs/mine --splits 5\n\n"
-        "Stages can also be run one at a time: prepare, featurize, train-metric, evaluate."
+        "Stages can also be run one at a time: prepare, refine, featurize, train-metric, evaluate.\n\n"
+        "Then search a catalog (lookalike index build / search) or serve it (lookalike serve)."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -179,14 +180,14 @@ def featurize_dir(
 
 @app.command()
 def backbones():
-    """List the available backbones with their input size, normalisation and embedding size."""
-    from .backbones.registry import _REGISTRY
+    """List the available backbones: embedding size, input size, normalisation, and whether their weights are here."""
+    from .backbones.registry import describe_backbones
 
     table = Table(title="Backbones")
-    for col in ("name", "embedding", "normalisation"):
+    for col in ("name", "embedding", "input", "normalisation", "pretrained weights"):
         table.add_column(col)
-    for name, spec in sorted(_REGISTRY.items()):
-        table.add_row(name, f"{spec.embedding_dim}-d", spec.normalization)
+    for b in describe_backbones():
+        table.add_row(b["name"], f"{b['embedding_dim']}-d", f"{b['input_size']} px", b["normalization"], escape(b["weights"]) if b["weights"] else "[yellow]not on this machine[/yellow] (--weights FILE)")
     out.print(table)
 
 

@@ -96,6 +96,16 @@ def list_backbones() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def describe_backbones() -> list[dict]:
+    """Name, embedding size, default input size and normalisation, and where the weights are (None = not on this machine)."""
+    out = []
+    for name in list_backbones():
+        spec = _REGISTRY[name]
+        path, _ = spec.find_weights()
+        out.append({"name": name, "embedding_dim": spec.embedding_dim, "input_size": 224, "normalization": spec.normalization, "weights": str(path) if path else None})
+    return out
+
+
 def create_backbone(
     name: str = "efficientnet-lite0",
     weights: str | os.PathLike | None = None,
