@@ -47,15 +47,18 @@ def load_split(run: RunDir, k: int) -> Split:
 
 
 # ---------------------------------------------------------------- prepare
-def prepare(data_dir: str | os.PathLike, run_dir: str | os.PathLike, cfg: LookalikeConfig, split: int = 0, force: bool = False) -> Split:
-    """Scan the dataset (once per run), then split it and draw the comparative sets for split `split`."""
+def prepare(data_dir: str | os.PathLike, run_dir: str | os.PathLike, cfg: LookalikeConfig, split: int = 0, force: bool = False, rescan: bool | None = None) -> Split:
+    """Scan the dataset (once per run), then split it and draw the comparative sets for split `split`.
+
+    `force` redoes the split; the scan is redone when the folder changed, or when `rescan` (default: `force`).
+    """
     run = RunDir(run_dir)
     run.root.mkdir(parents=True, exist_ok=True)
     save_config(run, cfg)
     data_dir = str(Path(data_dir).expanduser().resolve())
     listing = _listing_signature(data_dir)
     scan_fp = fingerprint(data_dir, listing)
-    if force or not up_to_date(run.dataset, scan_fp):
+    if (force if rescan is None else rescan) or not up_to_date(run.dataset, scan_fp):
         run.log(f"Scanning {data_dir}")
         dataset = scan_dataset(data_dir)
         write_json(run.dataset, dataset.to_dict() | {"fingerprint": scan_fp})
@@ -265,7 +268,7 @@ def run_pipeline(data_dir, run_dir, cfg: LookalikeConfig, splits: int = 1, force
     start = time.perf_counter()
     for k in range(splits):
         run.log(f"split {k + 1}/{splits}", style="bold")
-        prepare(data_dir, run_dir, cfg, split=k, force=force)
+        prepare(data_dir, run_dir, cfg, split=k, force=force, rescan=force and k == 0)
         refine(run_dir, split=k, force=force, progress=progress)
         featurize(run_dir, split=k, force=force, progress=progress)
         train_metric(run_dir, split=k, force=force)
