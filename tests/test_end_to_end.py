@@ -75,10 +75,17 @@ def test_run_two_splits_writes_the_contract(real_subset, tmp_path, small_config)
 
 def test_stages_one_by_one_and_featurize_dir(real_subset, tmp_path, small_config):
     run = tmp_path / "run"
-    lookalike("prepare", "--data", real_subset, "--out", run, "--config", small_config)
+    config = tmp_path / "select_c.toml"
+    config.write_text(small_config.read_text().replace("[evaluate]", "[metric]\nC_candidates = [0.01, 1.0]\n[evaluate]"))
+    lookalike("prepare", "--data", real_subset, "--out", run, "--config", config)
     assert (run / "split-0" / "split.json").exists() and not (run / "split-0" / "features.npy").exists()
     lookalike("featurize", "--run", run)
     lookalike("train-metric", "--run", run)
+    chosen = json.loads((run / "split-0" / "train_metric.json").read_text())
+    tried = chosen["C_selection"]
+    assert [c["C"] for c in tried] == [0.01, 1.0]
+    best = max(tried, key=lambda c: (c["validation_top1"], -c["validation_mean_rank"]))
+    assert chosen["C"] == best["C"] == json.loads((run / "split-0" / "metric.json").read_text())["params"]["C"]
     proc = lookalike("evaluate", "--run", run)
     assert "random" in proc.stdout and (run / "metrics.json").exists()
 

@@ -68,6 +68,7 @@ class RefineConfig(_Section):
 
 class MetricConfig(_Section):
     C: float = Field(0.1, gt=0)
+    C_candidates: list[float] = []
     class_weight: Literal["balanced", "none"] = "balanced"
     max_iter: int = Field(10000, ge=100)
     hard_negative_iterations: int = Field(0, ge=0)

@@ -23,7 +23,7 @@ from .evaluation import gallery_metrics, positive_ranks, rank_summary
 from .features import FeatureCache, create_engine, default_cache_dir, embed_paths
 from .features.extract import l2_normalize
 from .fileio import load_npy, read_json, save_npy, write_json
-from .metric import HardNegativeMiner, WeightedL2Ranker, pair_features, pairs_from_sets, standard_distances
+from .metric import HardNegativeMiner, LearnedWeightedL2, WeightedL2Ranker, pair_features, pairs_from_sets, standard_distances
 from .rundir import RunDir, fingerprint, up_to_date
 
 DISTANCE_ORDER = ("random", "l1", "l2", "cosine", "weighted_l2")
@@ -176,14 +176,30 @@ def train_metric(run_dir: str | os.PathLike, split: int = 0, force: bool = False
     va, vb, vy = pairs_from_sets(s.sets[calib_part], row_of)
     Xv = pair_features(features[va], features[vb])
     m = cfg.metric
-    ranker = WeightedL2Ranker(C=m.C, class_weight=m.class_weight, max_iter=m.max_iter, platt_negative_ratio=m.platt_negative_ratio)
     train_rows = [row_of[i] for i in s.parts["train"]]
     labels = np.array([dataset.images[i].attribute for i in s.parts["train"]])
-    miner = HardNegativeMiner(m.hard_negative_iterations, m.hard_negative_max_per_iteration, m.hard_negative_sampling_rounds, seed=cfg.data.seed + split)
-    miner.fit_ranker(ranker, X, y, features[train_rows], labels, Xv, vy, log=run.log)
+
+    def fit(C: float) -> WeightedL2Ranker:
+        miner = HardNegativeMiner(m.hard_negative_iterations, m.hard_negative_max_per_iteration, m.hard_negative_sampling_rounds, seed=cfg.data.seed + split)
+        ranker = WeightedL2Ranker(C=C, class_weight=m.class_weight, max_iter=m.max_iter, platt_negative_ratio=m.platt_negative_ratio)
+        return miner.fit_ranker(ranker, X, y, features[train_rows], labels, Xv, vy, log=run.log)
+
+    selection = []
+    if m.C_candidates and s.sets.get("validation"):
+        for C in m.C_candidates:
+            candidate = fit(C)
+            score = rank_summary(positive_ranks(LearnedWeightedL2(candidate), features, row_of, s.sets["validation"]))
+            selection.append({"C": C, "validation_top1": score["top1"], "validation_mean_rank": score["mean_rank"], "ranker": candidate})
+        best = min(selection, key=lambda c: (-c["validation_top1"], c["validation_mean_rank"]))
+        ranker = best["ranker"]
+        run.log(f"split {split}: chose C = {ranker.C} on validation (" + ", ".join(f"C={c['C']}: top-1 {c['validation_top1']:.1%}, mean rank {c['validation_mean_rank']:.2f}" for c in selection) + ")")
+    else:
+        ranker = fit(m.C)
     ranker.save(model_path)
     summary = {
         "fingerprint": fp,
+        "C": ranker.C,
+        "C_selection": [{k: v for k, v in c.items() if k != "ranker"} for c in selection],
         "train_pairs": int(len(y)),
         "calibration_pairs": int(len(vy)),
         "calibrated_on": calib_part,
