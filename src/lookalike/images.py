@@ -6,6 +6,7 @@ import io
 import os
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -22,6 +23,15 @@ def is_image_file(path: str | os.PathLike) -> bool:
     """True for a visible file with a supported image extension (any case)."""
     p = Path(path)
     return not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def iter_image_files(root: str | os.PathLike) -> Iterator[Path]:
+    """Every visible image file below `root` (hidden folders skipped), folder by folder in name order; symlinks kept."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if is_image_file(name):
+                yield Path(dirpath) / name
 
 
 def open_image(path: str | os.PathLike, draft_size: int | None = None) -> Image.Image:

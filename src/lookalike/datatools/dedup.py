@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from ..errors import BadImageError, LookalikeError
 from ..fileio import sha256_file, write_json
-from ..images import is_image_file, open_image
+from ..images import iter_image_files, open_image
 
 DEFAULT_HASH_SIZE = 16
 REPORT_NAME = "dedup_report.json"
@@ -239,13 +239,7 @@ class DedupResult:
 def list_images(root: str | os.PathLike) -> list[str]:
     """Relative paths (forward slashes, sorted) of the visible image files below `root` (hidden folders skipped)."""
     root = Path(root)
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if is_image_file(name):
-                found.append((Path(dirpath) / name).relative_to(root).as_posix())
-    return sorted(found)
+    return sorted(path.relative_to(root).as_posix() for path in iter_image_files(root))
 
 
 def find_duplicates(

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from ..errors import LookalikeError
 from ..fileio import sha256_file
-from ..images import is_image_file
+from ..images import iter_image_files
 from .catalog import ImageEntry, NewImage
 from .store import ImageIndex
 
@@ -52,12 +52,9 @@ def scan_images(root: str | os.PathLike) -> list[tuple[str, str | None]]:
     if not root.is_dir():
         raise LookalikeError(f"{root} is not a folder; pass a folder of images (optionally one sub-folder per attribute)")
     found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        rel = Path(dirpath).relative_to(root).parts
-        for name in sorted(filenames):
-            if is_image_file(name):
-                found.append((str(Path(dirpath) / name), rel[0] if rel else None))
+    for path in iter_image_files(root):
+        rel = path.parent.relative_to(root).parts
+        found.append((str(path), rel[0] if rel else None))
     return found
 
 

@@ -25,9 +25,10 @@ import hashlib
 import json
 
 import numpy as np
-from scipy.special import expit
 
 from ..errors import LookalikeError
+from ..metric.distances import L2, Cosine
+from ..metric.ranker import platt_probability, weighted_l2_distance
 
 METRICS = ("learned", "l2", "cosine")
 
@@ -82,19 +83,14 @@ class IndexMetric:
         q = np.asarray(q, dtype=np.float64)
         X = np.asarray(X, dtype=np.float64)
         if self.kind == "learned":
-            diff = X - q
-            return -((diff * diff) @ self.weights + self.bias)
-        if self.kind == "l2":
-            return np.sqrt(np.maximum(((X - q) ** 2).sum(axis=1), 0.0))
-        qn = q / max(np.linalg.norm(q), 1e-12)
-        Xn = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
-        return 1.0 - Xn @ qn
+            return weighted_l2_distance(q, X, self.weights, self.bias)
+        return (L2() if self.kind == "l2" else Cosine())(q, X)
 
     def probability(self, distances) -> np.ndarray | None:
         """Calibrated P(same attribute) for learned distances; None for uncalibrated distances."""
         if not self.calibrated:
             return None
-        return expit(self.platt_a * -np.asarray(distances, dtype=np.float64) + self.platt_b)
+        return platt_probability(-np.asarray(distances, dtype=np.float64), self.platt_a, self.platt_b)
 
     def data_space(self, X) -> np.ndarray:
         """Rows mapped into the L2 search space (float32, C-contiguous, as FAISS wants them)."""

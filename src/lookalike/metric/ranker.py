@@ -19,6 +19,17 @@ from ..fileio import write_json
 FORMAT = "lookalike.weighted_l2/1"
 
 
+def weighted_l2_distance(q, X, weights, bias: float) -> np.ndarray:
+    """-(w . (q - x)^2 + b) from query q (d,) to each row of X (n, d), in float64; lower means more alike."""
+    diff = np.asarray(X, dtype=np.float64) - np.asarray(q, dtype=np.float64)
+    return -((diff * diff) @ weights + bias)
+
+
+def platt_probability(scores, a: float, b: float) -> np.ndarray:
+    """Platt scaling: P(same attribute) = sigmoid(a * score + b), with score = -distance."""
+    return expit(a * np.asarray(scores, dtype=np.float64) + b)
+
+
 class WeightedL2Ranker(ClassifierMixin, BaseEstimator):
     """Says whether two images share an attribute, from X = (u - v)^2 of their unit embeddings.
 
@@ -76,12 +87,11 @@ class WeightedL2Ranker(ClassifierMixin, BaseEstimator):
 
     def probability_from_score(self, scores) -> np.ndarray:
         check_is_fitted(self, "platt_a_")
-        return expit(self.platt_a_ * np.asarray(scores, dtype=np.float64) + self.platt_b_)
+        return platt_probability(scores, self.platt_a_, self.platt_b_)
 
     def distance(self, q, X) -> np.ndarray:
         """Learned distance from query q (d,) to each row of X (n, d); lower means more alike."""
-        diff = np.asarray(X, dtype=np.float64) - np.asarray(q, dtype=np.float64)
-        return -((diff * diff) @ self.weights_ + self.bias_)
+        return weighted_l2_distance(q, X, self.weights_, self.bias_)
 
     def probability(self, distances) -> np.ndarray:
         """Calibrated P(same attribute) for learned distances."""

@@ -12,10 +12,12 @@ from ..backbones import Backbone
 from ..errors import LookalikeError
 
 
-class _EfficientNetStem(nn.Module):
-    def __init__(self, trunk: nn.Module):
+class _ConvBnAct(nn.Module):
+    """EfficientNet's stem or head: convolution, batch norm, activation (the trunk's own modules)."""
+
+    def __init__(self, conv: nn.Module, bn: nn.Module, act: nn.Module):
         super().__init__()
-        self.conv, self.bn, self.act = trunk._conv_stem, trunk._bn0, trunk._swish
+        self.conv, self.bn, self.act = conv, bn, act
 
     def forward(self, x):
         return self.act(self.bn(self.conv(x)))
@@ -33,15 +35,6 @@ class _EfficientNetBlock(nn.Module):
         return self.block(x, drop_connect_rate=self.drop_connect_rate or None)
 
 
-class _EfficientNetHead(nn.Module):
-    def __init__(self, trunk: nn.Module):
-        super().__init__()
-        self.conv, self.bn, self.act = trunk._conv_head, trunk._bn1, trunk._swish
-
-    def forward(self, x):
-        return self.act(self.bn(self.conv(x)))
-
-
 def trunk_stages(backbone: Backbone) -> list[nn.Module]:
     """The trunk's blocks in order (stem, each residual/MBConv block, head); they share the trunk's weights."""
     trunk = backbone.trunk
@@ -49,7 +42,7 @@ def trunk_stages(backbone: Backbone) -> list[nn.Module]:
         rate = trunk._global_params.drop_connect_rate or 0.0
         n = len(trunk._blocks)
         blocks = [_EfficientNetBlock(b, rate * i / n) for i, b in enumerate(trunk._blocks)]
-        return [_EfficientNetStem(trunk), *blocks, _EfficientNetHead(trunk)]
+        return [_ConvBnAct(trunk._conv_stem, trunk._bn0, trunk._swish), *blocks, _ConvBnAct(trunk._conv_head, trunk._bn1, trunk._swish)]
     if hasattr(trunk, "layer4"):
         stem = nn.Sequential(trunk.conv1, trunk.bn1, trunk.relu, trunk.maxpool)
         return [stem, *trunk.layer1, *trunk.layer2, *trunk.layer3, *trunk.layer4]

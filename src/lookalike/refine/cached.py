@@ -39,24 +39,22 @@ class ActivationCache:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("CREATE TABLE IF NOT EXISTS activations (sha256 TEXT, view INTEGER, dtype TEXT NOT NULL, shape TEXT NOT NULL, data BLOB NOT NULL, PRIMARY KEY (sha256, view))")
 
-    def missing(self, keys: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
-        have = set()
+    def _select(self, columns: str, keys: Sequence[tuple[str, int]]) -> Iterator[tuple]:
+        """Rows of `columns` for the stored (sha256, view) keys among `keys`, a few hundred keys per query."""
         for start in range(0, len(keys), 400):
             chunk = keys[start : start + 400]
             where = " OR ".join("(sha256 = ? AND view = ?)" for _ in chunk)
-            args = [x for k in chunk for x in k]
-            have.update(self._db.execute(f"SELECT sha256, view FROM activations WHERE {where}", args).fetchall())
+            yield from self._db.execute(f"SELECT {columns} FROM activations WHERE {where}", [x for k in chunk for x in k])
+
+    def missing(self, keys: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
+        have = set(self._select("sha256, view", keys))
         return [k for k in keys if k not in have]
 
     def get_many(self, keys: Sequence[tuple[str, int]]) -> np.ndarray:
         """Stacked float32 activations in the order of `keys`."""
         found: dict[tuple[str, int], np.ndarray] = {}
-        for start in range(0, len(keys), 400):
-            chunk = keys[start : start + 400]
-            where = " OR ".join("(sha256 = ? AND view = ?)" for _ in chunk)
-            args = [x for k in chunk for x in k]
-            for digest, view, dtype, shape, blob in self._db.execute(f"SELECT sha256, view, dtype, shape, data FROM activations WHERE {where}", args):
-                found[(digest, view)] = np.frombuffer(blob, dtype=np.dtype(dtype)).reshape([int(s) for s in shape.split(",")])
+        for digest, view, dtype, shape, blob in self._select("sha256, view, dtype, shape, data", keys):
+            found[(digest, view)] = np.frombuffer(blob, dtype=np.dtype(dtype)).reshape([int(s) for s in shape.split(",")])
         absent = [k for k in keys if k not in found]
         if absent:
             raise LookalikeError(f"activation cache {self.path} lacks {len(absent)} view(s) (e.g. {absent[0]}); delete the file and run refine again")
