@@ -427,7 +427,7 @@ def test_browser_upload_see_results_click_one(served, engine):
             expect(page.locator(f"#results li[data-id='{second_id}']")).to_have_count(0)
             expect(items).to_have_count(8)
             page.select_option("#attribute", "striped")
-            expect(page.locator("#results li .score", has_text="striped")).to_have_count(8)
+            expect(page.locator("#results li .score", has_text="striped")).to_have_count(8, timeout=30_000)
             page.screenshot(path=str(ARTIFACTS / "serve-click.png"), full_page=True)
             assert not errors, errors
         finally:
