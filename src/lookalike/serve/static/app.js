@@ -2,7 +2,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { objectUrl: null };
+const state = { objectUrl: null, pending: null };
 
 function setStatus(text, isError = false) {
   $("status").textContent = text;
@@ -40,7 +40,7 @@ async function searchFile(file) {
   form.append("image", file);
   form.append("top", String(top));
   if (attribute) form.append("attribute", attribute);
-  await run(() => fetch("/search", { method: "POST", body: form }));
+  await run((signal) => fetch("/search", { method: "POST", body: form, signal }));
 }
 
 async function searchById(id) {
@@ -49,16 +49,23 @@ async function searchById(id) {
   const { top, attribute } = params();
   const query = new URLSearchParams({ top: String(top) });
   if (attribute) query.set("attribute", attribute);
-  await run(() => fetch(`/images/${id}/similar?${query}`));
+  await run((signal) => fetch(`/images/${id}/similar?${query}`, { signal }));
 }
 
+// Only the newest search may draw: starting one cancels the one before, whose answer could otherwise
+// arrive later and overwrite it (e.g. changing "top" re-runs the last search just as a result is clicked).
 async function run(request) {
+  if (state.pending) state.pending.abort();
+  const pending = new AbortController();
+  state.pending = pending;
   setStatus("searching…");
   try {
-    const body = await answer(await request());
+    const body = await answer(await request(pending.signal));
+    if (state.pending !== pending) return;
     render(body.results);
     setStatus(`${body.results.length} matches in ${Math.round(body.took_ms)} ms`);
   } catch (err) {
+    if (state.pending !== pending) return;
     render([]);
     setStatus(err.message, true);
   }
