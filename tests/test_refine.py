@@ -159,3 +159,13 @@ def test_tutorial_parameters_are_reachable_from_the_config(tmp_path):
     )
     rc = load_config(p).refine
     assert rc.epochs == 45 and rc.batch_size == 16 and rc.resolution == 1000 and rc.lr_schedule[-1] == (5, 0.0001)
+
+
+def test_refinement_repeats_exactly_with_the_same_seed(textures, tmp_path, monkeypatch):
+    """Views are drawn in parallel threads; each must still depend only on (image, view number, seed)."""
+    histories = []
+    for attempt in range(2):
+        monkeypatch.setenv("LOOKALIKE_CACHE_DIR", str(tmp_path / f"cache-{attempt}"))
+        run = prepared(textures, tmp_path / f"run-{attempt}", tiny_config(epochs=3))
+        histories.append([h["train_loss"] for h in refine(run, progress=False)["history"]])
+    assert histories[0] == histories[1]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,8 @@ from PIL import Image
 
 from ..backbones import BackboneConfig, Preprocessor
 from ..images import open_image
+
+_GLOBAL_RNG = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,8 @@ class ViewMaker:
     def random_view(self, img: Image.Image, digest: str, view: int) -> np.ndarray:
         """A random view that depends only on (image, view number, seed), so it can be cached and shared."""
         seed = int.from_bytes(hashlib.sha256(f"{digest}:{view}:{self.seed}".encode()).digest()[:8], "little")
-        with torch.random.fork_rng(devices=[]):
+        # torchvision's transforms draw from torch's global generator, so views made in parallel threads take turns
+        with _GLOBAL_RNG, torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             out = self.random(img)
         x = np.asarray(out, dtype=np.float32).transpose(2, 0, 1) / 255.0

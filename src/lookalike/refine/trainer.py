@@ -164,6 +164,7 @@ class Refiner:
         """Train `net` on `train` (one item per label); `monitor` parts are only measured, never trained on or chosen by."""
         cfg = self.config
         torch.manual_seed(self.seed)
+        net.head.linear.reset_parameters()  # its first weights come from this seed, not from whatever ran before
         rng = np.random.default_rng(self.seed)
         self.classes_ = list(net.head.classes)
         index = {c: i for i, c in enumerate(self.classes_)}
