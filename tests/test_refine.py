@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,21 +14,22 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import make_dataset
-from lookalike.backbones import Preprocessor, create_backbone, load_backbone
+from lookalike.backbones import Backbone, Preprocessor, create_backbone, load_backbone
 from lookalike.backbones.registry import save_backbone
 from lookalike.config import LookalikeConfig, RefineConfig, load_config
 from lookalike.errors import LookalikeError
 from lookalike.images import open_image
 from lookalike.pipeline import featurize, prepare
 from lookalike.refine.stage import refine
-from lookalike.refine.blocks import split_stages, trunk_stages
+from lookalike.backbones.stages import channel_statistics, resolve_taps
+from lookalike.refine.blocks import split_trunk
 from lookalike.refine.trainer import epoch_order, learning_rate
 
 TINY = {"data": {"train_ratio": 0.6, "validation_ratio": 0.25}, "features": {"resolution": 64, "batch_size": 16}}
 
 
 def tiny_config(**refine) -> LookalikeConfig:
-    base = {"epochs": 4, "lr_schedule": [[4, 0.01]], "batch_size": 8, "trainable_blocks": 2, "cached_views": 1, "resolution": 64}
+    base = {"epochs": 4, "lr_schedule": [[4, 0.003]], "batch_size": 8, "trainable_blocks": 2, "cached_views": 1, "resolution": 64}
     return LookalikeConfig.model_validate(TINY | {"refine": base | refine})
 
 
@@ -40,7 +44,7 @@ def prepared(textures: Path, run: Path, cfg: LookalikeConfig) -> Path:
 
 
 def test_refinement_lowers_the_training_loss_and_writes_its_outputs(textures, tmp_path):
-    run = prepared(textures, tmp_path / "run", tiny_config(epochs=6, lr_schedule=[[6, 0.02]]))
+    run = prepared(textures, tmp_path / "run", tiny_config(epochs=6, lr_schedule=[[6, 0.001]]))
     record = refine(run, progress=False)
     losses = [h["train_loss"] for h in record["history"]]
     assert len(losses) == 6 and losses[-1] < losses[0]
@@ -49,8 +53,11 @@ def test_refinement_lowers_the_training_loss_and_writes_its_outputs(textures, tm
     out = run / "split-0" / "refined"
     for name in ("backbone.json", "backbone.safetensors", "history.json", "curves.png"):
         assert (out / name).exists(), name
-    head = {"kind": "attribute-classifier", "in_features": 1280, "classes": ["checks", "dots", "stripes"], "output": "posterior"}
-    assert json.loads((out / "backbone.json").read_text())["head"] == head
+    # the classifier sees the mean and standard deviation of each channel of stages 10, 12, 14 and 16
+    head = {"kind": "attribute-classifier", "in_features": 2 * (112 + 192 + 192 + 320), "classes": ["checks", "dots", "stripes"], "output": "posterior"}
+    saved = json.loads((out / "backbone.json").read_text())
+    assert saved["head"] == head and saved["taps"] == [10, 12, 14, 16]
+    assert record["trained_stages"] == 2 and record["texture_stages"] == [10, 12, 14, 16]
     # up to date: a second call does not train again
     before = (out / "backbone.safetensors").stat().st_mtime_ns
     refine(run, progress=False)
@@ -82,11 +89,14 @@ def test_saved_model_reloads_to_identical_outputs(textures, tmp_path):
     assert a.fingerprint == b.fingerprint and a.config.embedding_dim == 3 and a.config.input_size == 64
     pretrained = create_backbone("efficientnet-lite0", resolution=64)
     changed = [k for k, v in pretrained.trunk.state_dict().items() if not k.startswith("_fc.") and not torch.equal(v, a.trunk.state_dict()[k])]
-    assert changed and all(k.startswith(("_blocks.15.", "_conv_head", "_bn1")) for k in changed), "only the last 2 blocks learn"
+    assert changed and all(k.startswith(("_blocks.14.", "_blocks.15.")) for k in changed), "only the last 2 stages the descriptor needs learn"
+    # the head standardises the descriptor with statistics of the training images
+    assert not torch.equal(a.head.shift, torch.zeros_like(a.head.shift)) and bool((a.head.scale > 0).all())
 
 
 def test_last_layer_only_keeps_the_trunk_and_resolution_is_applied(textures, tmp_path):
-    run = prepared(textures, tmp_path / "run", tiny_config(epochs=1, last_layer_only=True, resolution=96, embedding="pooled"))
+    # the tutorial's design: no texture statistics, the last stage average-pooled
+    run = prepared(textures, tmp_path / "run", tiny_config(epochs=1, last_layer_only=True, resolution=96, embedding="pooled", texture_stages=[]))
     refine(run, progress=False)
     refined = load_backbone(run / "split-0" / "refined")
     pretrained = create_backbone("efficientnet-lite0")
@@ -106,32 +116,60 @@ def test_zero_epochs_skips_and_removes_an_old_refined_model(textures, tmp_path):
 def test_full_mode_trains_every_block(textures, tmp_path):
     run = prepared(textures, tmp_path / "run", tiny_config(epochs=1, mode="full", embedding="pooled"))
     record = refine(run, progress=False)
-    assert record["mode"] == "full" and record["trained_blocks"] == "all"
+    assert record["mode"] == "full" and record["trained_stages"] == "all"
     refined = load_backbone(run / "split-0" / "refined")
     pretrained = create_backbone("efficientnet-lite0", resolution=64)
     assert not torch.equal(pretrained.trunk._conv_stem.weight, refined.trunk._conv_stem.weight)
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
-def test_resnet_stages_rebuild_the_feature_maps(arch, tmp_path):
-    import torchvision.models as tvm
+@pytest.mark.parametrize("arch", ["efficientnet-lite0", "resnet18", "resnet50"])
+def test_stages_rebuild_the_trunk_and_the_cut_trunk_computes_the_descriptor(arch, tmp_path):
+    if arch.startswith("resnet"):
+        import torchvision.models as tvm
 
-    weights = tmp_path / f"{arch}.safetensors"
-    save_file({k: v.contiguous() for k, v in getattr(tvm, arch)(weights=None).state_dict().items()}, str(weights))
-    backbone = create_backbone(arch, weights, resolution=64)
-    frozen, trainable = split_stages(backbone, 3)
-    assert len(trainable) == 3 and len(frozen) + 3 == len(trunk_stages(backbone))
+        weights = tmp_path / f"{arch}.safetensors"
+        save_file({k: v.contiguous() for k, v in getattr(tvm, arch)(weights=None).state_dict().items()}, str(weights))
+        backbone = create_backbone(arch, weights, resolution=64)
+        reference = lambda x: torch.nn.Sequential(*list(backbone.trunk.children())[:-1])(x).flatten(1)  # noqa: E731 - up to the average pool
+    else:
+        backbone = create_backbone(arch, resolution=64)
+        reference = lambda x: backbone.trunk.extract_features(x).mean((2, 3))  # noqa: E731
     x = torch.randn(2, 3, 64, 64)
+    n = len(backbone.stages())
+    textured = Backbone(backbone.trunk, replace(backbone.config, taps=resolve_taps([-8, -6, -4, -2], n)), backbone.fingerprint)
     with torch.inference_mode():
-        assert torch.allclose(trainable(frozen(x)), backbone.feature_maps(x), atol=1e-5)
+        assert torch.allclose(backbone.descriptor(x), reference(x), atol=1e-5)
+        for model in (backbone, textured):
+            whole = model.descriptor(x)
+            for trained_stages in (0, 1, 3, -1):
+                frozen, trained = split_trunk(model, trained_stages)
+                assert torch.allclose(trained(frozen(x) if frozen is not None else x), whole, atol=1e-5), (model.config.taps, trained_stages)
+                assert (frozen is None) == (trained_stages < 0)
+                if frozen is not None:
+                    assert len(trained.run.blocks) == trained_stages
+    # stages past the last tap are never run: with taps the cached row holds statistics only
+    frozen, _ = split_trunk(textured, 0)
+    with torch.inference_mode():
+        assert frozen(x).shape[1] == whole.shape[1] == sum(2 * b.shape[1] for b in _tapped_outputs(textured, x))
 
 
-def test_efficientnet_stages_rebuild_the_feature_maps():
-    backbone = create_backbone("efficientnet-lite0", resolution=64)
-    frozen, trainable = split_stages(backbone, 6)
-    x = torch.randn(2, 3, 64, 64)
-    with torch.inference_mode():
-        assert torch.allclose(trainable(frozen(x)), backbone.feature_maps(x), atol=1e-5)
+def _tapped_outputs(model: Backbone, x: torch.Tensor) -> list[torch.Tensor]:
+    outs = []
+    for i, stage in enumerate(model.stages()):
+        x = stage(x)
+        if i in model.config.taps:
+            outs.append(x)
+    return outs
+
+
+def test_channel_statistics_and_stage_indices():
+    x = torch.randn(3, 5, 7, 6)
+    stats = channel_statistics(x)
+    assert torch.allclose(stats[:, :5], x.mean((2, 3)), atol=1e-6)
+    assert torch.allclose(stats[:, 5:], x.std((2, 3), unbiased=False), atol=1e-4)
+    assert resolve_taps([-2, 3, -8, 3], 18) == (3, 10, 16)
+    with pytest.raises(LookalikeError, match="18 stages"):
+        resolve_taps([18], 18)
 
 
 def test_learning_rate_schedule_follows_the_tutorial():
@@ -169,3 +207,22 @@ def test_refinement_repeats_exactly_with_the_same_seed(textures, tmp_path, monke
         run = prepared(textures, tmp_path / f"run-{attempt}", tiny_config(epochs=3))
         histories.append([h["train_loss"] for h in refine(run, progress=False)["history"]])
     assert histories[0] == histories[1]
+
+
+def test_cli_sets_the_descriptor_and_the_trained_stages(textures, tmp_path):
+    def refine_cli(*args):
+        return subprocess.run([sys.executable, "-m", "lookalike", "refine", "--run", str(run), *args], capture_output=True, text=True)
+
+    run = prepared(textures, tmp_path / "run", tiny_config(epochs=1))
+    result = refine_cli("--texture-stages", "none", "--trainable-blocks", "1")
+    assert result.returncode == 0, result.stderr
+    record = json.loads((run / "split-0" / "refined" / "history.json").read_text())
+    assert record["texture_stages"] == [] and record["trained_stages"] == 1
+    assert json.loads((run / "config.json").read_text())["refine"]["texture_stages"] == []
+    result = refine_cli("--texture-stages", "-3,-1")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((run / "split-0" / "refined" / "backbone.json").read_text())["taps"] == [15, 17]
+    for value, message in (("last", "comma-separated stage numbers"), ("-30", "18 stages")):
+        bad = refine_cli("--texture-stages", value)
+        assert bad.returncode == 2 and message in bad.stderr.replace("\n", " ") and "Traceback" not in bad.stderr
+    assert json.loads((run / "config.json").read_text())["refine"]["texture_stages"] == [-3, -1], "a refused option leaves the config alone"

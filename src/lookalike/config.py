@@ -42,19 +42,20 @@ class FeaturesConfig(_Section):
 class RefineConfig(_Section):
     """Fine-tuning the backbone on the dataset's attributes before featurize (the tutorial's `rf_*` parameters)."""
 
-    epochs: int = Field(8, ge=0)
-    lr_schedule: list[tuple[int, float]] = [(6, 0.01), (2, 0.001)]
+    epochs: int = Field(40, ge=0)
+    lr_schedule: list[tuple[int, float]] = [(30, 0.003), (10, 0.0003)]
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0005, ge=0)
     batch_size: int = Field(32, ge=2)
     dropout: float = Field(0.5, ge=0, lt=1)
     resolution: int = Field(320, ge=0, le=2048)
     mode: Literal["auto", "cached", "full"] = "auto"
-    trainable_blocks: int = Field(4, ge=0)
+    texture_stages: list[int] = [-8, -6, -4, -2]
+    trainable_blocks: int = Field(0, ge=0)
     last_layer_only: bool = False
     embedding: Literal["posterior", "logits", "pooled"] = "posterior"
     new_layer_lr_multiplier: float = Field(1.0, gt=0)
-    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
     balance: bool = False
     max_images_per_epoch: int = Field(0, ge=0)
     cached_views: int = Field(3, ge=0)

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..errors import LookalikeError
 from ..fileio import sha256_file
+from .stages import StageRun, trunk_stages, used_stages
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -33,6 +34,7 @@ class BackboneConfig:
     std: tuple[float, float, float]
     embedding_dim: int
     normalization: str
+    taps: tuple[int, ...] = ()  # stages whose channel statistics form the descriptor; () = the last stage, average-pooled
 
 
 @dataclass(frozen=True)
@@ -45,24 +47,42 @@ class _Spec:
 
 
 class AttributeHead(nn.Module):
-    """The refined attribute classifier on the pooled features; its posterior (or logits) is the embedding.
+    """The refined attribute classifier on the descriptor; its posterior (or logits) is the embedding.
 
     Refinement trains it with cross-entropy, so images of one attribute land on one corner of the
-    probability simplex: exactly the tight per-attribute clusters a ranking by distance needs.
+    probability simplex: exactly the tight per-attribute clusters a ranking by distance needs. The descriptor
+    is standardised first (shift and scale from the training images), so features of very different
+    magnitudes, e.g. means and standard deviations of several stages, train at one learning rate.
     """
 
     OUTPUTS = ("posterior", "logits")
 
-    def __init__(self, in_features: int, classes: list[str], output: str = "posterior"):
+    def __init__(self, in_features: int, classes: list[str], output: str = "posterior", dropout: float = 0.0):
         super().__init__()
         if output not in self.OUTPUTS:
             raise LookalikeError(f"unknown attribute head output '{output}'; choose {' or '.join(self.OUTPUTS)}")
         self.classes = list(classes)
         self.output = output
+        self.register_buffer("shift", torch.zeros(in_features))
+        self.register_buffer("scale", torch.ones(in_features))
+        self.dropout = nn.Dropout(dropout)
         self.linear = nn.Linear(in_features, len(self.classes))
 
+    def standardize(self, descriptors: torch.Tensor) -> "AttributeHead":
+        """Take the shift and scale from these (training) descriptors.
+
+        A feature that barely varies on the training images is not blown up: no scale is below a tenth of the mean one.
+        """
+        std = descriptors.std(0)
+        self.shift.copy_(descriptors.mean(0))
+        self.scale.copy_(std.clamp_min(0.1 * float(std.mean()) + 1e-12))
+        return self
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.dropout((x - self.shift) / self.scale))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.linear(x)
+        logits = self.logits(x)
         return logits.softmax(-1) if self.output == "posterior" else logits
 
     def describe(self) -> dict:
@@ -70,7 +90,7 @@ class AttributeHead(nn.Module):
 
 
 class Backbone(nn.Module):
-    """An ImageNet CNN cut before its classifier: images -> pooled embeddings (B, D), optionally through a learned head."""
+    """An ImageNet CNN cut before its classifier: images -> descriptor (B, D), optionally through a learned head."""
 
     def __init__(self, trunk: nn.Module, config: BackboneConfig, fingerprint: str, head: AttributeHead | None = None):
         super().__init__()
@@ -79,17 +99,20 @@ class Backbone(nn.Module):
         self.config = config
         self.fingerprint = fingerprint
 
-    def feature_maps(self, x: torch.Tensor) -> torch.Tensor:
-        """The last convolutional activations (B, C, h, w)."""
-        if hasattr(self.trunk, "extract_features"):
-            return self.trunk.extract_features(x)
-        t = self.trunk
-        x = t.maxpool(t.relu(t.bn1(t.conv1(x))))
-        return t.layer4(t.layer3(t.layer2(t.layer1(x))))
+    def stages(self) -> list[nn.Module]:
+        """The trunk's stages in order (built on demand, so the weights are registered once, under `trunk`)."""
+        return trunk_stages(self.trunk, self.config.name)
+
+    def descriptor(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's average-pooled features, or the channel statistics of the tapped stages."""
+        stages = self.stages()
+        taps = self.config.taps
+        _, pieces = StageRun(stages, 0, used_stages(taps, len(stages)), taps, len(stages))(x)
+        return torch.cat(pieces, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = self.feature_maps(x).mean((2, 3))
-        return pooled if self.head is None else self.head(pooled)
+        d = self.descriptor(x)
+        return d if self.head is None else self.head(d)
 
 
 def list_backbones() -> list[str]:
@@ -174,7 +197,9 @@ def load_backbone(directory: str | os.PathLike) -> Backbone:
     trunk = spec.build()
     _load_into(trunk, {k: v for k, v in state.items() if not k.startswith("head.")}, meta["name"])
     trunk.eval()
-    config = BackboneConfig(meta["name"], meta["input_size"], tuple(meta["mean"]), tuple(meta["std"]), meta["embedding_dim"], meta["normalization"])
+    config = BackboneConfig(
+        meta["name"], meta["input_size"], tuple(meta["mean"]), tuple(meta["std"]), meta["embedding_dim"], meta["normalization"], tuple(meta.get("taps", ()))
+    )
     return Backbone(trunk, config, _fingerprint(config, sha256_file(weights_path)), head)
 
 

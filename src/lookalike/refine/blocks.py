@@ -1,56 +1,62 @@
-"""A backbone's trunk as an ordered list of blocks, so refinement can freeze a prefix and train the rest.
+"""The trunk cut into a frozen prefix and a trained suffix, so refinement can cache the prefix's outputs.
 
-Running the blocks in order gives exactly `Backbone.feature_maps`; the cut point between the frozen
-and the trained blocks is what the cached CPU mode stores activations at.
+The frozen part turns an image into one flat row: the descriptor pieces of the stages before the cut, then
+(when trained stages follow) the activation map at the cut. The trained part turns that row, or an image
+when nothing is frozen, into the whole descriptor. Together they compute exactly `Backbone.descriptor`.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..backbones import Backbone
-from ..errors import LookalikeError
+from ..backbones.stages import StageRun, used_stages
 
 
-class _ConvBnAct(nn.Module):
-    """EfficientNet's stem or head: convolution, batch norm, activation (the trunk's own modules)."""
+class FrozenPart(nn.Module):
+    """image -> [descriptor pieces before the cut, activation map at the cut (when trained stages follow)], flat."""
 
-    def __init__(self, conv: nn.Module, bn: nn.Module, act: nn.Module):
+    def __init__(self, run: StageRun, keep_map: bool):
         super().__init__()
-        self.conv, self.bn, self.act = conv, bn, act
+        self.run, self.keep_map = run, keep_map
 
-    def forward(self, x):
-        return self.act(self.bn(self.conv(x)))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, pieces = self.run(x)
+        return torch.cat(pieces + ([x.flatten(1)] if self.keep_map else []), 1)
 
 
-class _EfficientNetBlock(nn.Module):
-    """One MBConv block with the drop-connect rate the original model gives it at this depth."""
+class TrainedPart(nn.Module):
+    """A frozen part's row (or an image) -> the whole descriptor."""
 
-    def __init__(self, block: nn.Module, drop_connect_rate: float):
+    def __init__(self, run: StageRun, frozen_dim: int, map_shape: tuple[int, ...]):
         super().__init__()
-        self.block = block
-        self.drop_connect_rate = drop_connect_rate
+        self.run, self.frozen_dim, self.map_shape = run, frozen_dim, map_shape
 
-    def forward(self, x):
-        return self.block(x, drop_connect_rate=self.drop_connect_rate or None)
-
-
-def trunk_stages(backbone: Backbone) -> list[nn.Module]:
-    """The trunk's blocks in order (stem, each residual/MBConv block, head); they share the trunk's weights."""
-    trunk = backbone.trunk
-    if hasattr(trunk, "_blocks"):
-        rate = trunk._global_params.drop_connect_rate or 0.0
-        n = len(trunk._blocks)
-        blocks = [_EfficientNetBlock(b, rate * i / n) for i, b in enumerate(trunk._blocks)]
-        return [_ConvBnAct(trunk._conv_stem, trunk._bn0, trunk._swish), *blocks, _ConvBnAct(trunk._conv_head, trunk._bn1, trunk._swish)]
-    if hasattr(trunk, "layer4"):
-        stem = nn.Sequential(trunk.conv1, trunk.bn1, trunk.relu, trunk.maxpool)
-        return [stem, *trunk.layer1, *trunk.layer2, *trunk.layer3, *trunk.layer4]
-    raise LookalikeError(f"backbone '{backbone.config.name}' cannot be split into blocks for refinement")
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pieces = []
+        if x.dim() == 2:
+            pieces.append(x[:, : self.frozen_dim])
+            x = x[:, self.frozen_dim :].reshape(-1, *self.map_shape)
+        if len(self.run.blocks):
+            pieces += self.run(x)[1]
+        return torch.cat(pieces, 1)
 
 
-def split_stages(backbone: Backbone, trainable_blocks: int) -> tuple[nn.Sequential, nn.Sequential]:
-    """(frozen prefix, trained suffix); trainable_blocks < 0 trains the whole trunk, 0 none of it."""
-    stages = trunk_stages(backbone)
-    cut = 0 if trainable_blocks < 0 else max(0, len(stages) - trainable_blocks)
-    return nn.Sequential(*stages[:cut]), nn.Sequential(*stages[cut:])
+def split_trunk(backbone: Backbone, trained_stages: int) -> tuple[FrozenPart | None, TrainedPart]:
+    """(frozen part, trained part) with the last `trained_stages` of the stages the descriptor needs trained.
+
+    trained_stages < 0 trains them all, and then there is no frozen part.
+    """
+    stages = backbone.stages()
+    taps, n = backbone.config.taps, len(stages)
+    used = used_stages(taps, n)
+    cut = 0 if trained_stages < 0 else max(0, used - trained_stages)
+    trained_run = StageRun(stages, cut, used, taps, n)
+    if cut == 0:
+        return None, TrainedPart(trained_run, 0, ())
+    frozen = FrozenPart(StageRun(stages, 0, cut, taps, n), keep_map=cut < used)
+    size = backbone.config.input_size
+    with torch.no_grad():
+        x, pieces = frozen.run(torch.zeros(1, 3, size, size))
+    return frozen, TrainedPart(trained_run, sum(p.shape[1] for p in pieces), tuple(x.shape[1:]))

@@ -20,16 +20,18 @@ from torch import nn
 from .. import visualize
 from ..backbones import Backbone, create_backbone, load_backbone
 from ..backbones.registry import AttributeHead, save_backbone
+from ..backbones.stages import resolve_taps
 from ..config import LookalikeConfig
+from ..errors import ConfigError, LookalikeError
 from ..features import FeatureCache, default_cache_dir
 from ..fileio import read_json, write_json
 from ..rundir import RunDir, fingerprint, up_to_date
 from .augment import AugmentParams, ViewMaker
 from .cached import ActivationCache, fill_cache, frozen_runner
-from .blocks import split_stages
+from .blocks import TrainedPart, split_trunk
 from .trainer import CachedViews, OnlineViews, RefineNet, Refiner
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 
 
 def resolve_mode(cfg: LookalikeConfig) -> str:
@@ -42,7 +44,12 @@ def resolve_mode(cfg: LookalikeConfig) -> str:
 def base_backbone(cfg: LookalikeConfig) -> Backbone:
     """The pretrained backbone refinement starts from, at the refinement resolution."""
     f = cfg.features
-    return create_backbone(f.backbone, f.weights or None, cfg.refine.resolution or f.resolution, f.normalization)
+    backbone = create_backbone(f.backbone, f.weights or None, cfg.refine.resolution or f.resolution, f.normalization)
+    try:
+        taps = resolve_taps(cfg.refine.texture_stages, len(backbone.stages()))
+    except LookalikeError as e:
+        raise ConfigError(f"refine.texture_stages of {f.backbone}: {e}") from None
+    return Backbone(backbone.trunk, replace(backbone.config, taps=taps), backbone.fingerprint)
 
 
 def refine(run_dir: str | os.PathLike, split: int = 0, force: bool = False, progress: bool = True) -> dict | None:
@@ -70,9 +77,9 @@ def refine(run_dir: str | os.PathLike, split: int = 0, force: bool = False, prog
     s = load_split(run, split)
     backbone = base_backbone(cfg)
     blocks = 0 if rc.last_layer_only else (-1 if mode == "full" else rc.trainable_blocks)
-    frozen, trainable = split_stages(backbone, blocks)
-    if len(trainable) == 0:
-        frozen = nn.Sequential(*frozen, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    frozen, trained = split_trunk(backbone, blocks)
+    if frozen is None:
+        mode = "full"  # every stage is trained, so there is nothing frozen to cache
     augment = AugmentParams(rc.crop_scale_min, rc.hflip, rc.vflip, rc.color_jitter, rc.hue_jitter)
     maker = ViewMaker(backbone.config, augment)
     parts = {p: s.parts[p] for p in ("train", "validation", "test") if s.parts.get(p)}
@@ -81,12 +88,12 @@ def refine(run_dir: str | os.PathLike, split: int = 0, force: bool = False, prog
     start = time.perf_counter()
     run.log(
         f"split {split}: refining {backbone.config.name} at {backbone.config.input_size} px on {len(parts['train'])} training images, "
-        f"{mode} mode ({'whole trunk' if blocks < 0 else f'last {len(trainable)} block(s)'} + new layers), {rc.epochs} epochs"
+        f"{mode} mode ({_trained_part(frozen, trained)}), {rc.epochs} epochs; the classifier sees {_descriptor_name(backbone.config.taps)}"
     )
     cache = None
     if mode == "cached":
         cache_dir = Path(cfg.features.cache_dir).expanduser() if cfg.features.cache_dir else default_cache_dir()
-        key = fingerprint(backbone.fingerprint, len(frozen), asdict(augment), CACHE_FORMAT)
+        key = fingerprint(backbone.fingerprint, backbone.config.taps, len(frozen.run.blocks), asdict(augment), CACHE_FORMAT)
         cache = ActivationCache(cache_dir, key)
         paths = {dataset.images[i].sha256: str(dataset.absolute_path(i)) for idx in parts.values() for i in idx}
         wanted = [(d, v) for d in digests["train"] for v in range(rc.cached_views + 1)]
@@ -96,17 +103,20 @@ def refine(run_dir: str | os.PathLike, split: int = 0, force: bool = False, prog
         computed = fill_cache(cache, runner, maker, paths, todo, cfg.features.batch_size, progress=progress)
         run.log(f"split {split}: {computed} new view(s) of the frozen blocks cached, {len(wanted) - computed} reused ({time.perf_counter() - start:.0f}s)")
         views = {p: CachedViews(cache, digests[p], rc.cached_views) for p in parts}
-        net_frozen: nn.Module = nn.Sequential()
+        net_frozen: nn.Module = nn.Identity()
     else:
         views = {p: OnlineViews(maker, [str(dataset.absolute_path(i)) for i in parts[p]], digests[p]) for p in parts}
-        net_frozen = frozen
-    head = AttributeHead(backbone.config.embedding_dim, dataset.attributes, "logits" if rc.embedding == "pooled" else rc.embedding)
-    net = RefineNet(net_frozen, trainable, head, rc.dropout)
+        net_frozen = frozen or nn.Identity()
+    dim = descriptor_dim(frozen, trained, backbone.config.input_size)
+    head = AttributeHead(dim, dataset.attributes, "logits" if rc.embedding == "pooled" else rc.embedding, rc.dropout)
+    net = RefineNet(net_frozen, trained, head)
     monitor = {p: (views[p], labels[p]) for p in ("validation", "test") if p in parts}
     keep_head = rc.embedding != "pooled"
-    dim = len(dataset.attributes) if keep_head else backbone.config.embedding_dim
+    if keep_head:
+        dim = len(dataset.attributes)
     try:
-        refiner = Refiner(rc, seed=seed, progress=progress, log=run.log).fit(net, views["train"], labels["train"], monitor)
+        # texture statistics of several stages differ in scale by orders of magnitude; pooled features do not
+        refiner = Refiner(rc, seed=seed, standardize=bool(backbone.config.taps), progress=progress, log=run.log).fit(net, views["train"], labels["train"], monitor)
         refined = Backbone(backbone.trunk.eval(), replace(backbone.config, embedding_dim=dim), "", head.eval() if keep_head else None)
         save_backbone(refined, out)
         if cache is not None:
@@ -121,7 +131,8 @@ def refine(run_dir: str | os.PathLike, split: int = 0, force: bool = False, prog
         "fingerprint": fp,
         "mode": mode,
         "device": str(refiner.device_),
-        "trained_blocks": "all" if blocks < 0 else len(trainable),
+        "trained_stages": "all" if frozen is None else len(trained.run.blocks),
+        "texture_stages": list(backbone.config.taps),
         "classes": refiner.classes_,
         "seconds": round(time.perf_counter() - start, 1),
         "history": refiner.history_,
@@ -135,6 +146,26 @@ def refine(run_dir: str | os.PathLike, split: int = 0, force: bool = False, prog
         + (f", test {last['test_error']:.1%}" if "test_error" in last else "")
     )
     return record
+
+
+def _trained_part(frozen: nn.Module | None, trained: TrainedPart) -> str:
+    if frozen is None:
+        return "every stage + new classifier"
+    n = len(trained.run.blocks)
+    return f"last {n} stage(s) + new classifier" if n else "new classifier on cached descriptors"
+
+
+def _descriptor_name(taps: tuple[int, ...]) -> str:
+    if not taps:
+        return "the last stage's average-pooled features"
+    return "the channel mean and standard deviation of stages " + ", ".join(map(str, taps))
+
+
+def descriptor_dim(frozen: nn.Module | None, trained: nn.Module, input_size: int) -> int:
+    """The descriptor's length, from one small image through the (eval-mode) pretrained parts."""
+    with torch.no_grad():
+        x = torch.zeros(1, 3, input_size, input_size)
+        return trained(frozen(x) if frozen is not None else x).shape[1]
 
 
 def _store_embeddings(cfg: LookalikeConfig, out: Path, net: RefineNet, views: dict[str, CachedViews], digests: dict[str, list[str]]) -> None:
@@ -151,8 +182,8 @@ def _store_embeddings(cfg: LookalikeConfig, out: Path, net: RefineNet, views: di
         for part, part_views in views.items():
             for start in range(0, len(digests[part]), 64):
                 items = list(range(start, min(start + 64, len(digests[part]))))
-                pooled = net.pooled(part_views.eval(items))
-                emb = saved.head(pooled) if saved.head is not None else pooled
+                descriptor = net.descriptor(part_views.eval(items))
+                emb = saved.head(descriptor) if saved.head is not None else descriptor
                 vectors.update(zip((digests[part][i] for i in items), emb.numpy()))
     with FeatureCache(cache_dir, saved.fingerprint, saved.config.embedding_dim) as cache:
         cache.put_many(vectors)

@@ -73,27 +73,25 @@ class OnlineViews:
 
 
 class RefineNet(nn.Module):
-    """frozen blocks (no gradient) -> trained blocks -> average pool -> dropout -> attribute classifier."""
+    """frozen part (no gradient) -> trained part -> descriptor -> attribute head (standardise, dropout, linear)."""
 
-    def __init__(self, frozen: nn.Module, trainable: nn.Module, head: AttributeHead, dropout: float):
+    def __init__(self, frozen: nn.Module, trained: nn.Module, head: AttributeHead):
         super().__init__()
-        self.frozen, self.trainable, self.head = frozen, trainable, head
-        self.dropout = nn.Dropout(dropout)
+        self.frozen, self.trained, self.head = frozen, trained, head
 
     def train(self, mode: bool = True) -> "RefineNet":
         super().train(mode)
         self.frozen.eval()
         return self
 
-    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+    def descriptor(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             x = self.frozen(x)
-        x = self.trainable(x)
-        return x.mean((2, 3)) if x.dim() == 4 else x
+        return self.trained(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits over the attributes."""
-        return self.head.linear(self.dropout(self.pooled(x)))
+        return self.head.logits(self.descriptor(x))
 
 
 def learning_rate(schedule: Sequence[tuple[int, float]], epoch: int) -> float:
@@ -146,11 +144,13 @@ class Refiner:
 
     Learned attributes: `net_` (the trained network), `classes_`, `history_` (one dict per epoch with the
     learning rate, training loss and the classification error of every monitored part), `device_`.
+    With `standardize`, the head's shift and scale are first set from the training images' descriptors.
     """
 
-    def __init__(self, config: RefineConfig, seed: int = 0, progress: bool = True, log: Callable[[str], None] = print):
+    def __init__(self, config: RefineConfig, seed: int = 0, standardize: bool = True, progress: bool = True, log: Callable[[str], None] = print):
         self.config = config
         self.seed = seed
+        self.standardize = standardize
         self.progress = progress
         self.log = log
 
@@ -178,12 +178,14 @@ class Refiner:
         net.to(self.device_)
         for p in net.frozen.parameters():
             p.requires_grad_(False)
+        amp = torch.autocast("cuda", dtype=_amp_dtype(self.device_)) if mixed else nullcontext()
+        if self.standardize:
+            self._standardize(net, train, len(y), amp)
         groups = [{"params": list(net.head.parameters()), "lr_scale": cfg.new_layer_lr_multiplier}]
-        pretrained = list(net.trainable.parameters())
+        pretrained = list(net.trained.parameters())
         if pretrained:
             groups.append({"params": pretrained, "lr_scale": 1.0})
         optimizer = torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        amp = torch.autocast("cuda", dtype=_amp_dtype(self.device_)) if mixed else nullcontext()
         scaler = torch.amp.GradScaler("cuda", enabled=mixed and _amp_dtype(self.device_) == torch.float16)
         loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         monitor = {name: (views, np.array([index.get(c, -1) for c in lab])) for name, (views, lab) in (monitor or {}).items()}
@@ -227,6 +229,13 @@ class Refiner:
         net.eval()
         self.net_ = net.cpu()
         return self
+
+    def _standardize(self, net: RefineNet, views: Views, n: int, amp) -> None:
+        """Set the head's shift and scale from the training images' centre views, as the pretrained blocks see them."""
+        net.eval()
+        with torch.inference_mode(), amp:
+            descriptors = [net.descriptor(views.eval(list(range(s, min(s + 64, n)))).to(self.device_)).float() for s in range(0, n, 64)]
+        net.head.standardize(torch.cat(descriptors))
 
     def _error(self, net: RefineNet, views: Views, target: np.ndarray, amp) -> float:
         """Classification error on centre views, in eval mode (no dropout, running batch-norm statistics)."""
