@@ -39,6 +39,7 @@ def main() -> None:
     from lookalike.backbones import create_backbone
     from lookalike.distributed import ModelSpec, featurize_dir_ray
     from lookalike.distributed.pipeline import LOCAL_ONLY_ENV
+    from lookalike.model import ImageEmbedder
     from lookalike.retrieval import featurize_dir
 
     backbone = create_backbone(args.backbone)
@@ -47,7 +48,7 @@ def main() -> None:
         tmp = Path(tmp)
         os.environ["LOOKALIKE_CACHE_DIR"] = str(tmp / "cache")  # cold cache for the single-process path; Ray workers inherit it
         start = time.perf_counter()
-        single = featurize_dir(args.data, tmp / "single.parquet", backbone, progress=False)
+        single = featurize_dir(args.data, tmp / "single.parquet", ImageEmbedder(backbone), progress=False)
         rows.append(("single process", single["n"], time.perf_counter() - start))
 
         os.environ.setdefault(LOCAL_ONLY_ENV, "0")

@@ -98,6 +98,8 @@ def test_stages_one_by_one_and_featurize_dir(real_subset, tmp_path, small_config
     # same images, same vectors as the run's own features
     run_feats = np.load(run / "split-0" / "features.npy")
     assert any(np.allclose(feats[0], r, atol=1e-5) for r in run_feats)
+    # and named as the run names them: through the run's engine and feature cache
+    assert info["backbone_fingerprint"] == json.loads((run / "split-0" / "features.json").read_text())["embedding_fingerprint"]
 
     pq = tmp_path / "emb.parquet"
     lookalike("featurize-dir", real_subset / "dotted", "--out", pq)

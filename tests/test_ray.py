@@ -73,12 +73,13 @@ def backbone():
 @pytest.fixture(scope="module")
 def single(photos, backbone, model_cache, tmp_path_factory):
     """The single-process `featurize-dir` output (computed: the cache holds no features of these photos yet)."""
+    from lookalike.model import ImageEmbedder
     from lookalike.retrieval import featurize_dir
 
     out = tmp_path_factory.mktemp("single") / "emb.parquet"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LOOKALIKE_CACHE_DIR", str(model_cache))
-        info = featurize_dir(photos, out, backbone, progress=False)
+        info = featurize_dir(photos, out, ImageEmbedder(backbone), progress=False)
     return out, info
 
 

@@ -156,7 +156,7 @@ def featurize_dir(
 ):
     """Embed every image below DIRECTORY into unit-length vectors (tutorial script A2)."""
     from .backbones import create_backbone
-    from .model import SimilarityModel
+    from .model import ImageEmbedder, SimilarityModel
     from .retrieval import featurize_dir as _featurize_dir
 
     if run is not None and backbone is not None:
@@ -171,7 +171,7 @@ def featurize_dir(
     elif address is not None:
         raise LookalikeError("--address needs --engine ray")
     else:
-        model = SimilarityModel.load(run) if run is not None else create_backbone(backbone or "efficientnet-lite0", weights)
+        model = SimilarityModel.load(run) if run is not None else ImageEmbedder(create_backbone(backbone or "efficientnet-lite0", weights))
         info = _featurize_dir(directory, out_file, model)
     out.print(f"wrote {info['n']} embeddings ({info['dim']}-d, {info['backbone']}) to {out_file}; skipped {len(info['skipped'])}")
     for s in info["skipped"]:

@@ -12,7 +12,7 @@ from . import visualize
 from .errors import LookalikeError
 from .fileio import atomic_path, save_npy, write_json
 from .images import is_image_file
-from .model import SimilarityModel
+from .model import ImageEmbedder, SimilarityModel
 from .pipeline import load_dataset, load_features, load_split
 from .rundir import RunDir
 
@@ -41,12 +41,11 @@ def retrieve(run_dir: str | os.PathLike, image: str | os.PathLike, top: int = 15
     return {"query": str(image), "split": split, "picture": str(picture), "results": results}
 
 
-def featurize_dir(directory: str | os.PathLike, out: str | os.PathLike, model_or_backbone, progress: bool = True) -> dict:
-    """Embed every image below `directory`; write .npy (+ .json sidecar of paths) or .parquet by `out`'s suffix."""
-    from .backbones import Backbone
-    from .features import FeatureCache, default_cache_dir, embed_paths
-    from .features.extract import l2_normalize
+def featurize_dir(directory: str | os.PathLike, out: str | os.PathLike, embedder: ImageEmbedder, progress: bool = True) -> dict:
+    """Embed every image below `directory`; write .npy (+ .json sidecar of paths) or .parquet by `out`'s suffix.
 
+    `embedder` is a run's SimilarityModel (its backbone, engine and INT8 setting) or an ImageEmbedder of a pretrained backbone.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         raise LookalikeError(f"{directory} is not a folder; pass the folder of images to embed")
@@ -56,12 +55,10 @@ def featurize_dir(directory: str | os.PathLike, out: str | os.PathLike, model_or
     paths = sorted(str(p) for p in directory.rglob("*") if p.is_file() and is_image_file(p) and not any(part.startswith(".") for part in p.relative_to(directory).parts))
     if not paths:
         raise LookalikeError(f"no images below {directory} (looked for .jpg .jpeg .png .bmp .webp .tif)")
-    backbone: Backbone = model_or_backbone.backbone if isinstance(model_or_backbone, SimilarityModel) else model_or_backbone
-    with FeatureCache(default_cache_dir(), backbone.fingerprint, backbone.config.embedding_dim) as cache:
-        result = embed_paths(backbone, paths, cache=cache, progress=progress)
-    feats = l2_normalize(result.features)
+    result = embedder.embed(paths, progress=progress)
+    feats = result.features
     rel = [os.path.relpath(p, directory) for p in result.paths]
-    info = {"directory": str(directory.resolve()), "backbone": backbone.config.name, "backbone_fingerprint": backbone.fingerprint, "dim": int(feats.shape[1]), "n": len(rel), "skipped": result.skipped}
+    info = {"directory": str(directory.resolve()), "backbone": embedder.backbone.config.name, "backbone_fingerprint": embedder.backbone_fingerprint, "dim": int(feats.shape[1]), "n": len(rel), "skipped": result.skipped}
     if out.suffix == ".npy":
         save_npy(out, feats)
         write_json(out.with_suffix(".json"), info | {"paths": rel, "sha256": result.digests})
