@@ -31,6 +31,7 @@ from ..errors import BadImageError, LookalikeError
 from ..fileio import write_bytes
 from ..images import open_image, open_image_bytes
 from ..index.catalog import ImageEntry, NewImage
+from ..index.build import ModelEmbedder
 from ..index.ingest import check_embedder
 from ..index.search import Match, search_vectors
 from ..index.store import MANIFEST, ImageIndex
@@ -38,18 +39,6 @@ from ..model import SimilarityModel
 from .errors import ApiError
 from .settings import ServeSettings
 from .uploads import EXTENSION
-
-
-class ModelEmbedder:
-    """SimilarityModel seen as the index's Embedder (fingerprint, dim, embed(paths)): the adapter the index checks against."""
-
-    def __init__(self, model: SimilarityModel):
-        self.model = model
-        self.fingerprint = model.backbone_fingerprint
-        self.dim = model.embedding_dim
-
-    def embed(self, paths: list[str]) -> tuple[np.ndarray, list[str], list[dict]]:
-        return self.model.embed_paths(paths, progress=False)
 
 
 @dataclass(frozen=True)
@@ -131,7 +120,7 @@ class Engine:
         manifest = self.index.submit(lambda ix: ix.manifest).result()
         run_dir = resolve_run_dir(self.index.directory, manifest.get("run_dir"), settings.run_dir)
         model = SimilarityModel.load(run_dir)
-        self.index.submit(check_embedder, ModelEmbedder(model)).result()
+        self.index.submit(check_embedder, ModelEmbedder(model, progress=False)).result()
         self.rankers = [Ranker(run_dir.name, model)] + [Ranker(name, SimilarityModel.load(path)) for name, path in (extra_rankers or {}).items()]
         self.model = model
         self.pool = ThreadPoolExecutor(settings.max_concurrency, thread_name_prefix="lookalike-model")
