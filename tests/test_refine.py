@@ -226,3 +226,19 @@ def test_cli_sets_the_descriptor_and_the_trained_stages(textures, tmp_path):
         bad = refine_cli("--texture-stages", value)
         assert bad.returncode == 2 and message in bad.stderr.replace("\n", " ") and "Traceback" not in bad.stderr
     assert json.loads((run / "config.json").read_text())["refine"]["texture_stages"] == [-3, -1], "a refused option leaves the config alone"
+
+
+def test_refinement_works_with_a_torchvision_resnet(textures, tmp_path):
+    import torchvision.models as tvm
+
+    weights = tmp_path / "resnet18.safetensors"
+    save_file({k: v.contiguous() for k, v in tvm.resnet18(weights=None).state_dict().items()}, str(weights))
+    cfg = tiny_config(epochs=2)
+    cfg.features.backbone, cfg.features.weights = "resnet18", str(weights)
+    run = prepared(textures, tmp_path / "run", cfg)
+    record = refine(run, progress=False)
+    assert record["texture_stages"] == [1, 3, 5, 7] and record["trained_stages"] == 2
+    refined = load_backbone(run / "split-0" / "refined")
+    # the first block of each of layer1..layer4: 64, 128, 256 and 512 channels, mean and std each
+    assert refined.config.name == "resnet18" and refined.head.linear.in_features == 2 * (64 + 128 + 256 + 512)
+    assert featurize(run, progress=False).shape == (24, 3)
