@@ -12,7 +12,7 @@ from lookalike.config import load_config
 from lookalike.errors import ConfigError, LookalikeError
 from lookalike.features import FeatureCache, create_engine, embed_paths
 from lookalike.features import engines
-from lookalike.features.extract import l2_normalize
+from lookalike.features.extract import batch_for, l2_normalize
 
 from conftest import REAL_DATA
 
@@ -162,3 +162,8 @@ def test_engine_settings_are_validated(tmp_path):
     with pytest.raises(ConfigError, match="features.engine"):
         load_config(p)
     assert load_config(overrides={"features.engine": "onnx", "features.quantize": True}).features.quantize is True
+
+
+def test_batches_shrink_with_the_square_of_the_resolution():
+    assert [batch_for(32, s) for s in (64, 224, 320, 448, 1000)] == [32, 32, 16, 8, 2]
+    assert batch_for(1, 1000) == 1

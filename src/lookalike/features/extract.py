@@ -27,6 +27,11 @@ class EmbeddingResult:
     skipped: list[dict] = field(default_factory=list)
 
 
+def batch_for(batch_size: int, input_size: int) -> int:
+    """How many `input_size` images hold about the activation memory of `batch_size` at 224 px (never more images)."""
+    return max(1, round(batch_size * (224 / input_size) ** 2)) if input_size > 224 else batch_size
+
+
 def embed_paths(
     model: Backbone | Engine,
     paths: Sequence[str | os.PathLike],
@@ -66,6 +71,7 @@ def embed_paths(
             cache_dir = cache.path.parent if cache is not None else None
             model = create_engine(model, engine, cache_dir=cache_dir)
         pre = Preprocessor(model.config)
+        batch_size = batch_for(batch_size, model.config.input_size)
         bar = tqdm(total=len(todo), desc=f"Embedding ({model.config.name}, {model.name})", unit="img", disable=not progress)
         for batch_idx, batch, bad in _decoded_batches(pre, [paths[i] for i in todo], batch_size, workers):
             skipped.extend(bad)

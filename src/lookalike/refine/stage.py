@@ -24,6 +24,7 @@ from ..backbones.stages import resolve_taps
 from ..config import LookalikeConfig
 from ..errors import ConfigError, LookalikeError
 from ..features import FeatureCache, default_cache_dir
+from ..features.extract import batch_for
 from ..fileio import read_json, write_json
 from ..rundir import RunDir, fingerprint, up_to_date
 from .augment import AugmentParams, ViewMaker
@@ -100,7 +101,7 @@ def refine(run_dir: str | os.PathLike, split: int = 0, force: bool = False, prog
         wanted += [(d, 0) for p in ("validation", "test") for d in digests.get(p, [])]
         todo = cache.missing(wanted)
         runner = frozen_runner(frozen, backbone.config.input_size, cache_dir, key) if todo else None
-        computed = fill_cache(cache, runner, maker, paths, todo, cfg.features.batch_size, progress=progress)
+        computed = fill_cache(cache, runner, maker, paths, todo, batch_for(cfg.features.batch_size, backbone.config.input_size), progress=progress)
         run.log(f"split {split}: {computed} new view(s) of the frozen blocks cached, {len(wanted) - computed} reused ({time.perf_counter() - start:.0f}s)")
         views = {p: CachedViews(cache, digests[p], rc.cached_views) for p in parts}
         net_frozen: nn.Module = nn.Identity()
