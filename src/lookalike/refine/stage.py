@@ -107,7 +107,7 @@ def refine(run_dir: str | os.PathLike, split: int = 0, force: bool = False, prog
         net_frozen: nn.Module = nn.Identity()
     else:
         views = {p: OnlineViews(maker, [str(dataset.absolute_path(i)) for i in parts[p]], digests[p]) for p in parts}
-        net_frozen = frozen or nn.Identity()
+        net_frozen = frozen if frozen is not None else nn.Identity()
     dim = descriptor_dim(frozen, trained, backbone.config.input_size)
     head = AttributeHead(dim, dataset.attributes, "logits" if rc.embedding == "pooled" else rc.embedding, rc.dropout)
     net = RefineNet(net_frozen, trained, head)
