@@ -34,6 +34,11 @@ def iter_image_files(root: str | os.PathLike) -> Iterator[Path]:
                 yield Path(dirpath) / name
 
 
+def unreadable_reason(error: OSError) -> str:
+    """The reason given for a file the operating system would not let us read."""
+    return f"cannot read file ({error.strerror or error})"
+
+
 def open_image(path: str | os.PathLike, draft_size: int | None = None) -> Image.Image:
     """Decode `path` into an upright 8-bit RGB image.
 
@@ -46,7 +51,7 @@ def open_image(path: str | os.PathLike, draft_size: int | None = None) -> Image.
         if path.stat().st_size == 0:
             raise BadImageError(path, "file is empty (0 bytes)")
     except OSError as e:
-        raise BadImageError(path, f"cannot read file ({e.strerror or e})") from None
+        raise BadImageError(path, unreadable_reason(e)) from None
     return _decode(path, path, draft_size)
 
 

@@ -11,7 +11,7 @@ from tqdm import tqdm
 from ..datatools.dedup import dhash_bits
 from ..errors import BadImageError, LookalikeError
 from ..fileio import sha256_file
-from ..images import is_image_file
+from ..images import is_image_file, unreadable_reason
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ def scan_dataset(root: str | os.PathLike, min_images_per_attribute: int = 4, pro
             skipped.append({"path": rel, "reason": e.reason})
             continue
         except OSError as e:
-            skipped.append({"path": rel, "reason": f"cannot read file ({e.strerror or e})"})
+            skipped.append({"path": rel, "reason": unreadable_reason(e)})
             continue
         if digest in seen:
             first = seen[digest]

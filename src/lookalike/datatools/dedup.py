@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from ..errors import BadImageError, LookalikeError
 from ..fileio import sha256_file, write_json
-from ..images import iter_image_files, open_image
+from ..images import iter_image_files, open_image, unreadable_reason
 
 DEFAULT_HASH_SIZE = 16
 REPORT_NAME = "dedup_report.json"
@@ -262,7 +262,7 @@ def find_duplicates(
         try:
             by_digest.setdefault(sha256_file(root / rel), []).append(i)
         except OSError as e:
-            unreadable.append({"path": rel, "reason": f"cannot read file ({e.strerror or e})"})
+            unreadable.append({"path": rel, "reason": unreadable_reason(e)})
     digest_of = {i: dg for dg, members in by_digest.items() for i in members}
 
     # 2. near duplicates among one representative per distinct content

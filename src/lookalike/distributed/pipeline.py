@@ -94,7 +94,7 @@ def decode_block(row: dict, config: dict) -> dict:
     import hashlib
 
     from ..backbones import BackboneConfig, Preprocessor
-    from ..images import open_image_bytes
+    from ..images import open_image_bytes, unreadable_reason
 
     pre = Preprocessor(BackboneConfig(**config))
     keep, digests, pixels, failed = [], [], [], []
@@ -106,7 +106,7 @@ def decode_block(row: dict, config: dict) -> dict:
             failed.append({"path": uri, "reason": e.reason})
             continue
         except OSError as e:
-            failed.append({"path": uri, "reason": f"cannot read file ({e.strerror or e})"})
+            failed.append({"path": uri, "reason": unreadable_reason(e)})
             continue
         keep.append(i)
         digests.append(hashlib.sha256(data).hexdigest())

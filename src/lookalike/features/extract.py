@@ -13,6 +13,7 @@ from tqdm import tqdm
 from ..backbones import Backbone, Preprocessor
 from ..errors import BadImageError, LookalikeError
 from ..fileio import sha256_file
+from ..images import unreadable_reason
 from .cache import FeatureCache
 from .engines import Engine, cpu_threads, create_engine
 
@@ -57,7 +58,7 @@ def embed_paths(
                 digests.append(sha256_file(p))
                 readable.append(p)
             except OSError as e:
-                skipped.append({"path": p, "reason": f"cannot read file ({e.strerror or e})"})
+                skipped.append({"path": p, "reason": unreadable_reason(e)})
         paths = readable
     digests = list(digests)
     fingerprint = model.fingerprint

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from ..errors import LookalikeError
 from ..fileio import sha256_file
-from ..images import iter_image_files
+from ..images import iter_image_files, unreadable_reason
 from .catalog import ImageEntry, NewImage
 from .store import ImageIndex
 
@@ -68,7 +68,7 @@ def ingest(index: ImageIndex, root: str | os.PathLike, embedder: Embedder, chunk
         try:
             st = os.stat(path)
         except OSError as e:
-            report.skipped.append({"path": path, "reason": f"cannot read file ({e.strerror or e})"})
+            report.skipped.append({"path": path, "reason": unreadable_reason(e)})
             continue
         entry = known.get(path)
         if entry is not None and entry.size == st.st_size and entry.mtime == st.st_mtime:
@@ -90,7 +90,7 @@ def _ingest_chunk(index: ImageIndex, chunk: list, known: dict, embedder: Embedde
         try:
             digest = sha256_file(path)
         except OSError as e:
-            report.skipped.append({"path": path, "reason": f"cannot read file ({e.strerror or e})"})
+            report.skipped.append({"path": path, "reason": unreadable_reason(e)})
             continue
         entry = known.get(path)
         if entry is not None and entry.sha256 == digest:
