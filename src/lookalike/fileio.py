@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sqlite3
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -72,3 +73,10 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"cannot store {type(obj).__name__} as JSON")
+
+
+def connect_sqlite(path: str | os.PathLike) -> sqlite3.Connection:
+    """A connection in WAL mode that waits up to a minute for a lock: readers never block the writer, and several processes share the file."""
+    db = sqlite3.connect(path, timeout=60)
+    db.execute("PRAGMA journal_mode=WAL")
+    return db

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-import sqlite3
 from pathlib import Path
 
 import numpy as np
+
+from ..fileio import connect_sqlite
 
 
 def default_cache_dir() -> Path:
@@ -23,8 +24,7 @@ class FeatureCache:
         self.path = Path(directory) / f"features-{fingerprint}.sqlite"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.dim = dim
-        self._db = sqlite3.connect(self.path, timeout=60)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db = connect_sqlite(self.path)
         self._db.execute("CREATE TABLE IF NOT EXISTS features (sha256 TEXT PRIMARY KEY, vector BLOB NOT NULL)")
 
     def get_many(self, digests: list[str]) -> dict[str, np.ndarray]:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import fcntl
 import os
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import LookalikeError
+from ..fileio import connect_sqlite
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
@@ -64,8 +64,7 @@ class Catalog:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.db = sqlite3.connect(self.path, timeout=60)
-        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db = connect_sqlite(self.path)
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import os
-import sqlite3
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,7 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..errors import BadImageError, LookalikeError
-from ..fileio import write_bytes
+from ..fileio import connect_sqlite, write_bytes
 from .augment import ViewMaker
 
 
@@ -35,8 +34,7 @@ class ActivationCache:
     def __init__(self, directory: str | os.PathLike, key: str):
         self.path = Path(directory) / f"activations-{key}.sqlite"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, timeout=60)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db = connect_sqlite(self.path)
         self._db.execute("CREATE TABLE IF NOT EXISTS activations (sha256 TEXT, view INTEGER, dtype TEXT NOT NULL, shape TEXT NOT NULL, data BLOB NOT NULL, PRIMARY KEY (sha256, view))")
 
     def _select(self, columns: str, keys: Sequence[tuple[str, int]]) -> Iterator[tuple]:
