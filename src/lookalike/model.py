@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from .backbones import Backbone, Preprocessor
-from .features import Engine, FeatureCache, create_engine, default_cache_dir, embed_paths
+from .features import Engine, FeatureCache, configured_cache_dir, create_engine, default_cache_dir, embed_paths
 from .features.extract import EmbeddingResult, l2_normalize
 from .metric import WeightedL2Ranker
 from .rundir import RunDir
@@ -85,8 +85,7 @@ class SimilarityModel(ImageEmbedder):
         cfg = load_run_config(run)
         ranker = WeightedL2Ranker.load(run.require(run.split_dir(split) / "metric.json", "train-metric"))
         backbone = split_backbone(run, cfg, split)
-        cache = Path(cfg.features.cache_dir).expanduser() if cfg.features.cache_dir else None
-        return cls(backbone, ranker, cache, cfg.features.engine, cfg.features.quantize)
+        return cls(backbone, ranker, configured_cache_dir(cfg.features.cache_dir), cfg.features.engine, cfg.features.quantize)
 
     def distance(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return self.ranker.distance(a, np.atleast_2d(b))

@@ -20,7 +20,7 @@ from .data import Dataset, Split, make_split, scan_dataset
 from .data.splits import NearDuplicateLeak
 from .errors import LookalikeError
 from .evaluation import gallery_metrics, positive_ranks, rank_summary
-from .features import FeatureCache, create_engine, default_cache_dir, embed_paths
+from .features import FeatureCache, configured_cache_dir, create_engine, embed_paths
 from .features.extract import l2_normalize
 from .fileio import load_npy, read_json, save_npy, write_json
 from .metric import HardNegativeMiner, LearnedWeightedL2, WeightedL2Ranker, pair_features, pairs_from_sets, standard_distances
@@ -121,7 +121,7 @@ def featurize(run_dir: str | os.PathLike, split: int = 0, force: bool = False, p
     members = sorted(set().union(*s.parts.values()))
     paths = [str(dataset.absolute_path(i)) for i in members]
     digests = [dataset.images[i].sha256 for i in members]
-    cache_dir = Path(cfg.features.cache_dir).expanduser() if cfg.features.cache_dir else default_cache_dir()
+    cache_dir = configured_cache_dir(cfg.features.cache_dir)
 
     def make_engine():
         return create_engine(backbone, cfg.features.engine, cfg.features.quantize, cache_dir, calibration_paths=paths, report=run.log)

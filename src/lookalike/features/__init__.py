@@ -1,7 +1,7 @@
 """Image embeddings: batched extraction (PyTorch or ONNX Runtime engines) with a content-hash cache."""
 
-from .cache import FeatureCache, default_cache_dir
+from .cache import FeatureCache, configured_cache_dir, default_cache_dir
 from .engines import Engine, OnnxEngine, TorchEngine, create_engine
 from .extract import EmbeddingResult, embed_paths
 
-__all__ = ["FeatureCache", "default_cache_dir", "EmbeddingResult", "embed_paths", "Engine", "OnnxEngine", "TorchEngine", "create_engine"]
+__all__ = ["FeatureCache", "configured_cache_dir", "default_cache_dir", "EmbeddingResult", "embed_paths", "Engine", "OnnxEngine", "TorchEngine", "create_engine"]

@@ -16,6 +16,11 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "lookalike"
 
 
+def configured_cache_dir(setting: str) -> Path:
+    """features.cache_dir when it is set, else the default."""
+    return Path(setting).expanduser() if setting else default_cache_dir()
+
+
 class FeatureCache:
     """One SQLite file per backbone fingerprint; safe for several processes at once."""
 

@@ -23,7 +23,7 @@ from ..backbones.registry import AttributeHead, save_backbone
 from ..backbones.stages import resolve_taps
 from ..config import LookalikeConfig
 from ..errors import ConfigError, LookalikeError
-from ..features import FeatureCache, default_cache_dir
+from ..features import FeatureCache, configured_cache_dir
 from ..features.extract import batch_for
 from ..fileio import read_json, write_json
 from ..rundir import RunDir, fingerprint, up_to_date
@@ -93,7 +93,7 @@ def refine(run_dir: str | os.PathLike, split: int = 0, force: bool = False, prog
     )
     cache = None
     if mode == "cached":
-        cache_dir = Path(cfg.features.cache_dir).expanduser() if cfg.features.cache_dir else default_cache_dir()
+        cache_dir = configured_cache_dir(cfg.features.cache_dir)
         key = fingerprint(backbone.fingerprint, backbone.config.taps, len(frozen.run.blocks), asdict(augment), CACHE_FORMAT)
         cache = ActivationCache(cache_dir, key)
         paths = {dataset.images[i].sha256: str(dataset.absolute_path(i)) for idx in parts.values() for i in idx}
@@ -176,7 +176,7 @@ def _store_embeddings(cfg: LookalikeConfig, out: Path, net: RefineNet, views: di
     compute from the images; featurize then finds them all in the cache instead of running the whole trunk again.
     """
     saved = load_backbone(out)
-    cache_dir = Path(cfg.features.cache_dir).expanduser() if cfg.features.cache_dir else default_cache_dir()
+    cache_dir = configured_cache_dir(cfg.features.cache_dir)
     net.eval()
     vectors: dict[str, np.ndarray] = {}
     with torch.inference_mode():
