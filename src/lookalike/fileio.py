@@ -1,4 +1,4 @@
-"""Atomic file writes: outputs appear whole or not at all, never half-written."""
+"""Atomic file writes: outputs appear whole or not at all, never half-written, with the permissions `open()` would give."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import os
 import sqlite3
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -14,9 +15,32 @@ from typing import Any, Iterator
 import numpy as np
 
 
+_umask_lock = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask (read from /proc where possible, since setting it to read it is not thread-safe)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    with _umask_lock:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
 @contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path next to `path`; rename it into place only if the block succeeds."""
+def atomic_path(path: str | os.PathLike, suffix: str = "", durable: bool = False) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; rename it into place only if the block succeeds.
+
+    The file gets the mode `open()` would give a new file (0666 less the umask), not mkstemp's 0600.
+    With `durable`, the file is fsync'ed before the rename and its folder after it, so the rename
+    survives a power loss (used for commit points such as an index manifest).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
@@ -24,23 +48,37 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~current_umask())
+        if durable:
+            fsync_path(tmp_path)
         os.replace(tmp_path, path)
+        if durable:
+            fsync_path(path.parent)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_path(path) as tmp:
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's or a folder's contents and metadata to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes, durable: bool = False) -> None:
+    with atomic_path(path, durable=durable) as tmp:
         tmp.write_bytes(data)
 
 
-def write_text(path: str | os.PathLike, text: str) -> None:
-    write_bytes(path, text.encode("utf-8"))
+def write_text(path: str | os.PathLike, text: str, durable: bool = False) -> None:
+    write_bytes(path, text.encode("utf-8"), durable)
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+def write_json(path: str | os.PathLike, obj: Any, durable: bool = False) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n", durable)
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -9,9 +9,9 @@ Layout of INDEX_DIR:
 
 An update writes, in this order: new raw rows (fsync'ed), catalog rows tagged with generation G+1
 (one SQLite transaction), a new FAISS file if the index is merged (temporary name, fsync, rename),
-and last the manifest naming G+1 (temporary name, rename). A process that dies before the
-manifest is renamed leaves G as the current state; the next writer truncates the raw rows, drops
-the G+1 catalog rows and deletes stray files. Readers pin the generation they opened and never
+and last the manifest naming G+1 (temporary name, fsync, rename, fsync of the folder, so the commit
+survives a power loss). A process that dies before the manifest is renamed leaves G as the current
+state; the next writer truncates the raw rows, drops the G+1 catalog rows and deletes stray files. Readers pin the generation they opened and never
 see a half-made update. Small additions go to the tail, searched exactly, so adding a few images
 never rewrites a large FAISS file; the tail is merged into FAISS once it grows.
 """
@@ -115,7 +115,7 @@ class ImageIndex:
                 "created": now,
                 "updated": now,
             }
-            write_json(directory / MANIFEST, manifest)
+            write_json(directory / MANIFEST, manifest, durable=True)
             return cls(directory, manifest, lock)
         except BaseException:
             lock.release()
@@ -208,7 +208,7 @@ class ImageIndex:
     def _publish(self, **changes) -> None:
         """Write the next manifest: the single step that makes an update visible."""
         manifest = {**self.manifest, **changes, "generation": self.generation + 1, "updated": time.time()}
-        write_json(self.directory / MANIFEST, manifest)
+        write_json(self.directory / MANIFEST, manifest, durable=True)
         self.manifest = manifest
 
     # ---- updates -------------------------------------------------------------------------------
