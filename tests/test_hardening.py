@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from index_helpers import clustered_vectors
+from hostile import black_png
+from hostile import cases as hostile_cases
+from index_helpers import PixelEmbedder, clustered_vectors
 from lookalike import fileio
+from lookalike.backbones import BackboneConfig, Preprocessor
+from lookalike.errors import BadImageError
+from lookalike.images import open_image
 from lookalike.index import ImageIndex, IndexMetric, NewImage
+from lookalike.index.ingest import ingest
 
 DIM = 16
 
@@ -71,3 +79,69 @@ def test_index_manifest_respects_the_umask(tmp_path, umask_022):
     with ImageIndex.create(tmp_path / "ix", DIM, IndexMetric("l2")) as ix:
         ix.add(new_images(2), clustered_vectors(2, DIM))
     assert mode(tmp_path / "ix" / "manifest.json") == 0o644
+
+
+# ---- item 1: extreme aspect ratios are refused before any large allocation --------------------
+
+
+@pytest.mark.parametrize("size", [(10_000, 1), (1, 3_000), (80_000_000, 1)])
+def test_extreme_aspect_ratios_are_refused_before_resizing(tmp_path, size):
+    path = tmp_path / "strip.png"
+    path.write_bytes(black_png(*size))
+    pre = Preprocessor(BackboneConfig(name="t", input_size=224, mean=(0.5,) * 3, std=(0.5,) * 3, embedding_dim=8, normalization="l2"))
+    with pytest.raises(BadImageError, match=r"strip.png: image is \d+x\d+, an aspect ratio over 50:1"):
+        pre.load(path)
+    with pytest.raises(BadImageError, match="aspect ratio over 50:1"):
+        pre.array(Image.new("RGB", (3000, 1)))
+    assert pre.array(Image.new("RGB", (50, 1))).shape == (3, 224, 224)
+
+
+# ---- item 5: FIFOs and links to devices named *.jpg are refused at once -----------------------
+
+
+def finishes(fn, seconds: float = 20.0):
+    """fn()'s result or exception, or a failure if it has not returned within `seconds` (it is left blocked in a daemon thread)."""
+    out: dict = {}
+
+    def call():
+        try:
+            out["result"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller below
+            out["error"] = e
+
+    worker = threading.Thread(target=call, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), f"still running after {seconds:g} s (hung on a FIFO or device?)"
+    if "error" in out:
+        raise out["error"]
+    return out["result"]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev_zero_link", "folder"])
+def test_special_files_are_refused_without_hanging(tmp_path, kind):
+    (case,) = [c for c in hostile_cases() if c.name == kind]
+    path = case.write(tmp_path)
+    with pytest.raises(OSError, match="not a regular file"):
+        finishes(lambda: fileio.sha256_file(path))
+    with pytest.raises(BadImageError, match="not a regular file"):
+        finishes(lambda: open_image(path))
+
+
+def test_index_add_skips_a_fifo_and_keeps_the_lock_free(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (20, 20), (10, 200, 30)).save(photos / "good.png")
+    os.mkfifo(photos / "pipe.jpg")
+    os.symlink("/dev/zero", photos / "zero.jpg")
+
+    def add():
+        with ImageIndex.create(tmp_path / "ix", PixelEmbedder.dim, IndexMetric("l2"), PixelEmbedder.fingerprint) as ix:
+            return ingest(ix, photos, PixelEmbedder(), progress=False)
+
+    report = finishes(add)
+    assert report.added == 1
+    assert {Path(s["path"]).name: s["reason"] for s in report.skipped} == {
+        name: "cannot read file (not a regular file (a folder, FIFO or device); only plain files are read)" for name in ("pipe.jpg", "zero.jpg")
+    }
+    ImageIndex.open(tmp_path / "ix", writable=True).close()  # the writer lock was released

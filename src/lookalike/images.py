@@ -12,11 +12,22 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import BadImageError
+from .fileio import open_regular
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 
+#: Formats decoded, whatever the file's name says: those of IMAGE_EXTENSIONS (JPEG includes the
+#: phones' multi-picture MPO) plus GIF content saved under another name. Pillow's other plugins
+#: stay unreachable (EPS, for one, would run Ghostscript on the file).
+DECODED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
+
 #: Largest image we decode, in pixels (Pillow's own bomb threshold, about 9.5k x 9.5k); larger files are refused.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+
+#: Longest side over shortest side accepted. Preprocessing scales the short side up to the model's
+#: input size, so a 10000x1 strip would become a 2,240,000x224 picture; beyond 50:1 (wider than any
+#: panorama) an image is refused, and the resize never needs more than 50 input-size squares.
+MAX_ASPECT_RATIO = 50
 
 
 def is_image_file(path: str | os.PathLike) -> bool:
@@ -48,11 +59,13 @@ def open_image(path: str | os.PathLike, draft_size: int | None = None) -> Image.
     """
     path = Path(path)
     try:
-        if path.stat().st_size == 0:
-            raise BadImageError(path, "file is empty (0 bytes)")
+        f = open_regular(path)
     except OSError as e:
         raise BadImageError(path, unreadable_reason(e)) from None
-    return _decode(path, path, draft_size)
+    with f:
+        if os.fstat(f.fileno()).st_size == 0:
+            raise BadImageError(path, "file is empty (0 bytes)")
+        return _decode(f, path, draft_size)
 
 
 def open_image_bytes(data: bytes, name: str = "<upload>", draft_size: int | None = None) -> Image.Image:
@@ -66,8 +79,8 @@ def _decode(source, name, draft_size: int | None) -> Image.Image:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            with Image.open(source) as img:
-                _check_size(name, img)
+            with Image.open(source, formats=DECODED_FORMATS) as img:
+                check_shape(name, *img.size)
                 if draft_size and img.format == "JPEG":
                     img.draft("RGB", (draft_size, draft_size))
                 img.load()
@@ -82,12 +95,16 @@ def _decode(source, name, draft_size: int | None) -> Image.Image:
             raise BadImageError(name, f"corrupt or truncated image ({e})") from None
 
 
-def _check_size(path, img: Image.Image) -> None:
-    w, h = img.size
-    if w * h > MAX_PIXELS:
-        raise BadImageError(path, f"image is {w}x{h} = {w * h:,} pixels, over the {MAX_PIXELS:,} limit (possible decompression bomb)")
+def check_shape(path, w: int, h: int) -> None:
+    """Refuse, from the header alone, images with no pixels, too many pixels or an absurd aspect ratio."""
     if w < 1 or h < 1:
         raise BadImageError(path, f"image has no pixels ({w}x{h})")
+    if w * h > MAX_PIXELS:
+        raise BadImageError(path, f"image is {w}x{h} = {w * h:,} pixels, over the {MAX_PIXELS:,} limit (possible decompression bomb)")
+    if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+        raise BadImageError(
+            path, f"image is {w}x{h}, an aspect ratio over {MAX_ASPECT_RATIO}:1 that cannot be centre-cropped meaningfully; crop it to the part that matters"
+        )
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..images import open_image
+from ..images import check_shape, open_image
 from .registry import BackboneConfig
 
 
@@ -28,7 +28,9 @@ class Preprocessor:
         return self.array(open_image(path, draft_size=self.size))
 
     def resize(self, img: Image.Image) -> Image.Image:
+        """Shorter side to the input size, then the centre square; a strip over MAX_ASPECT_RATIO:1 is refused before resizing."""
         w, h = img.size
+        check_shape("image", w, h)
         scale = self.size / min(w, h)
         nw, nh = max(self.size, round(w * scale)), max(self.size, round(h * scale))
         img = img.resize((nw, nh), Image.BILINEAR, reducing_gap=None if max(w, h) < 3 * self.size else 2.0)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from ..errors import LookalikeError
+from ..fileio import open_regular
 from ..images import is_image_file
 
 
@@ -90,7 +91,8 @@ def list_images(root: str | os.PathLike) -> list[ListedImage]:
 def read_bytes(uri: str) -> bytes:
     """The whole file, from local disk or a remote filesystem (raises OSError when it cannot be read)."""
     if not is_remote(uri):
-        return Path(uri).read_bytes()
+        with open_regular(uri) as f:
+            return f.read()
     fs, path = resolve(uri)
     with fs.open_input_file(path) as f:
         return f.read()

@@ -7,7 +7,7 @@ import warnings
 
 from PIL import Image, UnidentifiedImageError
 
-from ..images import MAX_PIXELS
+from ..images import MAX_PIXELS, check_shape
 from .errors import ApiError
 
 #: Formats accepted from clients: those of lookalike.images.IMAGE_EXTENSIONS; Pillow's other plugins stay unreachable.
@@ -34,6 +34,7 @@ def sniff_format(data: bytes, name: str) -> tuple[str, tuple[int, int]]:
             ) from None
     if w * h > MAX_PIXELS:
         raise too_many_pixels(name, (w, h))
+    check_shape(name, w, h)
     return fmt, (w, h)
 
 
