@@ -124,7 +124,7 @@ def cases() -> list[Case]:
         Case("fifo", lambda p: os.mkfifo(p), suffix=".jpg"),
         Case("dev_zero_link", lambda p: os.symlink("/dev/zero", p), suffix=".jpg"),
         Case("folder", lambda p: p.mkdir(), suffix=".jpg"),
-        Case("dangling_link", lambda p: os.symlink(p.parent / "no-such-file.jpg", p), suffix=".jpg"),
+        Case("dangling_link", lambda p: os.symlink(p.parent / f"{p.stem}.missing.jpg", p), suffix=".jpg"),
     ]
 
 

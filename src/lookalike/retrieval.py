@@ -11,7 +11,7 @@ import numpy as np
 from . import visualize
 from .errors import LookalikeError
 from .fileio import atomic_path, save_npy, write_json
-from .images import is_image_file
+from .images import iter_image_files
 from .model import ImageEmbedder, SimilarityModel
 from .pipeline import load_dataset, load_features, load_split
 from .rundir import RunDir
@@ -52,7 +52,7 @@ def featurize_dir(directory: str | os.PathLike, out: str | os.PathLike, embedder
     out = Path(out)
     if out.suffix not in (".npy", ".parquet"):
         raise LookalikeError(f"--out {out}: use a .npy (with a .json list of paths beside it) or .parquet file name")
-    paths = sorted(str(p) for p in directory.rglob("*") if p.is_file() and is_image_file(p) and not any(part.startswith(".") for part in p.relative_to(directory).parts))
+    paths = sorted(str(p) for p in iter_image_files(directory))  # FIFOs, devices and broken links too: they are reported as skipped
     if not paths:
         raise LookalikeError(f"no images below {directory} (looked for .jpg .jpeg .png .bmp .webp .tif)")
     result = embedder.embed(paths, progress=progress)

@@ -41,13 +41,18 @@ def load_model(run: str | os.PathLike | None, index: ImageIndex | None = None, p
     model = SimilarityModel.load(run_dir)
     embedder = ModelEmbedder(model, progress)
     if index is not None:
-        check_embedder(index, embedder)
-        if index.metric.kind == "learned" and IndexMetric.from_ranker(model.ranker).fingerprint() != index.manifest["metric_fingerprint"]:
-            raise LookalikeError(
-                f"the learned distance of {run_dir} is not the one the index at {index.directory} was built with "
-                "(was the metric retrained?); build the index again with `lookalike index build --overwrite`"
-            )
+        check_model(index, model, run_dir)
     return model, embedder
+
+
+def check_model(index: ImageIndex, model, run_dir: str | os.PathLike) -> None:
+    """Refuse a model whose vectors or learned distance are not those the index was built with."""
+    check_embedder(index, ModelEmbedder(model, progress=False))
+    if index.metric.kind == "learned" and IndexMetric.from_ranker(model.ranker).fingerprint() != index.manifest["metric_fingerprint"]:
+        raise LookalikeError(
+            f"the learned distance of {run_dir} is not the one the index at {index.directory} was built with "
+            "(was the metric retrained?); build the index again with `lookalike index build --overwrite`"
+        )
 
 
 def build_index(

@@ -15,7 +15,7 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..errors import BadImageError, LookalikeError
-from .engine import Engine, Upload, readable_file, unreadable
+from .engine import Engine, Upload, indexed_bytes
 from .errors import ApiError, ErrorBody
 from .middleware import Metrics, RequestGuard
 from .schemas import AddOut, CatalogOut, CompareOut, HealthOut, MatchOut, QueryOut, RemoveOut, SearchOut
@@ -132,14 +132,15 @@ def create_app(engine: Engine) -> FastAPI:
 
     @app.get(
         "/images/{image_id}",
-        response_class=FileResponse,
-        responses={200: {"content": {"image/*": {"schema": {"type": "string", "format": "binary"}}}}} | _errors(404, 422),
+        response_class=Response,
+        responses={200: {"content": {"image/*": {"schema": {"type": "string", "format": "binary"}}}}} | _errors(404, 422, 503),
         tags=["catalog"],
     )
-    async def image_file(image_id: ImageId) -> FileResponse:
-        """The catalog image itself, by id."""
+    async def image_file(image_id: ImageId) -> Response:
+        """The catalog image itself, by id (only while the file holds the content that was indexed)."""
         entry = await engine.on_index(engine.entry, image_id)
-        return FileResponse(readable_file(entry), media_type=engine.media_type(entry.path), headers={"Cache-Control": "private, max-age=3600"})
+        data = await engine.cpu(indexed_bytes, entry)
+        return Response(data, media_type=engine.media_type(entry.path), headers={"Cache-Control": "private, max-age=3600"})
 
     @app.get(
         "/images/{image_id}/thumbnail",
@@ -150,10 +151,7 @@ def create_app(engine: Engine) -> FastAPI:
     async def thumbnail(image_id: ImageId) -> Response:
         """A JPEG thumbnail of the catalog image (made on first request, then cached in memory)."""
         entry = await engine.on_index(engine.entry, image_id)
-        try:
-            data = await engine.cpu(engine.thumbnail, readable_file(entry), entry.sha256)
-        except BadImageError as e:
-            raise unreadable(entry, e) from None
+        data = await engine.cpu(engine.thumbnail, entry)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
     @app.get("/catalog", response_model=CatalogOut, tags=["catalog"])

@@ -5,7 +5,9 @@ loop stays free and at most `max_concurrency` jobs compete for the cores; a requ
 a slot, or whose job overruns, within `timeout_s` is answered 503 with Retry-After. The index is
 used from one dedicated thread, because its SQLite connection belongs to the thread that opened
 it; that thread reopens the index whenever its manifest changes (a write by this service or by
-`lookalike index add`), so searches always see the last committed generation.
+`lookalike index add`), so searches always see the last committed generation. Each reopened index
+is checked against the service's model again: an index rebuilt in place with another run, or
+being rebuilt, is answered 503 (also by /healthz) until the service is restarted with its model.
 """
 
 from __future__ import annotations
@@ -28,11 +30,10 @@ from PIL import Image
 
 from ..datatools.fusion import fuse_probabilities
 from ..errors import BadImageError, LookalikeError
-from ..fileio import write_bytes
-from ..images import open_image, open_image_bytes
+from ..fileio import open_regular, write_bytes
+from ..images import open_image_bytes
 from ..index.catalog import ImageEntry, NewImage
-from ..index.build import ModelEmbedder
-from ..index.ingest import check_embedder
+from ..index.build import check_model
 from ..index.search import Match, search_vectors
 from ..index.store import MANIFEST, ImageIndex
 from ..model import SimilarityModel
@@ -82,6 +83,7 @@ class IndexAccess:
         self._index: ImageIndex | None = None
         self._stamp: tuple[int, int] | None = None
         self.attributes: dict[str, int] = {}
+        self.check: Callable[[ImageIndex], None] | None = None  # raises LookalikeError for an index the service's model cannot search
 
     def submit(self, fn: Callable, *args) -> Future:
         """Run fn(index, *args) on the index thread."""
@@ -95,19 +97,35 @@ class IndexAccess:
         stamp = (st.st_ino, st.st_mtime_ns)
         if stamp != self._stamp:
             fresh = ImageIndex.open(self.directory)
+            try:
+                self._check(fresh)
+            except ApiError:
+                fresh.close()
+                raise
             if self._index is not None:
                 self._index.close()
             self._index, self._stamp = fresh, stamp
             self.attributes = fresh.catalog.attribute_counts(fresh.generation)
         return self._index
 
+    def _check(self, index: ImageIndex) -> None:
+        if index.manifest.get("building"):
+            raise ApiError(503, "index_rebuilding", f"the index at {self.directory} is being rebuilt; retry when the build has finished", {"Retry-After": "30"})
+        if self.check is not None:
+            try:
+                self.check(index)
+            except LookalikeError as e:
+                raise ApiError(
+                    503, "model_mismatch", f"the index was rebuilt with another model since the service started ({e}); restart `lookalike serve` so that it loads that model"
+                ) from None
+
     def close(self) -> None:
-        def _close(_index):
+        def _close():
             if self._index is not None:
                 self._index.close()
                 self._index = None
 
-        self.submit(_close).result()
+        self._thread.submit(_close).result()
         self._thread.shutdown(wait=True)
 
 
@@ -117,10 +135,14 @@ class Engine:
     def __init__(self, settings: ServeSettings, extra_rankers: dict[str, Path] | None = None):
         self.settings = settings
         self.index = IndexAccess(settings.index_dir)
-        manifest = self.index.submit(lambda ix: ix.manifest).result()
+        try:
+            manifest = self.index.submit(lambda ix: ix.manifest).result()
+        except ApiError as e:
+            raise LookalikeError(e.detail) from None
         run_dir = resolve_run_dir(self.index.directory, manifest.get("run_dir"), settings.run_dir)
         model = SimilarityModel.load(run_dir)
-        self.index.submit(check_embedder, ModelEmbedder(model, progress=False)).result()
+        self.index.submit(check_model, model, run_dir).result()
+        self.index.check = lambda index: check_model(index, model, run_dir)
         self.rankers = [Ranker(run_dir.name, model)] + [Ranker(name, SimilarityModel.load(path)) for name, path in (extra_rankers or {}).items()]
         self.model = model
         self.pool = ThreadPoolExecutor(settings.max_concurrency, thread_name_prefix="lookalike-model")
@@ -193,10 +215,13 @@ class Engine:
         fused = fuse_probabilities({s["name"]: s["probability"] for s in scores})
         return {**{k: scores[0][k] for k in ("distance", "probability")}, "rankers": scores, "fused_probability": float(fused)}
 
-    def _render_thumbnail(self, path: str, sha256: str) -> bytes:
-        """JPEG thumbnail (cached by path and content hash)."""
+    def _render_thumbnail(self, entry: ImageEntry) -> bytes:
+        """JPEG thumbnail of the indexed content (cached by entry)."""
         px = self.settings.thumbnail_px
-        img = open_image(path, draft_size=px)
+        try:
+            img = open_image_bytes(indexed_bytes(entry), entry.path, draft_size=px)
+        except BadImageError as e:
+            raise unreadable(entry, e) from None
         img.thumbnail((px, px))
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=85, optimize=True)
@@ -295,11 +320,26 @@ class Engine:
         return mimetypes.guess_type(path)[0] or "application/octet-stream"
 
 
-def readable_file(entry: ImageEntry) -> str:
-    """The entry's file, or a 404 that does not reveal where it was."""
-    if not os.path.isfile(entry.path):
-        raise ApiError(404, "image_missing", f"catalog image {entry.id} is no longer available on the server")
-    return entry.path
+def indexed_bytes(entry: ImageEntry) -> bytes:
+    """The entry's file, only while it still holds the content that was indexed; else a 404 that does not reveal where it was.
+
+    A file replaced since indexing (by a symlink to /etc/passwd, another image, a FIFO) is never
+    served: it must be a regular file of the indexed size and SHA-256, checked on the bytes sent.
+    """
+    try:
+        with open_regular(entry.path) as f:
+            if os.fstat(f.fileno()).st_size != entry.size:
+                raise ApiError(404, "image_changed", changed_message(entry))
+            data = f.read(entry.size + 1)
+    except OSError:
+        raise ApiError(404, "image_missing", f"catalog image {entry.id} is no longer available on the server") from None
+    if hashlib.sha256(data).hexdigest() != entry.sha256:
+        raise ApiError(404, "image_changed", changed_message(entry))
+    return data
+
+
+def changed_message(entry: ImageEntry) -> str:
+    return f"catalog image {entry.id} has changed on the server since it was indexed; the catalog owner should run `lookalike index add` to refresh it"
 
 
 def unreadable(entry: ImageEntry, e: BadImageError) -> ApiError:
