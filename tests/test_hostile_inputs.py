@@ -12,12 +12,16 @@ from __future__ import annotations
 import json
 import os
 import resource
+import select
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -214,3 +218,76 @@ def test_catalog_file_swapped_after_indexing_is_not_served(service):
     finally:
         os.unlink(first.path)
         os.replace(first.path + ".orig", first.path)
+
+
+# ---- slow clients against the real server (issue 14 item 3) -------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def live_server(trained, env):
+    port = free_port()
+    cmd = [sys.executable, "-m", "lookalike", "serve", "--index", trained.index, "--port", port, "--timeout", "2", "--header-timeout", "2", "--upload-deadline", "4"]
+    proc = subprocess.Popen(list(map(str, cmd)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(240):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("lookalike serve did not start")
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def drip(sock: socket.socket, data: bytes, every_s: float, for_s: float) -> float:
+    """Send `data` one byte every `every_s` until the server closes the connection; seconds it stayed open."""
+    start = time.monotonic()
+    for byte in data:
+        try:
+            sock.sendall(bytes([byte]))
+        except OSError:
+            break
+        ready, _, _ = select.select([sock], [], [], every_s)
+        if ready:
+            try:
+                if not sock.recv(65536):
+                    break
+            except OSError:
+                break
+            return time.monotonic() - start
+        if time.monotonic() - start > for_s:
+            break
+    return time.monotonic() - start
+
+
+def test_headers_dripped_byte_by_byte_are_cut_off(live_server):
+    with socket.create_connection(("127.0.0.1", live_server)) as sock:
+        held = drip(sock, b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X-Slow: " + b"a" * 200, every_s=0.25, for_s=15)
+    assert held < 5, f"a connection sending headers at 4 bytes/s was held {held:.1f} s (header timeout 2 s)"
+
+
+def test_a_body_trickled_under_the_stall_limit_meets_the_deadline(live_server):
+    with socket.create_connection(("127.0.0.1", live_server)) as sock:
+        sock.sendall(b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: 1000\r\n\r\n")
+        sock.sendall(b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\nContent-Type: image/png\r\n\r\n')
+        start = time.monotonic()
+        answer = b""
+        for _ in range(40):  # one byte every 0.5 s: under the 2 s stall limit, over the 4 s deadline
+            sock.sendall(b"x")
+            ready, _, _ = select.select([sock], [], [], 0.5)
+            if ready:
+                answer = sock.recv(65536)
+                break
+        held = time.monotonic() - start
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"longer than 4 s in all" in answer and held < 7

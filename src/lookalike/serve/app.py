@@ -51,7 +51,7 @@ def create_app(engine: Engine) -> FastAPI:
         version=__version__,
         description="Search a catalog of images for look-alikes, ranked by a learned, calibrated similarity. The web page is at /.",
     )
-    app.add_middleware(RequestGuard, max_body=settings.max_upload_bytes, stall_s=settings.timeout_s)
+    app.add_middleware(RequestGuard, max_body=settings.max_upload_bytes, stall_s=settings.timeout_s, deadline_s=settings.upload_deadline_s)
     app.add_middleware(metrics.middleware)
     _install_error_handlers(app)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

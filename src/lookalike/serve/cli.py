@@ -53,12 +53,15 @@ def register(app: typer.Typer) -> None:
         max_upload_mb: float = typer.Option(20.0, help="Largest request body accepted, in MB (413 beyond)."),
         max_concurrency: int = typer.Option(2, help="Model jobs (embedding, thumbnails) run at once; about the number of CPU cores."),
         timeout: float = typer.Option(30.0, help="Seconds a request may wait for a model slot or run, or stall while uploading (503 / 408)."),
+        header_timeout: float = typer.Option(10.0, help="Seconds a client may take to send a request's headers; slower connections are closed (slowloris)."),
+        upload_deadline: float = typer.Option(120.0, help="Seconds a client may take to send a whole request body (408 beyond)."),
         ranker: list[str] = typer.Option([], "--ranker", help="Extra ranker for /compare, as NAME=RUN_DIR (repeatable); probabilities are fused."),
     ):
         """Serve similarity search over an index: REST API (docs at /docs), web page at /, metrics at /metrics."""
         import uvicorn
 
         from .app import create_app
+        from .connections import header_deadline_protocol
         from .engine import Engine
 
         settings = settings_from_options(
@@ -72,12 +75,22 @@ def register(app: typer.Typer) -> None:
             max_upload_mb=max_upload_mb,
             max_concurrency=max_concurrency,
             timeout_s=timeout,
+            header_timeout_s=header_timeout,
+            upload_deadline_s=upload_deadline,
         )
         if host not in LOOPBACK:
             typer.secho(f"listening on {host}: the service is reachable from other machines", fg="yellow", err=True)
         engine = Engine(settings, parse_rankers(ranker))
         try:
             typer.echo(f"lookalike serving {engine.index.directory} on http://{host}:{port}/ (API docs at /docs)")
-            uvicorn.run(create_app(engine), host=host, port=port, log_level="info", server_header=False, timeout_keep_alive=5)
+            uvicorn.run(
+                create_app(engine),
+                host=host,
+                port=port,
+                log_level="info",
+                server_header=False,
+                timeout_keep_alive=5,
+                http=header_deadline_protocol(settings.header_timeout_s),
+            )
         finally:
             engine.close()

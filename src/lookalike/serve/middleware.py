@@ -23,16 +23,18 @@ class _Refused(Exception):
 
 
 class RequestGuard:
-    """Refuses bodies over `max_body` bytes (413) and uploads that stall longer than `stall_s` (408), in JSON.
+    """Refuses bodies over `max_body` bytes (413), uploads that stall longer than `stall_s` or take longer than `deadline_s` in all (408), in JSON.
 
     The Content-Length is checked before anything is read; a chunked or lying body is counted as it
     arrives and cut off at the cap, so a client can never make the service buffer more than the cap.
+    The deadline stops a body trickled just fast enough to dodge the stall limit.
     """
 
-    def __init__(self, app: ASGIApp, max_body: int, stall_s: float):
+    def __init__(self, app: ASGIApp, max_body: int, stall_s: float, deadline_s: float = float("inf")):
         self.app = app
         self.max_body = max_body
         self.stall_s = stall_s
+        self.deadline_s = deadline_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -47,15 +49,20 @@ class RequestGuard:
         received = 0
         body_done = False
         started = False
+        deadline = time.monotonic() + self.deadline_s
 
         async def guarded_receive() -> Message:
             nonlocal received, body_done, refusal
             if body_done:
                 return await receive()
+            left = deadline - time.monotonic()
             try:
-                message = await asyncio.wait_for(receive(), self.stall_s)
+                message = await asyncio.wait_for(receive(), max(min(self.stall_s, left), 0))
             except TimeoutError:
-                refusal = ApiError(408, "request_timeout", f"the upload stalled for more than {self.stall_s:g} s; send the request again")
+                if left <= self.stall_s:
+                    refusal = ApiError(408, "request_timeout", f"the upload took longer than {self.deadline_s:g} s in all; send it again over a faster connection")
+                else:
+                    refusal = ApiError(408, "request_timeout", f"the upload stalled for more than {self.stall_s:g} s; send the request again")
                 raise _Refused from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))

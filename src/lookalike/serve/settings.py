@@ -22,6 +22,8 @@ class ServeSettings(BaseModel):
     max_upload_mb: float = Field(20.0, gt=0, le=1024)
     max_concurrency: int = Field(2, ge=1, le=64, description="Model or image jobs (embedding, thumbnails) that run at once.")
     timeout_s: float = Field(30.0, gt=0, le=3600, description="Longest a request may wait for a model slot, run, or stall while uploading.")
+    header_timeout_s: float = Field(10.0, gt=0, le=600, description="Longest a client may take to send a request's headers (slowloris); the connection is closed after.")
+    upload_deadline_s: float = Field(120.0, gt=0, le=3600, description="Longest a client may take to send a whole request body, however steadily it trickles (408 after).")
     max_top: int = Field(100, ge=1, le=10_000)
     max_files: int = Field(32, ge=1, le=1000, description="Most images one POST /catalog request may add.")
     thumbnail_px: int = Field(256, ge=32, le=1024)
