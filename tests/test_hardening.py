@@ -16,6 +16,7 @@ from hostile import cases as hostile_cases
 from index_helpers import PixelEmbedder, clustered_vectors
 from lookalike import fileio
 from lookalike.backbones import BackboneConfig, Preprocessor
+from lookalike.datatools.download import download, read_url_list
 from lookalike.errors import BadImageError
 from lookalike.images import open_image
 from lookalike.index import ImageIndex, IndexMetric, NewImage
@@ -145,3 +146,14 @@ def test_index_add_skips_a_fifo_and_keeps_the_lock_free(tmp_path):
         name: "cannot read file (not a regular file (a folder, FIFO or device); only plain files are read)" for name in ("pipe.jpg", "zero.jpg")
     }
     ImageIndex.open(tmp_path / "ix", writable=True).close()  # the writer lock was released
+
+
+# ---- item 7: an over-long attribute is an invalid line, not a crash ------------------------------
+
+
+def test_a_300_character_attribute_is_reported_as_an_invalid_line(tmp_path):
+    urls = tmp_path / "urls.txt"
+    urls.write_text(f"{'a' * 300}\thttp://127.0.0.1:9/x.jpg\n", encoding="utf-8")
+    assert read_url_list(urls).invalid_lines[0]["reason"].endswith("bytes long; a folder name may have at most 200")
+    report = download(urls, tmp_path / "out", retries=0, timeout=1)
+    assert report.results == [] and [r["line"] for r in report.url_list.invalid_lines] == [1]

@@ -168,12 +168,18 @@ def read_url_list(path: str | os.PathLike) -> UrlList:
     return result
 
 
+#: Longest attribute accepted, in UTF-8 bytes: it becomes a folder name (file systems allow 255).
+MAX_ATTRIBUTE_BYTES = 200
+
+
 def _check_fields(fields: list[str]) -> str:
     if len(fields) < 2 or not fields[0] or not fields[1]:
         return "expected two columns: attribute<TAB>url"
     attribute, url = fields[0], fields[1]
     if attribute in (".", "..") or attribute.startswith(".") or any(c in attribute for c in '/\\:*?"<>|\0'):
         return f"attribute {attribute!r} cannot be a folder name (no slashes, no leading dot)"
+    if len(attribute.encode("utf-8")) > MAX_ATTRIBUTE_BYTES:
+        return f"attribute {attribute[:40]!r}... is {len(attribute.encode('utf-8'))} bytes long; a folder name may have at most {MAX_ATTRIBUTE_BYTES}"
     parts = urlsplit(url)
     if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
         return f"not an http(s) URL: {url[:100]!r}"
