@@ -23,6 +23,7 @@ from lookalike.images import open_image
 
 SLOW_SECONDS = 2.0
 TIMEOUT = 0.8
+TRICKLE_INTERVAL = 1.0  # one header byte (or one 16-byte body chunk) per second
 
 
 def _image_bytes(seed: int, fmt: str = "JPEG") -> bytes:
@@ -112,6 +113,22 @@ class _Server:
                         self.send(200, JPEG[8])
                 elif path == "/forbidden.jpg":
                     self.send(403, b"no", "text/plain")
+                elif path == "/trickle-headers.jpg":
+                    # slowloris against the client: each byte arrives well inside a per-read timeout
+                    head = f"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: {len(JPEG[2])}\r\n\r\n".encode()
+                    for i in range(len(head)):
+                        self.wfile.write(head[i : i + 1])
+                        time.sleep(TRICKLE_INTERVAL)
+                    self.wfile.write(JPEG[2])
+                elif path == "/trickle-body.jpg":
+                    body = JPEG[3]
+                    self.send_response(200)
+                    self.send_header("Content-Type", "image/jpeg")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    for i in range(0, len(body), 16):
+                        self.wfile.write(body[i : i + 16])
+                        time.sleep(TRICKLE_INTERVAL)
                 elif path.startswith("/busy/"):
                     # counted as in flight until just before the answer goes out, so the client
                     # (which waits for the whole answer) can never see the next one start earlier
@@ -225,6 +242,55 @@ def test_mixed_list_keeps_good_images_and_reports_every_failure(tmp_path, server
     again = read_url_list(out / REPORT_TSV)
     assert {e.url for e in again.entries} == {server.url(p) for p in bad}
     assert not again.invalid_lines
+
+
+def _timed_run(url_list, out, limit, **kw):
+    """`_run` in a thread, given up after `limit` seconds (a download that ignores its deadline would take a minute)."""
+    box = {}
+
+    def target():
+        box["report"] = _run(url_list, out, **kw)
+
+    start = time.monotonic()
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(limit)
+    elapsed = time.monotonic() - start
+    assert not thread.is_alive(), f"download still running after {elapsed:.1f} s"
+    return box["report"], elapsed
+
+
+def test_headers_trickled_past_the_timeout_fail_within_the_timeout(tmp_path, server):
+    timeout = 2.0
+    rows = [("dotted", server.url("/trickle-headers.jpg")), ("dotted", server.url("/good/4.jpg"))]
+    out = tmp_path / "data"
+
+    report, elapsed = _timed_run(_write_list(tmp_path / "urls.tsv", rows), out, 3 * timeout, timeout=timeout, retries=0)
+
+    assert elapsed < 3 * timeout
+    [failed] = report.failed
+    assert failed.url == server.url("/trickle-headers.jpg")
+    assert failed.reason == f"timed out after {timeout:g} s" and failed.attempts == 1
+    assert (out / "dotted" / f"{url_stem(server.url('/good/4.jpg'))}.jpg").read_bytes() == JPEG[4]
+    saved = json.loads((out / REPORT_JSON).read_text())
+    assert [f["reason"] for f in saved["failed"]] == [f"timed out after {timeout:g} s"]
+
+
+def test_body_trickled_past_the_timeout_fails_and_leaves_no_partial_file(tmp_path, server):
+    timeout = 2.0
+    rows = [("dotted", server.url("/trickle-body.jpg")), ("dotted", server.url("/good/5.jpg"))]
+    out = tmp_path / "data"
+
+    # one retry: each attempt gets a deadline of its own, so two attempts take about twice the timeout
+    report, elapsed = _timed_run(_write_list(tmp_path / "urls.tsv", rows), out, 4 * timeout, timeout=timeout, retries=1)
+
+    assert 2 * timeout <= elapsed < 3 * timeout
+    [failed] = report.failed
+    assert failed.url == server.url("/trickle-body.jpg")
+    assert failed.reason.startswith(f"timed out after {timeout:g} s") and failed.attempts == 2
+    assert server.hits["/trickle-body.jpg"] == 2
+    # only the good file: nothing of the trickled one, not even a hidden temporary
+    assert sorted(p.name for p in (out / "dotted").iterdir()) == [f"{url_stem(server.url('/good/5.jpg'))}.jpg"]
 
 
 def test_rerun_skips_valid_files_and_replaces_broken_ones(tmp_path, server):

@@ -18,13 +18,16 @@ import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Callable, Iterable
 from urllib.parse import urldefrag, urlsplit
 
+import anyio
 import httpx
+from anyio.from_thread import start_blocking_portal
 from PIL import Image
 from tqdm import tqdm
 
@@ -258,33 +261,38 @@ def _retry_after_seconds(value: str | None) -> float | None:
         return None
 
 
-def _fetch(client: httpx.Client, url: str, timeout: float, max_bytes: int) -> tuple[bytes, str]:
-    """One attempt: (body, content type) within `timeout` seconds, or a _Failure saying whether to retry."""
-    deadline = time.monotonic() + timeout
+async def _fetch(client: httpx.AsyncClient, url: str, timeout: float, max_bytes: int) -> tuple[bytes, str]:
+    """One attempt: (body, content type) within `timeout` seconds, or a _Failure saying whether to retry.
+
+    httpx's timeouts bound each socket operation, not a whole request (encode/httpx#1450), so a
+    server sending one header byte a second never trips them. The deadline is therefore an anyio
+    cancel scope around the whole attempt (connect, redirects, headers, body): cancelling it aborts
+    the request wherever it waits and closes its connection. This is why the fetches run on an
+    event loop (see `download`) while decoding and writing stay in the worker threads.
+    """
     try:
-        with client.stream("GET", url) as response:
-            status = response.status_code
-            if status >= 400:
-                retry = status in _RETRY_STATUS
-                phrase = response.reason_phrase or ""
-                raise _Failure(f"HTTP {status} {phrase}".strip(), retry, status, _retry_after_seconds(response.headers.get("Retry-After")))
-            declared = response.headers.get("Content-Length")
-            if declared and declared.isdigit() and int(declared) > max_bytes:
-                raise _Failure(f"file is {int(declared):,} bytes, over the {max_bytes:,}-byte limit", False, status)
-            chunks, size = [], 0
-            for chunk in response.iter_bytes():
-                size += len(chunk)
-                if size > max_bytes:
-                    raise _Failure(f"file is over the {max_bytes:,}-byte limit", False, status)
-                if time.monotonic() > deadline:
-                    raise _Failure(f"timed out: the whole file did not arrive within {timeout:g} s", True, status)
-                chunks.append(chunk)
-            body = b"".join(chunks)
-            content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        with anyio.fail_after(timeout):
+            async with client.stream("GET", url) as response:
+                status = response.status_code
+                if status >= 400:
+                    retry = status in _RETRY_STATUS
+                    phrase = response.reason_phrase or ""
+                    raise _Failure(f"HTTP {status} {phrase}".strip(), retry, status, _retry_after_seconds(response.headers.get("Retry-After")))
+                declared = response.headers.get("Content-Length")
+                if declared and declared.isdigit() and int(declared) > max_bytes:
+                    raise _Failure(f"file is {int(declared):,} bytes, over the {max_bytes:,}-byte limit", False, status)
+                chunks, size = [], 0
+                async for chunk in response.aiter_bytes():
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise _Failure(f"file is over the {max_bytes:,}-byte limit", False, status)
+                    chunks.append(chunk)
+                body = b"".join(chunks)
+                content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
     except _Failure:
         raise
-    except httpx.TimeoutException as e:
-        raise _Failure(f"timed out ({type(e).__name__}) after {timeout:g} s", True) from None
+    except (TimeoutError, httpx.TimeoutException):  # the deadline, or a passed-in client's own timeouts
+        raise _Failure(f"timed out after {timeout:g} s", True) from None
     except httpx.TooManyRedirects:
         raise _Failure("too many redirects", False) from None
     except httpx.RemoteProtocolError as e:
@@ -338,16 +346,18 @@ def download(
     max_backoff: float = 30.0,
     max_bytes: int = 50 * 1024 * 1024,
     progress: bool = True,
-    client: httpx.Client | None = None,
+    client: httpx.AsyncClient | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> DownloadReport:
     """Download every URL of the list into `out_dir/<attribute>/` and write the reports there.
 
     `workers` downloads run at once, at most `per_host` of them to any one host. Each attempt must
-    deliver the whole file within `timeout` seconds. Timeouts, connection errors, truncated bodies,
-    429 and 5xx answers are retried up to `retries` more times, waiting `backoff * 2**k` seconds
-    (with jitter, at most `max_backoff`, longer if the server sends Retry-After); other 4xx answers
-    and bytes that are not an image fail at once. Files already present and valid are skipped.
+    deliver the whole file within `timeout` seconds: connecting, redirects, headers and body
+    together, however slowly the server sends them; each retry gets a new deadline. Timeouts,
+    connection errors, truncated bodies, 429 and 5xx answers are retried up to `retries` more
+    times, waiting `backoff * 2**k` seconds (with jitter, at most `max_backoff`, longer if the
+    server sends Retry-After); other 4xx answers and bytes that are not an image fail at once.
+    Files already present and valid are skipped.
     """
     if workers < 1 or per_host < 1 or retries < 0 or timeout <= 0:
         raise LookalikeError("workers and per_host must be at least 1, retries at least 0, timeout positive")
@@ -363,10 +373,10 @@ def download(
     limiter = _HostLimiter(per_host)
     own_client = client is None
     if own_client:
-        client = httpx.Client(
+        client = httpx.AsyncClient(
             follow_redirects=True,
             max_redirects=5,
-            timeout=httpx.Timeout(timeout),
+            timeout=None,  # the whole-attempt deadline in _fetch is the only one
             limits=httpx.Limits(max_connections=max(workers, 1), max_keepalive_connections=max(workers, 1)),
             headers={"User-Agent": USER_AGENT, "Accept": "image/*,*/*;q=0.5"},
         )
@@ -386,7 +396,7 @@ def download(
             result.attempts = attempt + 1
             try:
                 with limiter(entry.url):
-                    data, content_type = _fetch(client, entry.url, timeout, max_bytes)
+                    data, content_type = portal.call(_fetch, client, entry.url, timeout, max_bytes)
                 path, converted = _keep(data, content_type, entry.url, target_dir, stem)
             except _Failure as f:
                 result.reason, result.http_status = f.reason, f.http_status
@@ -407,28 +417,28 @@ def download(
         return result
 
     results: list[DownloadResult] = []
-    try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="download") as pool:
-            futures = [pool.submit(one, e) for e in urls.entries]
-            bar = tqdm(total=len(futures), desc="Downloading", unit="url", disable=not progress or not futures)
-            n_failed = 0
-            try:
-                for fut in as_completed(futures):
-                    r = fut.result()
-                    results.append(r)
-                    bar.update(1)
-                    if r.status == "failed":
-                        n_failed += 1
-                        bar.set_postfix_str(f"{n_failed} failed", refresh=False)
-            except BaseException:
-                for f in futures:
-                    f.cancel()
-                raise
-            finally:
-                bar.close()
-    finally:
+    with ExitStack() as stack:
+        portal = stack.enter_context(start_blocking_portal())  # the event loop every fetch runs on (see _fetch)
         if own_client:
-            client.close()
+            stack.enter_context(portal.wrap_async_context_manager(client))
+        pool = stack.enter_context(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="download"))
+        futures = [pool.submit(one, e) for e in urls.entries]
+        bar = tqdm(total=len(futures), desc="Downloading", unit="url", disable=not progress or not futures)
+        n_failed = 0
+        try:
+            for fut in as_completed(futures):
+                r = fut.result()
+                results.append(r)
+                bar.update(1)
+                if r.status == "failed":
+                    n_failed += 1
+                    bar.set_postfix_str(f"{n_failed} failed", refresh=False)
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+        finally:
+            bar.close()
 
     results.sort(key=lambda r: r.line)
     report = DownloadReport(str(out), results, urls)
