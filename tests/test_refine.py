@@ -53,8 +53,11 @@ def test_refinement_lowers_the_training_loss_and_writes_its_outputs(textures, tm
     out = run / "split-0" / "refined"
     for name in ("backbone.json", "backbone.safetensors", "history.json", "curves.png"):
         assert (out / name).exists(), name
-    # the classifier sees the mean and standard deviation of each channel of stages 10, 12, 14 and 16
-    head = {"kind": "attribute-classifier", "in_features": 2 * (112 + 192 + 192 + 320), "classes": ["checks", "dots", "stripes"], "output": "posterior"}
+    # the head sees the mean and standard deviation of each channel of stages 10, 12, 14 and 16
+    head = {
+        "kind": "lookalike-embedding", "in_features": 2 * (112 + 192 + 192 + 320), "classes": ["checks", "dots", "stripes"],
+        "attribute_dim": 64, "visual_dim": 64, "temperature": 0.1,
+    }
     saved = json.loads((out / "backbone.json").read_text())
     assert saved["head"] == head and saved["taps"] == [10, 12, 14, 16]
     assert record["trained_stages"] == 2 and record["texture_stages"] == [10, 12, 14, 16]
@@ -62,10 +65,10 @@ def test_refinement_lowers_the_training_loss_and_writes_its_outputs(textures, tm
     before = (out / "backbone.safetensors").stat().st_mtime_ns
     refine(run, progress=False)
     assert (out / "backbone.safetensors").stat().st_mtime_ns == before
-    # featurize embeds with the refined model: one probability per attribute, and the vectors refine stored
+    # featurize embeds with the refined model: [attribute part, visual part], and the vectors refine stored
     # from its cached activations are the ones the model computes from the images
     features = featurize(run, progress=False)
-    assert features.shape == (24, 3)
+    assert features.shape == (24, 128)
     model = load_backbone(out)
     meta = json.loads((run / "split-0" / "features.json").read_text())
     dataset = json.loads((run / "dataset.json").read_text())
@@ -86,7 +89,7 @@ def test_saved_model_reloads_to_identical_outputs(textures, tmp_path):
     x = torch.randn(3, 3, 64, 64)
     with torch.inference_mode():
         assert torch.equal(a(x), b(x))
-    assert a.fingerprint == b.fingerprint and a.config.embedding_dim == 3 and a.config.input_size == 64
+    assert a.fingerprint == b.fingerprint and a.config.embedding_dim == 128 and a.config.input_size == 64
     pretrained = create_backbone("efficientnet-lite0", resolution=64)
     changed = [k for k, v in pretrained.trunk.state_dict().items() if not k.startswith("_fc.") and not torch.equal(v, a.trunk.state_dict()[k])]
     assert changed and all(k.startswith(("_blocks.14.", "_blocks.15.")) for k in changed), "only the last 2 stages the descriptor needs learn"
@@ -193,10 +196,10 @@ def test_tutorial_parameters_are_reachable_from_the_config(tmp_path):
     p = tmp_path / "tutorial.toml"
     p.write_text(
         "[refine]\nepochs = 45\nlr_schedule = [[20, 0.01], [20, 0.001], [5, 0.0001]]\nmomentum = 0.9\nweight_decay = 0.0005\n"
-        "batch_size = 16\ndropout = 0.5\nresolution = 1000\nmode = \"full\"\nembedding = \"pooled\"\n"
+        "batch_size = 16\ndropout = 0.5\nresolution = 1000\nmode = \"full\"\nembedding = \"pooled\"\noptimizer = \"sgd\"\n"
     )
     rc = load_config(p).refine
-    assert rc.epochs == 45 and rc.batch_size == 16 and rc.resolution == 1000 and rc.lr_schedule[-1] == (5, 0.0001)
+    assert rc.optimizer == "sgd" and rc.epochs == 45 and rc.batch_size == 16 and rc.resolution == 1000 and rc.lr_schedule[-1] == (5, 0.0001)
 
 
 def test_refinement_repeats_exactly_with_the_same_seed(textures, tmp_path, monkeypatch):
@@ -240,5 +243,14 @@ def test_refinement_works_with_a_torchvision_resnet(textures, tmp_path):
     assert record["texture_stages"] == [1, 3, 5, 7] and record["trained_stages"] == 2
     refined = load_backbone(run / "split-0" / "refined")
     # the first block of each of layer1..layer4: 64, 128, 256 and 512 channels, mean and std each
-    assert refined.config.name == "resnet18" and refined.head.linear.in_features == 2 * (64 + 128 + 256 + 512)
-    assert featurize(run, progress=False).shape == (24, 3)
+    assert refined.config.name == "resnet18" and refined.head.in_features == 2 * (64 + 128 + 256 + 512)
+    assert featurize(run, progress=False).shape == (24, 128)
+
+
+def test_the_posterior_embedding_stays_available(textures, tmp_path):
+    run = prepared(textures, tmp_path / "run", tiny_config(epochs=2, embedding="posterior", optimizer="sgd"))
+    refine(run, progress=False)
+    refined = load_backbone(run / "split-0" / "refined")
+    assert refined.head.describe()["kind"] == "attribute-classifier" and refined.config.embedding_dim == 3
+    features = featurize(run, progress=False)
+    assert features.shape == (24, 3) and np.allclose(np.linalg.norm(features, axis=1), 1, atol=1e-5)

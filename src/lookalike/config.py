@@ -42,18 +42,24 @@ class FeaturesConfig(_Section):
 class RefineConfig(_Section):
     """Fine-tuning the backbone on the dataset's attributes before featurize (the tutorial's `rf_*` parameters)."""
 
-    epochs: int = Field(40, ge=0)
-    lr_schedule: list[tuple[int, float]] = [(30, 0.003), (10, 0.0003)]
+    epochs: int = Field(60, ge=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr_schedule: list[tuple[int, float]] = [(45, 0.001), (15, 0.0001)]
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0005, ge=0)
-    batch_size: int = Field(32, ge=2)
-    dropout: float = Field(0.5, ge=0, lt=1)
+    batch_size: int = Field(64, ge=2)
+    dropout: float = Field(0.2, ge=0, lt=1)
     resolution: int = Field(320, ge=0, le=2048)
     mode: Literal["auto", "cached", "full"] = "auto"
     texture_stages: list[int] = [-8, -6, -4, -2]
     trainable_blocks: int = Field(0, ge=0)
     last_layer_only: bool = False
-    embedding: Literal["posterior", "logits", "pooled"] = "posterior"
+    embedding: Literal["lookalike", "posterior", "logits", "pooled"] = "lookalike"
+    attribute_dim: int = Field(64, ge=1)
+    visual_dim: int = Field(64, ge=1)
+    temperature: float = Field(0.1, gt=0)
+    view_weight: float = Field(1.0, ge=0)
+    view_temperature: float = Field(0.1, gt=0)
     new_layer_lr_multiplier: float = Field(1.0, gt=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     balance: bool = False
@@ -64,6 +70,7 @@ class RefineConfig(_Section):
     vflip: bool = True
     color_jitter: float = Field(0.3, ge=0, lt=1)
     hue_jitter: float = Field(0.02, ge=0, le=0.5)
+    degrade: float = Field(0.5, ge=0, le=1)
     mixed_precision: bool = True
 
 
@@ -76,11 +83,13 @@ class MetricConfig(_Section):
     hard_negative_max_per_iteration: int = Field(5000, ge=1)
     hard_negative_sampling_rounds: int = Field(10, ge=1)
     platt_negative_ratio: float = Field(10.0, gt=0)
+    visual_weight: float = Field(0.3, ge=0)
 
 
 class EvaluateConfig(_Section):
     query_pictures: int = Field(12, ge=0)
     gallery: bool = True
+    copy_test: bool = True
 
 
 class LookalikeConfig(_Section):

@@ -60,7 +60,13 @@ class ImageEmbedder:
 
     def embed_image(self, img: Image.Image) -> np.ndarray:
         """Unit-length embedding of an image already in memory (e.g. an upload)."""
-        return l2_normalize(self.engine()(self._pre.array(img)[None]))[0]
+        return self.embed_images([img])[0]
+
+    def embed_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
+        """Unit-length embeddings of images already in memory, a batch at a time."""
+        engine = self.engine()
+        parts = [engine(np.stack([self._pre.array(img) for img in images[s : s + batch_size]])) for s in range(0, len(images), batch_size)]
+        return l2_normalize(np.concatenate(parts)) if parts else np.zeros((0, self.embedding_dim), np.float32)
 
 
 class SimilarityModel(ImageEmbedder):

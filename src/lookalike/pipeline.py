@@ -15,11 +15,13 @@ import numpy as np
 
 from . import visualize
 from .backbones import Backbone, create_backbone, load_backbone
+from .backbones.heads import visual_dims
 from .config import LookalikeConfig
 from .data import Dataset, Split, make_split, scan_dataset
 from .data.splits import NearDuplicateLeak
 from .errors import LookalikeError
 from .evaluation import gallery_metrics, positive_ranks, rank_summary
+from .evaluation.lookalike import tied_fraction
 from .features import FeatureCache, configured_cache_dir, create_engine, embed_paths
 from .features.extract import l2_normalize
 from .fileio import load_npy, read_json, save_npy, write_json
@@ -141,7 +143,8 @@ def featurize(run_dir: str | os.PathLike, split: int = 0, force: bool = False, p
         raise LookalikeError(f"could not embed {len(result.skipped)} image(s) that passed the scan: {bad}; run prepare again with --force")
     features = l2_normalize(result.features)
     save_npy(out, features)
-    meta = {"fingerprint": fp, "backbone": asdict(backbone.config), "backbone_fingerprint": backbone.fingerprint, "embedding_fingerprint": engine.fingerprint, "engine": engine.name}
+    described = asdict(backbone.config) | ({"head": backbone.head.describe()} if backbone.head is not None else {})
+    meta = {"fingerprint": fp, "backbone": described, "backbone_fingerprint": backbone.fingerprint, "embedding_fingerprint": engine.fingerprint, "engine": engine.name}
     write_json(meta_path, meta | {"rows": members})
     run.log(f"split {split}: {len(members)} embeddings ({backbone.config.name}, {backbone.config.embedding_dim}-d, {engine.name}) in {time.perf_counter() - start:.1f}s")
     return features
@@ -176,12 +179,15 @@ def train_metric(run_dir: str | os.PathLike, split: int = 0, force: bool = False
     va, vb, vy = pairs_from_sets(s.sets[calib_part], row_of)
     Xv = pair_features(features[va], features[vb])
     m = cfg.metric
+    visual = visual_dims(read_json(sdir / "features.json")["backbone"].get("head"))
     train_rows = [row_of[i] for i in s.parts["train"]]
     labels = np.array([dataset.images[i].attribute for i in s.parts["train"]])
 
     def fit(C: float) -> WeightedL2Ranker:
         miner = HardNegativeMiner(m.hard_negative_iterations, m.hard_negative_max_per_iteration, m.hard_negative_sampling_rounds, seed=cfg.data.seed + split)
-        ranker = WeightedL2Ranker(C=C, class_weight=m.class_weight, max_iter=m.max_iter, platt_negative_ratio=m.platt_negative_ratio)
+        ranker = WeightedL2Ranker(
+            C=C, class_weight=m.class_weight, max_iter=m.max_iter, platt_negative_ratio=m.platt_negative_ratio, visual_dims=visual, visual_weight=m.visual_weight
+        )
         return miner.fit_ranker(ranker, X, y, features[train_rows], labels, Xv, vy, log=run.log)
 
     selection = []
@@ -246,18 +252,34 @@ def evaluate(run_dir: str | os.PathLike, split: int = 0, force: bool = False) ->
     test_rows = [row_of[i] for i in s.parts["test"]]
     labels = np.array([dataset.images[i].attribute for i in s.parts["test"]])
     gallery = {d.name: gallery_metrics(d, features[test_rows], labels) for d in distances if d.name != "random"} if cfg.evaluate.gallery else {}
+    searched = {d.name: d for d in distances if d.name in ("l2", "weighted_l2")}
+    ties = {name: tied_fraction(d, features[test_rows], labels) for name, d in searched.items()}
+    copies = _copy_test(run, cfg, split, dataset, s.parts["test"], features[test_rows], searched) if cfg.evaluate.copy_test else {}
     result = {
         "fingerprint": fp,
         "split": split,
         "n_queries": len(test_sets),
         "distances": {name: rank_summary(r) for name, r in ranks.items()},
         "gallery": gallery,
+        "copies": copies,
+        "ties": ties,
         "ranks": {name: r.tolist() for name, r in ranks.items()},
         "pictures": _query_pictures(dataset, test_sets, ranks["weighted_l2"], features, row_of, ranker, sdir, cfg.evaluate.query_pictures),
     }
     visualize.plot_rank_curves(ranks, sdir / "ranks.png")
     write_json(out, result)
     return result
+
+
+def _copy_test(run: RunDir, cfg: LookalikeConfig, split: int, dataset: Dataset, members: list[int], catalog: np.ndarray, distances: dict) -> dict:
+    """An altered copy of each test image (crop, shrink, brighten, JPEG) searched among the test images."""
+    from .evaluation.lookalike import altered_copy, copy_ranks, copy_summary
+    from .images import open_image
+    from .model import ImageEmbedder
+
+    embedder = ImageEmbedder(split_backbone(run, cfg, split), configured_cache_dir(cfg.features.cache_dir), cfg.features.engine, cfg.features.quantize)
+    copies = embedder.embed_images([altered_copy(open_image(dataset.absolute_path(i)), seed=i) for i in members])
+    return {name: copy_summary(copy_ranks(d, catalog, copies)) for name, d in distances.items()}
 
 
 def _query_pictures(dataset: Dataset, sets, ranks, features, row_of, ranker, sdir: Path, limit: int) -> list[dict]:
@@ -317,6 +339,11 @@ def summarize(run_dir, splits: list[int] | None = None) -> dict:
         rows = [e["gallery"][name] for e in evals if name in e.get("gallery", {})]
         if rows:
             gallery_by[name] = {key: float(np.mean([r[key] for r in rows])) for key in rows[0]}
+    search = {}
+    for part in ("copies", "ties"):
+        rows = [e[part] for e in evals if e.get(part)]
+        if rows:
+            search[part] = {name: _mean_of(r[name] for r in rows) for name in rows[0]}
     backbone = read_json(run.split_dir(splits[0]) / "features.json")["backbone"]["name"]
     metrics = {
         "dataset": dataset.root,
@@ -328,8 +355,17 @@ def summarize(run_dir, splits: list[int] | None = None) -> dict:
         "distances": distances,
         "gallery": gallery_by.get("weighted_l2", {}),
         "gallery_by_distance": gallery_by,
+        "lookalike_search": search,
         "refined": any((run.split_dir(k) / "refined" / "backbone.json").exists() for k in splits),
         "config": cfg.model_dump(),
     }
     write_json(run.metrics, metrics)
     return metrics
+
+
+def _mean_of(values) -> float | dict:
+    """Mean over splits of a number, or of each number in a dict of them."""
+    values = list(values)
+    if isinstance(values[0], dict):
+        return {key: float(np.mean([v[key] for v in values])) for key in values[0]}
+    return float(np.mean(values))

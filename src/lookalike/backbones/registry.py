@@ -14,6 +14,7 @@ from torch import nn
 
 from ..errors import LookalikeError
 from ..fileio import sha256_file
+from .heads import Head, head_from_description
 from .stages import StageRun, trunk_stages, used_stages
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -46,53 +47,10 @@ class _Spec:
     download_weights: Callable[[], dict] | None
 
 
-class AttributeHead(nn.Module):
-    """The refined attribute classifier on the descriptor; its posterior (or logits) is the embedding.
-
-    Refinement trains it with cross-entropy, so images of one attribute land on one corner of the
-    probability simplex: exactly the tight per-attribute clusters a ranking by distance needs. The descriptor
-    is standardised first (shift and scale from the training images), so features of very different
-    magnitudes, e.g. means and standard deviations of several stages, train at one learning rate.
-    """
-
-    OUTPUTS = ("posterior", "logits")
-
-    def __init__(self, in_features: int, classes: list[str], output: str = "posterior", dropout: float = 0.0):
-        super().__init__()
-        if output not in self.OUTPUTS:
-            raise LookalikeError(f"unknown attribute head output '{output}'; choose {' or '.join(self.OUTPUTS)}")
-        self.classes = list(classes)
-        self.output = output
-        self.register_buffer("shift", torch.zeros(in_features))
-        self.register_buffer("scale", torch.ones(in_features))
-        self.dropout = nn.Dropout(dropout)
-        self.linear = nn.Linear(in_features, len(self.classes))
-
-    def standardize(self, descriptors: torch.Tensor) -> "AttributeHead":
-        """Take the shift and scale from these (training) descriptors.
-
-        A feature that barely varies on the training images is not blown up: no scale is below a tenth of the mean one.
-        """
-        std = descriptors.std(0)
-        self.shift.copy_(descriptors.mean(0))
-        self.scale.copy_(std.clamp_min(0.1 * float(std.mean()) + 1e-12))
-        return self
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.dropout((x - self.shift) / self.scale))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.logits(x)
-        return logits.softmax(-1) if self.output == "posterior" else logits
-
-    def describe(self) -> dict:
-        return {"kind": "attribute-classifier", "in_features": self.linear.in_features, "classes": self.classes, "output": self.output}
-
-
 class Backbone(nn.Module):
     """An ImageNet CNN cut before its classifier: images -> descriptor (B, D), optionally through a learned head."""
 
-    def __init__(self, trunk: nn.Module, config: BackboneConfig, fingerprint: str, head: AttributeHead | None = None):
+    def __init__(self, trunk: nn.Module, config: BackboneConfig, fingerprint: str, head: Head | None = None):
         super().__init__()
         self.trunk = trunk
         self.head = head
@@ -188,10 +146,10 @@ def load_backbone(directory: str | os.PathLike) -> Backbone:
     state = load_state_dict_file(weights_path)
     head = None
     if meta.get("head"):
-        desc = meta["head"]
-        if desc.get("kind") != "attribute-classifier":
-            raise LookalikeError(f"{meta_path}: unknown embedding head kind '{desc.get('kind')}'")
-        head = AttributeHead(desc["in_features"], desc["classes"], desc["output"])
+        try:
+            head = head_from_description(meta["head"])
+        except LookalikeError as e:
+            raise LookalikeError(f"{meta_path}: {e}") from None
         head.load_state_dict({k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")})
         head.eval()
     trunk = spec.build()

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import List, Optional
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from ..errors import BadImageError, LookalikeError
+from ..images import iter_image_files
+from ..serve.schemas import MatchOut, QueryOut, SearchOut
 from .build import absolute, build_index, load_model
 from .ingest import ingest
 from .metric import METRICS, IndexMetric
@@ -138,52 +142,99 @@ def remove(
 @index_app.command()
 def search(
     index_dir: Path = IndexDirArg,
-    image: Path = typer.Argument(..., help="The query image (need not be in the index)."),
-    top: int = typer.Option(15, "--top", "-k", min=1, help="How many matches to show."),
-    grid: Optional[Path] = typer.Option(None, "--grid", help="Also save the tutorial's picture: the query and its matches with distances (.png/.jpg)."),
-    keep_self: bool = typer.Option(False, "--keep-self", help="When the query is itself in the index, list it too (it is left out by default)."),
-    run: Optional[Path] = typer.Option(None, "--run", "-r", help="Run to embed the query with (default: the one the index was built from)."),
+    queries: List[Path] = typer.Argument(..., help="Query images, or folders of them (need not be in the index)."),
+    top: int = typer.Option(15, "--top", "-k", min=1, help="How many matches to show per query."),
+    grid: Optional[Path] = typer.Option(None, "--grid", help="One query only: also save the tutorial's picture of the query and its matches (.png/.jpg)."),
+    keep_self: bool = typer.Option(False, "--keep-self", help="When a query is itself in the index, list it too (first; it is left out by default)."),
+    run: Optional[Path] = typer.Option(None, "--run", "-r", help="Run to embed the queries with (default: the one the index was built from)."),
     rerank: Optional[int] = typer.Option(None, help=f"Approximate kinds: shortlist size re-ranked exactly (default {DEFAULT_PARAMS['rerank']})."),
     ef_search: Optional[int] = typer.Option(None, help=f"HNSW: search breadth (default {DEFAULT_PARAMS['ef_search']})."),
     nprobe: Optional[int] = typer.Option(None, help=f"IVF-PQ: cells visited (default {DEFAULT_PARAMS['nprobe']})."),
-    as_json: bool = JsonOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object per query and line, with the keys of REST /search."),
 ):
-    """The images most alike to IMAGE, with the learned distance (lower = more alike) and P(same attribute)."""
-    with ImageIndex.open(index_dir) as index:
-        query_path = Path(absolute(image))
-        if not query_path.is_file():
-            raise LookalikeError(f"query image {image} does not exist")
-        own = index.entries_by_path(str(query_path)).get(str(query_path))
-        stat = query_path.stat()
-        if own is not None and own.size == stat.st_size and own.mtime == stat.st_mtime:
-            vector = index.vectors()[own.id]  # already embedded: no model needed
-        else:
-            model, _ = load_model(run, index)
-            feats, _, skipped = model.embed_paths([str(query_path)], progress=False)
-            if skipped:
-                raise BadImageError(query_path, skipped[0]["reason"])
-            vector = feats[0]
-        params = {k: v for k, v in {"rerank": rerank, "ef_search": ef_search, "nprobe": nprobe}.items() if v is not None}
-        exclude = [own.id] if own is not None and not keep_self else None
-        matches = search_vectors(index, vector, top, params, exclude_ids=exclude)[0]
-        if grid is not None:
-            from ..visualize import retrieval_grid
+    """The images most alike to each query, by the learned distance (lower = more alike) and P(same attribute).
 
-            if grid.suffix.lower() not in (".png", ".jpg", ".jpeg"):
-                raise LookalikeError(f"--grid {grid}: use a .png or .jpg file name")
-            labels = [f"{m.attribute or ''}" + (f" p={m.probability:.2f}" if m.probability is not None else "") for m in matches]
-            retrieval_grid(str(query_path), [(m.path, m.distance, label) for m, label in zip(matches, labels)], grid)
+    Many queries are embedded in one batch: `lookalike index search photos.index a.jpg b.jpg shots/ --json`.
+    """
+    paths = query_paths(queries)
+    if grid is not None and len(paths) != 1:
+        raise LookalikeError(f"--grid draws one query's matches; {len(paths)} queries were given (leave out --grid or pass one image)")
+    params = {k: v for k, v in {"rerank": rerank, "ef_search": ef_search, "nprobe": nprobe}.items() if v is not None}
+    with ImageIndex.open(index_dir) as index:
+        start = time.perf_counter()
+        vectors, own_ids = query_vectors(index, paths, run)
+        results = []
+        for path, vector, own in zip(paths, vectors, own_ids):
+            exclude = [own] if own is not None and not keep_self else None
+            results.append(search_vectors(index, vector, top, params, exclude_ids=exclude)[0])
+        took_ms = (time.perf_counter() - start) * 1000 / len(paths)
+    if grid is not None:
+        from ..visualize import retrieval_grid
+
+        if grid.suffix.lower() not in (".png", ".jpg", ".jpeg"):
+            raise LookalikeError(f"--grid {grid}: use a .png or .jpg file name")
+        labels = [f"{m.attribute or ''}" + (f" p={m.probability:.2f}" if m.probability is not None else "") for m in results[0]]
+        retrieval_grid(str(paths[0]), [(m.path, m.distance, label) for m, label in zip(results[0], labels)], grid)
+    for path, own, matches in zip(paths, own_ids, results):
         if as_json:
-            print(json.dumps({"query": str(query_path), "distance": index.metric.describe(), "matches": [m.to_dict() for m in matches], "grid": str(grid) if grid else None}, indent=2))
-            return
-        table = Table(title=f"{len(matches)} closest to {query_path.name} ({index.metric.describe()})")
+            print(search_out(path, own, matches, took_ms).model_dump_json())
+            continue
+        table = Table(title=f"{len(matches)} closest to {path.name} ({index.metric.describe()})")
         for col in ("#", "distance", "P(same)", "attribute", "path"):
             table.add_column(col, justify="right" if col in ("#", "distance", "P(same)") else "left")
         for rank, m in enumerate(matches, 1):
             table.add_row(str(rank), f"{m.distance:.4f}", "-" if m.probability is None else f"{m.probability:.2f}", m.attribute or "", escape(m.path))
         out.print(table)
-        if grid is not None:
-            out.print(f"grid: {grid}")
+    if grid is not None and not as_json:
+        out.print(f"grid: {grid}")
+
+
+def query_paths(queries: List[Path]) -> list[Path]:
+    """Query files in the order given, each folder expanded to its images (name order)."""
+    paths: list[Path] = []
+    for q in queries:
+        q = Path(absolute(q))
+        if q.is_dir():
+            found = list(iter_image_files(q))
+            if not found:
+                raise LookalikeError(f"query folder {q} holds no images (looked for .jpg .jpeg .png .bmp .webp .tif)")
+            paths += found
+        elif q.is_file():
+            paths.append(q)
+        else:
+            raise LookalikeError(f"query image {q} does not exist")
+    return paths
+
+
+def query_vectors(index: ImageIndex, paths: list[Path], run: Optional[Path]) -> tuple[np.ndarray, list[Optional[int]]]:
+    """Each query's vector and catalog id (None when not catalogued); unchanged catalog files are not embedded again."""
+    own_ids: list[Optional[int]] = []
+    for p in paths:
+        entry, stat = index.entries_by_path(str(p)).get(str(p)), p.stat()
+        own_ids.append(entry.id if entry is not None and entry.size == stat.st_size and entry.mtime == stat.st_mtime else None)
+    vectors = np.zeros((len(paths), index.dim), np.float32)
+    stored = [i for i, own in enumerate(own_ids) if own is not None]
+    if stored:
+        vectors[stored] = index.vectors()[[own_ids[i] for i in stored]]
+    todo = [i for i, own in enumerate(own_ids) if own is None]
+    if todo:
+        model, _ = load_model(run, index)
+        result = model.embed([str(paths[i]) for i in todo], progress=len(todo) > 1)
+        if result.skipped:
+            raise BadImageError(Path(result.skipped[0]["path"]), result.skipped[0]["reason"])
+        vectors[todo] = result.features
+    return vectors, own_ids
+
+
+def search_out(path: Path, own: Optional[int], matches, took_ms: float) -> SearchOut:
+    """One query's answer in the shape of REST /search."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        width, height, fmt = img.width, img.height, (img.format or "").lower() or None
+    return SearchOut(
+        query=QueryOut(width=width, height=height, format=fmt, id=own), attribute=None, results=[MatchOut.from_match(m.to_dict()) for m in matches], took_ms=took_ms
+    )
 
 
 @index_app.command()

@@ -36,13 +36,27 @@ class WeightedL2Ranker(ClassifierMixin, BaseEstimator):
     decision_function(X) = w . X + b is high for alike pairs, so the learned distance between u and v
     is -(w . (u - v)^2 + b). Platt scaling maps that score to P(same attribute), fit on held-out pairs
     with negatives weighted as if `platt_negative_ratio` times as numerous as positives.
+
+    With `visual_dims`, the last that many coordinates (the visual part of a lookalike embedding) are kept
+    out of the SVM, which would trade them away for attribute accuracy; they share one distance weight,
+    `visual_weight` times the mean magnitude of the SVM's weights, so they order photos within an attribute.
     """
 
-    def __init__(self, C: float = 0.1, class_weight: str | None = "balanced", max_iter: int = 10000, platt_negative_ratio: float = 10.0):
+    def __init__(
+        self,
+        C: float = 0.1,
+        class_weight: str | None = "balanced",
+        max_iter: int = 10000,
+        platt_negative_ratio: float = 10.0,
+        visual_dims: int = 0,
+        visual_weight: float = 0.3,
+    ):
         self.C = C
         self.class_weight = class_weight
         self.max_iter = max_iter
         self.platt_negative_ratio = platt_negative_ratio
+        self.visual_dims = visual_dims
+        self.visual_weight = visual_weight
 
     def fit(self, X, y, X_calibration=None, y_calibration=None):
         """Fit the SVM on (X, y); calibrate on (X_calibration, y_calibration), else on the training pairs."""
@@ -50,10 +64,15 @@ class WeightedL2Ranker(ClassifierMixin, BaseEstimator):
         y = np.asarray(y)
         if len(np.unique(y)) != 2:
             raise LookalikeError("training pairs need both positive and negative examples")
+        learned = X.shape[1] - self.visual_dims
+        if learned < 1:
+            raise LookalikeError(f"visual_dims = {self.visual_dims} leaves none of the {X.shape[1]} pair features to learn from")
         svm = LinearSVC(C=self.C, class_weight=None if self.class_weight in (None, "none") else self.class_weight, max_iter=self.max_iter, dual="auto")
-        svm.fit(X, y)
+        svm.fit(X[:, :learned], y)
         self.classes_ = svm.classes_
-        self.weights_ = svm.coef_[0].astype(np.float64)
+        w = svm.coef_[0].astype(np.float64)
+        # negative SVM weights mean "alike when this difference is small": the visual part gets that sign
+        self.weights_ = np.concatenate([w, np.full(self.visual_dims, -self.visual_weight * float(np.abs(w).mean()))])
         self.bias_ = float(svm.intercept_[0])
         self.n_features_in_ = X.shape[1]
         if X_calibration is None:

@@ -1,4 +1,5 @@
-"""Augmented views that keep a texture recognisable: random resized crop, flips, mild colour jitter.
+"""Augmented views that keep a texture recognisable: random resized crop, flips, mild colour jitter, and the
+losses of a re-photographed or re-posted copy (a smaller picture scaled back up, JPEG re-encoding).
 
 Each view is a pure function of (image content hash, view number, seed), so a view computed once can be
 cached and shared by every split and every run that asks for it.
@@ -7,6 +8,7 @@ cached and shared by every split and every run that asks for it.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import threading
 from dataclasses import dataclass
@@ -31,6 +33,29 @@ class AugmentParams:
     vflip: bool = True
     color_jitter: float = 0.3
     hue_jitter: float = 0.02
+    degrade: float = 0.5
+
+
+class Degrade:
+    """With probability p each: shrink to 35-90% and scale back (lost detail), re-encode as JPEG at quality 30-95.
+
+    Draws from torch's global generator, like torchvision's transforms, so a view stays a function of its seed.
+    """
+
+    def __init__(self, p: float):
+        self.p = p
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if float(torch.rand(())) < self.p:
+            factor = float(torch.empty(()).uniform_(0.35, 0.9))
+            w, h = img.size
+            img = img.resize((max(8, round(w * factor)), max(8, round(h * factor))), Image.BILINEAR).resize((w, h), Image.BILINEAR)
+        if float(torch.rand(())) < self.p:
+            buffer = io.BytesIO()
+            img.save(buffer, "JPEG", quality=int(torch.randint(30, 96, ())))
+            buffer.seek(0)
+            img = Image.open(buffer).convert("RGB")
+        return img
 
 
 class ViewMaker:
@@ -48,6 +73,8 @@ class ViewMaker:
         if params.color_jitter > 0 or params.hue_jitter > 0:
             j = params.color_jitter
             steps.append(T.ColorJitter(brightness=j, contrast=j, saturation=j, hue=params.hue_jitter))
+        if params.degrade > 0:
+            steps.append(Degrade(params.degrade))
         self.random = T.Compose(steps)
 
     def views(self, path: str | os.PathLike, digest: str, numbers: list[int]) -> list[np.ndarray]:

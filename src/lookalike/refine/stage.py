@@ -19,9 +19,10 @@ from torch import nn
 
 from .. import visualize
 from ..backbones import Backbone, create_backbone, load_backbone
-from ..backbones.registry import AttributeHead, save_backbone
+from ..backbones.heads import AttributeHead, Head, LookalikeHead
+from ..backbones.registry import save_backbone
 from ..backbones.stages import resolve_taps
-from ..config import LookalikeConfig
+from ..config import LookalikeConfig, RefineConfig
 from ..errors import ConfigError, LookalikeError
 from ..features import FeatureCache, configured_cache_dir
 from ..features.extract import batch_for
@@ -30,6 +31,7 @@ from ..rundir import RunDir, fingerprint, up_to_date
 from .augment import AugmentParams, ViewMaker
 from .cached import ActivationCache, fill_cache, frozen_runner
 from .blocks import TrainedPart, split_trunk
+from .objectives import objective_for
 from .trainer import CachedViews, OnlineViews, RefineNet, Refiner
 
 CACHE_FORMAT = 3
@@ -81,7 +83,7 @@ def refine(run_dir: str | os.PathLike, split: int = 0, force: bool = False, prog
     frozen, trained = split_trunk(backbone, blocks)
     if frozen is None:
         mode = "full"  # every stage is trained, so there is nothing frozen to cache
-    augment = AugmentParams(rc.crop_scale_min, rc.hflip, rc.vflip, rc.color_jitter, rc.hue_jitter)
+    augment = AugmentParams(rc.crop_scale_min, rc.hflip, rc.vflip, rc.color_jitter, rc.hue_jitter, rc.degrade)
     maker = ViewMaker(backbone.config, augment)
     parts = {p: s.parts[p] for p in ("train", "validation", "test") if s.parts.get(p)}
     digests = {p: [dataset.images[i].sha256 for i in idx] for p, idx in parts.items()}
@@ -89,7 +91,7 @@ def refine(run_dir: str | os.PathLike, split: int = 0, force: bool = False, prog
     start = time.perf_counter()
     run.log(
         f"split {split}: refining {backbone.config.name} at {backbone.config.input_size} px on {len(parts['train'])} training images, "
-        f"{mode} mode ({_trained_part(frozen, trained)}), {rc.epochs} epochs; the classifier sees {_descriptor_name(backbone.config.taps)}"
+        f"{mode} mode ({_trained_part(frozen, trained)}), {rc.epochs} epochs; the {rc.embedding} head sees {_descriptor_name(backbone.config.taps)}"
     )
     cache = None
     if mode == "cached":
@@ -109,15 +111,17 @@ def refine(run_dir: str | os.PathLike, split: int = 0, force: bool = False, prog
         views = {p: OnlineViews(maker, [str(dataset.absolute_path(i)) for i in parts[p]], digests[p]) for p in parts}
         net_frozen = frozen if frozen is not None else nn.Identity()
     dim = descriptor_dim(frozen, trained, backbone.config.input_size)
-    head = AttributeHead(dim, dataset.attributes, "logits" if rc.embedding == "pooled" else rc.embedding, rc.dropout)
+    head = make_head(rc, dim, dataset.attributes)
     net = RefineNet(net_frozen, trained, head)
     monitor = {p: (views[p], labels[p]) for p in ("validation", "test") if p in parts}
     keep_head = rc.embedding != "pooled"
     if keep_head:
-        dim = len(dataset.attributes)
+        dim = head.embedding_dim
+    objective = objective_for(head, rc.view_weight, rc.view_temperature, rc.label_smoothing)
     try:
         # texture statistics of several stages differ in scale by orders of magnitude; pooled features do not
-        refiner = Refiner(rc, seed=seed, standardize=bool(backbone.config.taps), progress=progress, log=run.log).fit(net, views["train"], labels["train"], monitor)
+        refiner = Refiner(rc, objective, seed=seed, standardize=bool(backbone.config.taps), progress=progress, log=run.log)
+        refiner.fit(net, views["train"], labels["train"], monitor)
         refined = Backbone(backbone.trunk.eval(), replace(backbone.config, embedding_dim=dim), "", head.eval() if keep_head else None)
         save_backbone(refined, out)
         if cache is not None:
@@ -149,11 +153,18 @@ def refine(run_dir: str | os.PathLike, split: int = 0, force: bool = False, prog
     return record
 
 
+def make_head(rc: RefineConfig, in_features: int, classes: list[str]) -> Head:
+    """The head `refine.embedding` asks for ("pooled" trains a classifier and then drops it)."""
+    if rc.embedding == "lookalike":
+        return LookalikeHead(in_features, classes, rc.attribute_dim, rc.visual_dim, rc.temperature, rc.dropout)
+    return AttributeHead(in_features, classes, "logits" if rc.embedding == "pooled" else rc.embedding, rc.dropout)
+
+
 def _trained_part(frozen: nn.Module | None, trained: TrainedPart) -> str:
     if frozen is None:
-        return "every stage + new classifier"
+        return "every stage + new head"
     n = len(trained.run.blocks)
-    return f"last {n} stage(s) + new classifier" if n else "new classifier on cached descriptors"
+    return f"last {n} stage(s) + new head" if n else "new head on cached descriptors"
 
 
 def _descriptor_name(taps: tuple[int, ...]) -> str:

@@ -1,6 +1,6 @@
 """The refinement loop: trunk blocks + (embedding layer) + dropout + a linear classifier over the attributes.
 
-SGD with momentum and L2 weight decay, a per-epoch learning-rate schedule, seeded, on a CUDA GPU with mixed
+AdamW (or the tutorial's SGD with momentum), weight decay, a per-epoch learning-rate schedule, seeded, on a CUDA GPU with mixed
 precision when there is one, else on the CPU. The inputs are either images (full mode) or cached activations
 of the frozen blocks (cached mode); the loop is the same.
 """
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..backbones.registry import AttributeHead
+from ..backbones.heads import Head
 from ..config import RefineConfig
 from ..errors import LookalikeError
 from .augment import ViewMaker
@@ -26,11 +26,19 @@ from .cached import ActivationCache
 
 
 class Views(Protocol):
-    """Where a minibatch of inputs comes from: `train` gives random views, `eval` the centre view."""
+    """Where a minibatch of inputs comes from: `train` gives `n` different random views per item, `eval` the centre view."""
 
-    def train(self, items: Sequence[int], epoch: int, rng: np.random.Generator) -> torch.Tensor: ...
+    def train(self, items: Sequence[int], epoch: int, rng: np.random.Generator, n: int = 1) -> list[torch.Tensor]: ...
 
     def eval(self, items: Sequence[int]) -> torch.Tensor: ...
+
+
+class Objective(Protocol):
+    """Turns the descriptors of `views` views per item into (loss, attribute logits of the first view); see objectives.py."""
+
+    views: int
+
+    def __call__(self, head: Head, descriptors: list[torch.Tensor], target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class CachedViews:
@@ -39,9 +47,11 @@ class CachedViews:
     def __init__(self, cache: ActivationCache, digests: Sequence[str], n_views: int):
         self.cache, self.digests, self.n_views = cache, list(digests), n_views
 
-    def train(self, items, epoch, rng):
-        picks = rng.integers(0, self.n_views + 1, size=len(items))
-        return torch.from_numpy(self.cache.get_many([(self.digests[i], int(v)) for i, v in zip(items, picks)]))
+    def train(self, items, epoch, rng, n=1):
+        first = rng.integers(0, self.n_views + 1, size=len(items))
+        # a second view differs from the first whenever the cache holds more than one
+        picks = [first] + [(first + rng.integers(1, self.n_views + 1, size=len(items))) % (self.n_views + 1) if self.n_views else first for _ in range(n - 1)]
+        return [torch.from_numpy(self.cache.get_many([(self.digests[i], int(v)) for i, v in zip(items, p)])) for p in picks]
 
     def eval(self, items):
         return torch.from_numpy(self.cache.get_many([(self.digests[i], 0) for i in items]))
@@ -61,9 +71,9 @@ class OnlineViews:
 
         return torch.from_numpy(np.stack(list(self.pool.map(one, zip(items, views)))))
 
-    def train(self, items, epoch, rng):
+    def train(self, items, epoch, rng, n=1):
         # a fresh view number per epoch and image keeps the augmentation repeatable without a shared RNG
-        return self._load(items, [1 + epoch * 1_000_003 + int(rng.integers(1_000_000)) for _ in items])
+        return [self._load(items, [1 + epoch * 1_000_003 + int(rng.integers(1_000_000)) for _ in items]) for _ in range(n)]
 
     def eval(self, items):
         return self._load(items, [0] * len(items))
@@ -73,9 +83,9 @@ class OnlineViews:
 
 
 class RefineNet(nn.Module):
-    """frozen part (no gradient) -> trained part -> descriptor -> attribute head (standardise, dropout, linear)."""
+    """frozen part (no gradient) -> trained part -> descriptor -> head (standardise, dropout, projection)."""
 
-    def __init__(self, frozen: nn.Module, trained: nn.Module, head: AttributeHead):
+    def __init__(self, frozen: nn.Module, trained: nn.Module, head: Head):
         super().__init__()
         self.frozen, self.trained, self.head = frozen, trained, head
 
@@ -147,8 +157,11 @@ class Refiner:
     With `standardize`, the head's shift and scale are first set from the training images' descriptors.
     """
 
-    def __init__(self, config: RefineConfig, seed: int = 0, standardize: bool = True, progress: bool = True, log: Callable[[str], None] = print):
+    def __init__(
+        self, config: RefineConfig, objective: Objective, seed: int = 0, standardize: bool = True, progress: bool = True, log: Callable[[str], None] = print
+    ):
         self.config = config
+        self.objective = objective
         self.seed = seed
         self.standardize = standardize
         self.progress = progress
@@ -164,7 +177,7 @@ class Refiner:
         """Train `net` on `train` (one item per label); `monitor` parts are only measured, never trained on or chosen by."""
         cfg = self.config
         torch.manual_seed(self.seed)
-        net.head.linear.reset_parameters()  # its first weights come from this seed, not from whatever ran before
+        net.head.reset_parameters()  # its first weights come from this seed, not from whatever ran before
         rng = np.random.default_rng(self.seed)
         self.classes_ = list(net.head.classes)
         index = {c: i for i, c in enumerate(self.classes_)}
@@ -185,9 +198,11 @@ class Refiner:
         pretrained = list(net.trained.parameters())
         if pretrained:
             groups.append({"params": pretrained, "lr_scale": 1.0})
-        optimizer = torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        if cfg.optimizer == "sgd":
+            optimizer = torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=0.0, weight_decay=cfg.weight_decay)
         scaler = torch.amp.GradScaler("cuda", enabled=mixed and _amp_dtype(self.device_) == torch.float16)
-        loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         monitor = {name: (views, np.array([index.get(c, -1) for c in lab])) for name, (views, lab) in (monitor or {}).items()}
         self.history_: list[dict] = []
         for epoch in range(cfg.epochs):
@@ -204,11 +219,10 @@ class Refiner:
                 batches.pop()
             bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False, disable=not self.progress)
             for items in bar:
-                x = train.train(items, epoch, rng).to(self.device_, non_blocking=True)
+                xs = [x.to(self.device_, non_blocking=True) for x in train.train(items, epoch, rng, self.objective.views)]
                 target = torch.from_numpy(y[items]).to(self.device_)
                 with amp:
-                    logits = net(x)
-                    loss = loss_fn(logits.float(), target)
+                    loss, logits = self.objective(net.head, [net.descriptor(x) for x in xs], target)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)

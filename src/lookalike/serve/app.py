@@ -71,17 +71,6 @@ def create_app(engine: Engine) -> FastAPI:
         data = await file.read()
         return Upload(data, name, filename, *sniff_format(data, name))
 
-    def match_out(m: dict) -> MatchOut:
-        return MatchOut(
-            id=m["id"],
-            name=Path(m["path"]).name,
-            attribute=m["attribute"],
-            distance=m["distance"],
-            probability=m["probability"],
-            image_url=f"/images/{m['id']}",
-            thumbnail_url=f"/images/{m['id']}/thumbnail",
-        )
-
     def require_writer(key: Annotated[str | None, Depends(key_header)]) -> None:
         if not settings.writes_enabled:
             raise ApiError(403, "writes_disabled", "catalog writes are disabled on this service; start it with --allow-writes and --api-key")
@@ -105,7 +94,7 @@ def create_app(engine: Engine) -> FastAPI:
         matches = await engine.on_index(engine.search, vector, top, attribute, [])
         took = (time.perf_counter() - start) * 1000
         w, h = upload.size
-        return SearchOut(query=QueryOut(width=w, height=h, format=upload.format), attribute=attribute, results=[match_out(m) for m in matches], took_ms=took)
+        return SearchOut(query=QueryOut(width=w, height=h, format=upload.format), attribute=attribute, results=[MatchOut.from_match(m) for m in matches], took_ms=took)
 
     @app.get("/images/{image_id}/similar", response_model=SearchOut, responses=_errors(404, 422, 503), tags=["search"])
     async def similar(image_id: ImageId, top: TopQuery = 15, attribute: AttributeQuery = None) -> SearchOut:
@@ -118,7 +107,7 @@ def create_app(engine: Engine) -> FastAPI:
 
         matches = await engine.on_index(by_id)
         took = (time.perf_counter() - start) * 1000
-        return SearchOut(query=QueryOut(width=0, height=0, format=None, id=image_id), attribute=attribute, results=[match_out(m) for m in matches], took_ms=took)
+        return SearchOut(query=QueryOut(width=0, height=0, format=None, id=image_id), attribute=attribute, results=[MatchOut.from_match(m) for m in matches], took_ms=took)
 
     @app.post("/compare", response_model=CompareOut, responses=common | _errors(415), tags=["search"])
     async def compare(

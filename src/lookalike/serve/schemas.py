@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -12,9 +13,22 @@ class MatchOut(BaseModel):
     name: str = Field(description="File name of the catalog image (no folders).")
     attribute: str | None
     distance: float = Field(description="The index's distance to the query; lower means more alike.")
-    probability: float = Field(ge=0, le=1, description="Calibrated probability that the image shares the query's attribute.")
+    probability: float | None = Field(ge=0, le=1, description="Calibrated probability that the image shares the query's attribute (null for an uncalibrated distance).")
     image_url: str
     thumbnail_url: str
+
+    @classmethod
+    def from_match(cls, m: dict) -> "MatchOut":
+        """A match as `index.search.Match.to_dict()` or the service's engine gives it."""
+        return cls(
+            id=m["id"],
+            name=Path(m["path"]).name,
+            attribute=m["attribute"],
+            distance=m["distance"],
+            probability=m["probability"],
+            image_url=f"/images/{m['id']}",
+            thumbnail_url=f"/images/{m['id']}/thumbnail",
+        )
 
 
 class QueryOut(BaseModel):

@@ -1,0 +1,150 @@
+"""Learned heads on the descriptor: what a refined backbone outputs as its embedding.
+
+Both standardise the descriptor first (shift and scale from the training images), because texture
+statistics of several stages differ in scale by orders of magnitude.
+
+- `LookalikeHead` (the default): two unit vectors side by side. The attribute part is a projection
+  trained against one proxy per attribute with a temperature (NormSoftmax), so each attribute gathers
+  around its proxy without collapsing onto one point: photos keep their own place within the attribute.
+  The visual part is trained to find another view of the same photo among the other photos (crops,
+  flips, colour changes), so copies find their original and patterns the attributes never named stay apart.
+- `AttributeHead`: a linear classifier whose posterior (or logits) is the embedding; every confidently
+  classified photo of an attribute lands on one corner of the simplex.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import LookalikeError
+
+
+class Head(nn.Module):
+    """Standardised descriptor -> embedding; `logits` scores the attributes (for training and monitoring)."""
+
+    kind = ""
+
+    def __init__(self, in_features: int, classes: list[str], dropout: float = 0.0):
+        super().__init__()
+        self.classes = list(classes)
+        self.in_features = in_features
+        self.register_buffer("shift", torch.zeros(in_features))
+        self.register_buffer("scale", torch.ones(in_features))
+        self.dropout = nn.Dropout(dropout)
+
+    def standardize(self, descriptors: torch.Tensor) -> "Head":
+        """Take the shift and scale from these (training) descriptors.
+
+        A feature that barely varies on the training images is not blown up: no scale is below a tenth of the mean one.
+        """
+        std = descriptors.std(0)
+        self.shift.copy_(descriptors.mean(0))
+        self.scale.copy_(std.clamp_min(0.1 * float(std.mean()) + 1e-12))
+        return self
+
+    def standardized(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout((x - self.shift) / self.scale)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def reset_parameters(self) -> None:
+        """Fresh initial weights (drawn from torch's generator, so a seeded fit starts the same way)."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "in_features": self.in_features, "classes": self.classes}
+
+
+class AttributeHead(Head):
+    """A linear classifier over the attributes; its posterior (or logits) is the embedding."""
+
+    kind = "attribute-classifier"
+    OUTPUTS = ("posterior", "logits")
+
+    def __init__(self, in_features: int, classes: list[str], output: str = "posterior", dropout: float = 0.0):
+        super().__init__(in_features, classes, dropout)
+        if output not in self.OUTPUTS:
+            raise LookalikeError(f"unknown attribute head output '{output}'; choose {' or '.join(self.OUTPUTS)}")
+        self.output = output
+        self.linear = nn.Linear(in_features, len(self.classes))
+
+    @property
+    def embedding_dim(self) -> int:
+        return len(self.classes)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.standardized(x))
+
+    def reset_parameters(self) -> None:
+        self.linear.reset_parameters()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.logits(x)
+        return logits.softmax(-1) if self.output == "posterior" else logits
+
+    def describe(self) -> dict:
+        return super().describe() | {"output": self.output}
+
+
+class LookalikeHead(Head):
+    """[attribute part, visual part] / sqrt(2): two unit vectors, so the embedding has unit length.
+
+    `visual_dim` trailing coordinates are the visual part; the learned distance gives them one shared weight.
+    """
+
+    kind = "lookalike-embedding"
+
+    def __init__(self, in_features: int, classes: list[str], attribute_dim: int = 64, visual_dim: int = 64, temperature: float = 0.1, dropout: float = 0.0):
+        super().__init__(in_features, classes, dropout)
+        self.attribute_dim, self.visual_dim, self.temperature = attribute_dim, visual_dim, temperature
+        self.attribute = nn.Linear(in_features, attribute_dim, bias=False)
+        self.visual = nn.Linear(in_features, visual_dim, bias=False)
+        self.attribute_proxies = nn.Parameter(torch.randn(len(self.classes), attribute_dim))
+        self.visual_proxies = nn.Parameter(torch.randn(len(self.classes), visual_dim))
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.attribute_dim + self.visual_dim
+
+    def parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attribute and the visual part, each of unit length."""
+        z = self.standardized(x)
+        return F.normalize(self.attribute(z), dim=1), F.normalize(self.visual(z), dim=1)
+
+    def proxy_logits(self, part: torch.Tensor, proxies: torch.Tensor) -> torch.Tensor:
+        """Cosine to each attribute's proxy, sharpened by the temperature (NormSoftmax)."""
+        return part @ F.normalize(proxies, dim=1).T / self.temperature
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proxy_logits(self.parts(x)[0], self.attribute_proxies)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        attribute, visual = self.parts(x)
+        return torch.cat([attribute, visual], 1) * 0.5**0.5
+
+    def reset_parameters(self) -> None:
+        for layer in (self.attribute, self.visual):
+            layer.reset_parameters()
+        for proxies in (self.attribute_proxies, self.visual_proxies):
+            nn.init.normal_(proxies)
+
+    def describe(self) -> dict:
+        return super().describe() | {"attribute_dim": self.attribute_dim, "visual_dim": self.visual_dim, "temperature": self.temperature}
+
+
+def head_from_description(desc: dict) -> Head:
+    """An untrained head shaped as `Head.describe()` says, ready for its saved weights."""
+    kind = desc.get("kind")
+    if kind == AttributeHead.kind:
+        return AttributeHead(desc["in_features"], desc["classes"], desc["output"])
+    if kind == LookalikeHead.kind:
+        return LookalikeHead(desc["in_features"], desc["classes"], desc["attribute_dim"], desc["visual_dim"], desc["temperature"])
+    raise LookalikeError(f"unknown embedding head kind '{kind}'")
+
+
+def visual_dims(desc: dict | None) -> int:
+    """How many trailing embedding coordinates a head's description marks as its visual part (0 when none)."""
+    return int((desc or {}).get("visual_dim", 0))

@@ -1,0 +1,69 @@
+"""Lookalike search, measured: does an altered copy find its original, do unseen patterns keep apart, any ties?
+
+The rank test only asks whether photos of one attribute come before photos of another. A search user also
+needs the photo itself (a shopper's snapshot of a product) to come first, photos within an attribute to be
+ordered by how alike they look, and patterns the model was never taught to stay apart. These three checks
+say so; `lookalike run` reports the copy test, `benchmarks/lookalike_search.py` all three.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+
+import numpy as np
+from PIL import Image, ImageEnhance
+
+from ..metric.distances import Distance
+
+
+def altered_copy(img: Image.Image, seed: int) -> Image.Image:
+    """What a re-photographed or re-posted copy looks like: cropped to 70-85% of the area at a random place,
+    shrunk to 60%, brightened by 10%, saved as JPEG at quality 50. The same seed gives the same copy."""
+    rng = random.Random(seed)
+    img = img.convert("RGB")
+    w, h = img.size
+    area, aspect = rng.uniform(0.70, 0.85), rng.uniform(0.8, 1.25)
+    cw, ch = min(w, round(w * (area * aspect) ** 0.5)), min(h, round(h * (area / aspect) ** 0.5))
+    left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
+    img = img.crop((left, top, left + cw, top + ch))
+    img = img.resize((max(1, round(cw * 0.6)), max(1, round(ch * 0.6))), Image.BILINEAR)
+    img = ImageEnhance.Brightness(img).enhance(1.1)
+    buffer = io.BytesIO()
+    img.save(buffer, "JPEG", quality=50)
+    buffer.seek(0)
+    return Image.open(buffer).convert("RGB")
+
+
+def copy_ranks(distance: Distance, catalog: np.ndarray, copies: np.ndarray) -> np.ndarray:
+    """Rank (1 = found first) of catalog row i for copies[i]; another photo at the same distance counts against it."""
+    D = distance.matrix(np.asarray(copies, np.float64), np.asarray(catalog, np.float64))
+    own = D[np.arange(len(copies)), np.arange(len(copies))]
+    return (D <= own[:, None]).sum(1)  # the original itself is counted once
+
+
+def copy_summary(ranks: np.ndarray) -> dict[str, float]:
+    ranks = np.asarray(ranks)
+    return {"found_first": float(np.mean(ranks == 1)), "top5": float(np.mean(ranks <= 5)), "mean_rank": float(np.mean(ranks)), "n": int(ranks.size)}
+
+
+def nearest_neighbour_accuracy(distance: Distance, vectors: np.ndarray, labels, groups: dict[str, np.ndarray]) -> dict[str, float]:
+    """Leave-one-out 1-NN label accuracy over `vectors`, averaged within each group (a boolean mask over the rows)."""
+    labels = np.asarray(labels)
+    D = distance.matrix(np.asarray(vectors, np.float64), np.asarray(vectors, np.float64))
+    np.fill_diagonal(D, np.inf)
+    predicted = labels[np.argmin(D, axis=1)]
+    return {name: float(np.mean(predicted[mask] == labels[mask])) if mask.any() else float("nan") for name, mask in groups.items()}
+
+
+def tied_fraction(distance: Distance, vectors: np.ndarray, labels, k: int = 15, tolerance: float = 1e-9) -> float:
+    """Share of the queries (each row against all others) whose top-k same-attribute matches hold two equal distances."""
+    labels = np.asarray(labels)
+    D = distance.matrix(np.asarray(vectors, np.float64), np.asarray(vectors, np.float64))
+    tied = 0
+    for i in range(len(D)):
+        same = np.flatnonzero((labels == labels[i]) & (np.arange(len(D)) != i))
+        top = np.sort(D[i, same])[:k]
+        spread = max(1.0, float(np.abs(top).max(initial=0.0)))
+        tied += bool(len(top) > 1 and np.min(np.diff(top)) <= tolerance * spread)
+    return tied / len(D) if len(D) else float("nan")
