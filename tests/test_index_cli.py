@@ -48,7 +48,8 @@ def test_build_search_add_remove_stats_on_real_photos(trained):
 
     query = sorted((root / "photos" / "leopard").iterdir())[0]
     result = json.loads(lookalike("index", "search", index, query, "--top", "15", "--json", "--grid", root / "grid.png", env=env).stdout)
-    matches = result["matches"]
+    assert set(result) == {"query", "attribute", "results", "took_ms"} and result["query"]["path"] == str(query)
+    matches = result["results"]
     assert len(matches) == 15 and str(query) not in [m["path"] for m in matches]
     distances = [m["distance"] for m in matches]
     probabilities = [m["probability"] for m in matches]
@@ -83,7 +84,7 @@ def test_build_search_add_remove_stats_on_real_photos(trained):
 
     new_photo = next((root / "later" / "striped").iterdir())
     found = json.loads(lookalike("index", "search", index, new_photo, "--top", "3", "--keep-self", "--json", env=env).stdout)
-    assert found["matches"][0]["path"] == str(new_photo)
+    assert found["results"][0]["path"] == str(new_photo)
 
     removed = json.loads(lookalike("index", "remove", index, root / "later" / "striped", root / "nowhere.jpg", "--json", env=env).stdout)
     assert removed["removed"] == 4 and removed["images"] == 44 and removed["not_in_index"] == [str(root / "nowhere.jpg")]

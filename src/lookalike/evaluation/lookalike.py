@@ -57,13 +57,17 @@ def nearest_neighbour_accuracy(distance: Distance, vectors: np.ndarray, labels, 
 
 
 def tied_fraction(distance: Distance, vectors: np.ndarray, labels, k: int = 15, tolerance: float = 1e-9) -> float:
-    """Share of the queries (each row against all others) whose top-k same-attribute matches hold two equal distances."""
+    """Share of the queries (each row against all others) whose k nearest same-attribute matches hold two distances
+    closer than `tolerance` times the range of all distances: an order left to rounding."""
     labels = np.asarray(labels)
     D = distance.matrix(np.asarray(vectors, np.float64), np.asarray(vectors, np.float64))
+    off_diagonal = ~np.eye(len(D), dtype=bool)
+    if not off_diagonal.any():
+        return float("nan")
+    resolution = tolerance * float(np.ptp(D[off_diagonal]))
     tied = 0
     for i in range(len(D)):
-        same = np.flatnonzero((labels == labels[i]) & (np.arange(len(D)) != i))
+        same = np.flatnonzero((labels == labels[i]) & off_diagonal[i])
         top = np.sort(D[i, same])[:k]
-        spread = max(1.0, float(np.abs(top).max(initial=0.0)))
-        tied += bool(len(top) > 1 and np.min(np.diff(top)) <= tolerance * spread)
-    return tied / len(D) if len(D) else float("nan")
+        tied += bool(len(top) > 1 and np.min(np.diff(top)) <= resolution)
+    return tied / len(D)

@@ -233,7 +233,10 @@ def search_out(path: Path, own: Optional[int], matches, took_ms: float) -> Searc
     with Image.open(path) as img:
         width, height, fmt = img.width, img.height, (img.format or "").lower() or None
     return SearchOut(
-        query=QueryOut(width=width, height=height, format=fmt, id=own), attribute=None, results=[MatchOut.from_match(m.to_dict()) for m in matches], took_ms=took_ms
+        query=QueryOut(width=width, height=height, format=fmt, id=own, path=str(path)),
+        attribute=None,
+        results=[MatchOut.from_match(m.to_dict(), with_path=True) for m in matches],
+        took_ms=took_ms,
     )
 
 
