@@ -11,9 +11,9 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from .backbones import Backbone, Preprocessor
+from .backbones import Backbone
 from .features import Engine, FeatureCache, configured_cache_dir, create_engine, default_cache_dir, embed_paths
-from .features.extract import EmbeddingResult, l2_normalize
+from .features.extract import EmbeddingResult, embed_images, l2_normalize
 from .metric import WeightedL2Ranker
 from .rundir import RunDir
 
@@ -28,7 +28,6 @@ class ImageEmbedder:
         self.quantize = quantize
         self._engine: Engine | None = None
         self._engine_lock = threading.Lock()
-        self._pre = Preprocessor(backbone.config)
 
     def engine(self, calibration_paths: Sequence[str | os.PathLike] = ()) -> Engine:
         """The inference engine, built on first use (ONNX export and INT8 calibration are cached on disk)."""
@@ -64,9 +63,7 @@ class ImageEmbedder:
 
     def embed_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
         """Unit-length embeddings of images already in memory, a batch at a time."""
-        engine = self.engine()
-        parts = [engine(np.stack([self._pre.array(img) for img in images[s : s + batch_size]])) for s in range(0, len(images), batch_size)]
-        return l2_normalize(np.concatenate(parts)) if parts else np.zeros((0, self.embedding_dim), np.float32)
+        return embed_images(self.engine(), images, batch_size)
 
 
 class SimilarityModel(ImageEmbedder):

@@ -23,7 +23,7 @@ from .errors import LookalikeError
 from .evaluation import gallery_metrics, positive_ranks, rank_summary
 from .evaluation.lookalike import tied_fraction
 from .features import FeatureCache, configured_cache_dir, create_engine, embed_paths
-from .features.extract import l2_normalize
+from .features.extract import embed_images, l2_normalize
 from .fileio import load_npy, read_json, save_npy, write_json
 from .metric import HardNegativeMiner, LearnedWeightedL2, WeightedL2Ranker, pair_features, pairs_from_sets, standard_distances
 from .rundir import RunDir, fingerprint, up_to_date
@@ -275,10 +275,9 @@ def _copy_test(run: RunDir, cfg: LookalikeConfig, split: int, dataset: Dataset, 
     """An altered copy of each test image (crop, shrink, brighten, JPEG) searched among the test images."""
     from .evaluation.lookalike import altered_copy, copy_ranks, copy_summary
     from .images import open_image
-    from .model import ImageEmbedder
 
-    embedder = ImageEmbedder(split_backbone(run, cfg, split), configured_cache_dir(cfg.features.cache_dir), cfg.features.engine, cfg.features.quantize)
-    copies = embedder.embed_images([altered_copy(open_image(dataset.absolute_path(i)), seed=i) for i in members])
+    engine = create_engine(split_backbone(run, cfg, split), cfg.features.engine, cfg.features.quantize, configured_cache_dir(cfg.features.cache_dir))
+    copies = embed_images(engine, [altered_copy(open_image(dataset.absolute_path(i)), seed=i) for i in members], cfg.features.batch_size)
     return {name: copy_summary(copy_ranks(d, catalog, copies)) for name, d in distances.items()}
 
 

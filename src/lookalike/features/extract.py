@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from ..backbones import Backbone, Preprocessor
@@ -89,6 +90,13 @@ def embed_paths(
     dim = model.config.embedding_dim
     features = np.stack([known[digests[i]] for i in keep]).astype(np.float32) if keep else np.zeros((0, dim), np.float32)
     return EmbeddingResult(features, [paths[i] for i in keep], [digests[i] for i in keep], skipped)
+
+
+def embed_images(engine: Engine, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
+    """Unit-length embeddings of images already in memory (uploads, altered copies), a batch at a time."""
+    pre = Preprocessor(engine.config)
+    parts = [engine(np.stack([pre.array(img) for img in images[s : s + batch_size]])) for s in range(0, len(images), batch_size)]
+    return l2_normalize(np.concatenate(parts)) if parts else np.zeros((0, engine.config.embedding_dim), np.float32)
 
 
 def _decoded_batches(pre: Preprocessor, paths: list[str], batch_size: int, workers: int | None) -> Iterator[tuple[list[int], np.ndarray, list[dict]]]:
