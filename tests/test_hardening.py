@@ -157,3 +157,36 @@ def test_a_300_character_attribute_is_reported_as_an_invalid_line(tmp_path):
     assert read_url_list(urls).invalid_lines[0]["reason"].endswith("bytes long; a folder name may have at most 200")
     report = download(urls, tmp_path / "out", retries=0, timeout=1)
     assert report.results == [] and [r["line"] for r in report.url_list.invalid_lines] == [1]
+
+
+# ---- item 9: advice that matches the config it names, given before any training
+
+
+def _run_cli(*args) -> "subprocess.CompletedProcess":
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "lookalike", *map(str, args)], capture_output=True, text=True, env=os.environ | {"COLUMNS": "300"})
+
+
+def test_too_few_test_images_are_refused_before_refinement_with_the_right_advice(tmp_path):
+    from conftest import make_dataset
+
+    data = make_dataset(tmp_path / "four", per_attribute=4)
+    result = _run_cli("run", "--data", data, "--out", tmp_path / "run")
+    message = " ".join(result.stderr.split())
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "lower data.train_ratio (now 0.75)" in message and "raise data.train_ratio" not in message, message
+    assert not (tmp_path / "run" / "split-0" / "refined").exists(), "refused before any training"
+
+
+def test_missing_validation_pairs_are_explained_by_the_real_cause(tmp_path):
+    from conftest import make_dataset
+
+    data = make_dataset(tmp_path / "six", per_attribute=6)
+    (tmp_path / "c.toml").write_text("[refine]\nepochs = 0\n[evaluate]\nquery_pictures = 0\ncopy_test = false\n")
+    result = _run_cli("run", "--data", data, "--out", tmp_path / "run", "--config", tmp_path / "c.toml")
+    assert result.returncode == 0, result.stderr
+    log = " ".join((tmp_path / "run" / "log.txt").read_text().split())
+    assert "no validation pairs: the validation part holds 3 image(s)" in log and "(data.validation_ratio = 0.2)" in log, log
+    assert "(data.validation_ratio = 0)" not in log

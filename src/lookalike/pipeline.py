@@ -80,6 +80,7 @@ def prepare(data_dir: str | os.PathLike, run_dir: str | os.PathLike, cfg: Lookal
     except NearDuplicateLeak as e:
         write_json(report, {"action": "refused", "pairs": e.pairs})
         raise LookalikeError(f"{e} (report: {report})") from None
+    check_split_sizes(s, cfg, dataset)
     if s.near_duplicates:
         write_json(report, {"action": "resolved", "pairs": s.near_duplicates})
         run.log(f"split {split}: moved {len(s.near_duplicates)} near-duplicate(s) to their twin's part (report: {report})", style="yellow")
@@ -87,6 +88,22 @@ def prepare(data_dir: str | os.PathLike, run_dir: str | os.PathLike, cfg: Lookal
     sizes = ", ".join(f"{p} {len(v)} images / {len(s.sets[p])} queries" for p, v in s.parts.items())
     run.log(f"split {split} (seed {seed}): {sizes}; train, validation and test share no image (checked by path and content hash)")
     return s
+
+
+def check_split_sizes(s: Split, cfg: LookalikeConfig, dataset: Dataset) -> None:
+    """Refuse, before any training, a split whose test part cannot form one query with its positive.
+
+    Each attribute keeps at least one image out of training; a query needs a second one of its attribute in the
+    test part. A larger test share (a lower data.train_ratio) or more images per attribute gives it that.
+    """
+    if s.sets["test"]:
+        return
+    per_attribute = {a: sum(dataset.images[i].attribute == a for i in s.parts["test"]) for a in dataset.attributes}
+    raise LookalikeError(
+        f"the test part holds only {', '.join(f'{n} {a}' for a, n in per_attribute.items())} image(s): no attribute has the 2 test "
+        f"images a query and its positive need. Add images (8 or more per attribute) or lower data.train_ratio (now {cfg.data.train_ratio}) "
+        "so that more of each attribute is kept for testing"
+    )
 
 
 def _listing_signature(root: str) -> str:
@@ -175,7 +192,7 @@ def train_metric(run_dir: str | os.PathLike, split: int = 0, force: bool = False
     X = pair_features(features[a], features[b])
     calib_part = "validation" if s.sets.get("validation") else "train"
     if calib_part == "train":
-        run.log("no validation pairs (data.validation_ratio = 0): calibrating on training pairs", style="yellow")
+        run.log(f"no validation pairs: {_why_no_validation(cfg, s)}; calibrating on training pairs", style="yellow")
     va, vb, vy = pairs_from_sets(s.sets[calib_part], row_of)
     Xv = pair_features(features[va], features[vb])
     m = cfg.metric
@@ -221,6 +238,15 @@ def train_metric(run_dir: str | os.PathLike, split: int = 0, force: bool = False
     return ranker
 
 
+def _why_no_validation(cfg: LookalikeConfig, s: Split) -> str:
+    if cfg.data.validation_ratio == 0:
+        return "data.validation_ratio = 0"
+    return (
+        f"the validation part holds {len(s.parts.get('validation', []))} image(s), fewer than 2 of any one attribute "
+        f"(data.validation_ratio = {cfg.data.validation_ratio}); add images or raise data.validation_ratio"
+    )
+
+
 def _pair_accuracy(ranker: WeightedL2Ranker, X: np.ndarray, y: np.ndarray) -> dict:
     pred = ranker.predict(X)
     pos, neg = y == 1, y == 0
@@ -244,9 +270,8 @@ def evaluate(run_dir: str | os.PathLike, split: int = 0, force: bool = False) ->
     s = load_split(run, split)
     features, row_of = load_features(run, split)
     ranker = WeightedL2Ranker.load(sdir / "metric.json")
+    check_split_sizes(s, cfg, dataset)
     test_sets = s.sets["test"]
-    if not test_sets:
-        raise LookalikeError("the test part has no comparative sets; each attribute needs at least 2 test images (add images or raise data.train_ratio)")
     distances = standard_distances(ranker, seed=cfg.data.seed + split)
     ranks = {d.name: positive_ranks(d, features, row_of, test_sets) for d in distances}
     test_rows = [row_of[i] for i in s.parts["test"]]
