@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import make_dataset
 from hostile import black_png
 from hostile import cases as hostile_cases
 from index_helpers import PixelEmbedder, clustered_vectors
@@ -162,16 +165,11 @@ def test_a_300_character_attribute_is_reported_as_an_invalid_line(tmp_path):
 # ---- item 9: advice that matches the config it names, given before any training
 
 
-def _run_cli(*args) -> "subprocess.CompletedProcess":
-    import subprocess
-    import sys
-
+def _run_cli(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "lookalike", *map(str, args)], capture_output=True, text=True, env=os.environ | {"COLUMNS": "300"})
 
 
 def test_too_few_test_images_are_refused_before_refinement_with_the_right_advice(tmp_path):
-    from conftest import make_dataset
-
     data = make_dataset(tmp_path / "four", per_attribute=4)
     result = _run_cli("run", "--data", data, "--out", tmp_path / "run")
     message = " ".join(result.stderr.split())
@@ -181,8 +179,6 @@ def test_too_few_test_images_are_refused_before_refinement_with_the_right_advice
 
 
 def test_missing_validation_pairs_are_explained_by_the_real_cause(tmp_path):
-    from conftest import make_dataset
-
     data = make_dataset(tmp_path / "six", per_attribute=6)
     (tmp_path / "c.toml").write_text("[refine]\nepochs = 0\n[evaluate]\nquery_pictures = 0\ncopy_test = false\n")
     result = _run_cli("run", "--data", data, "--out", tmp_path / "run", "--config", tmp_path / "c.toml")

@@ -28,7 +28,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from conftest import make_dataset
-from hostile import EXPECTED, cases, upload_cases, write_corpus
+from hostile import EXPECTED, upload_cases, write_corpus
 from lookalike.index import ImageIndex
 from lookalike.index.build import build_index
 from lookalike.serve.app import create_app
