@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -61,3 +63,11 @@ def real_subset(tmp_path) -> Path:
         for src in sorted((REAL_DATA / attribute).glob("*.jpg"))[:14]:
             os.symlink(src, root / attribute / src.name)
     return root
+
+
+def lookalike_cli(*args, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run `python -m lookalike ARGS` as a user would; with `check`, a non-zero exit fails the test with its output."""
+    proc = subprocess.run([sys.executable, "-m", "lookalike", *map(str, args)], capture_output=True, text=True, env=env)
+    if check:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc

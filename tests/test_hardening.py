@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import stat
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -13,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import make_dataset
+from conftest import lookalike_cli, make_dataset
 from hostile import black_png
 from hostile import cases as hostile_cases
 from index_helpers import PixelEmbedder, clustered_vectors
@@ -165,13 +163,9 @@ def test_a_300_character_attribute_is_reported_as_an_invalid_line(tmp_path):
 # ---- item 9: advice that matches the config it names, given before any training
 
 
-def _run_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lookalike", *map(str, args)], capture_output=True, text=True, env=os.environ | {"COLUMNS": "300"})
-
-
 def test_too_few_test_images_are_refused_before_refinement_with_the_right_advice(tmp_path):
     data = make_dataset(tmp_path / "four", per_attribute=4)
-    result = _run_cli("run", "--data", data, "--out", tmp_path / "run")
+    result = lookalike_cli("run", "--data", data, "--out", tmp_path / "run", env=os.environ | {"COLUMNS": "300"}, check=False)
     message = " ".join(result.stderr.split())
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "lower data.train_ratio (now 0.75)" in message and "raise data.train_ratio" not in message, message
@@ -181,8 +175,7 @@ def test_too_few_test_images_are_refused_before_refinement_with_the_right_advice
 def test_missing_validation_pairs_are_explained_by_the_real_cause(tmp_path):
     data = make_dataset(tmp_path / "six", per_attribute=6)
     (tmp_path / "c.toml").write_text("[refine]\nepochs = 0\n[evaluate]\nquery_pictures = 0\ncopy_test = false\n")
-    result = _run_cli("run", "--data", data, "--out", tmp_path / "run", "--config", tmp_path / "c.toml")
-    assert result.returncode == 0, result.stderr
+    lookalike_cli("run", "--data", data, "--out", tmp_path / "run", "--config", tmp_path / "c.toml")
     log = " ".join((tmp_path / "run" / "log.txt").read_text().split())
     assert "no validation pairs: the validation part holds 3 image(s)" in log and "(data.validation_ratio = 0.2)" in log, log
     assert "(data.validation_ratio = 0)" not in log

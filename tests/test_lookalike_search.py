@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from conftest import REAL_DATA
+from conftest import lookalike_cli as lookalike
 from lookalike.backbones import create_backbone
 from lookalike.evaluation.lookalike import altered_copy, copy_ranks, nearest_neighbour_accuracy
 from lookalike.images import open_image
@@ -27,12 +26,6 @@ from lookalike.rundir import RunDir
 pytestmark = pytest.mark.slow
 ATTRIBUTES = ("dotted", "leopard", "striped")
 SMALL = "[data]\ntrain_queries_per_attribute = 10\ntest_queries_per_attribute = 5\n[evaluate]\nquery_pictures = 0\n"
-
-
-def lookalike(*args, env: dict) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "lookalike", *map(str, args)], capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc
 
 
 @pytest.fixture(scope="module")
