@@ -117,10 +117,12 @@ def test_zero_epochs_skips_and_removes_an_old_refined_model(textures, tmp_path):
 
 
 def test_full_mode_trains_every_block(textures, tmp_path):
-    run = prepared(textures, tmp_path / "run", tiny_config(epochs=1, mode="full", embedding="pooled"))
+    # two fresh random views of every photo per step, for the lookalike head's view term
+    run = prepared(textures, tmp_path / "run", tiny_config(epochs=1, mode="full"))
     record = refine(run, progress=False)
     assert record["mode"] == "full" and record["trained_stages"] == "all"
     refined = load_backbone(run / "split-0" / "refined")
+    assert refined.config.embedding_dim == 128
     pretrained = create_backbone("efficientnet-lite0", resolution=64)
     assert not torch.equal(pretrained.trunk._conv_stem.weight, refined.trunk._conv_stem.weight)
 
