@@ -54,8 +54,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(index: Path, port: int, max_concurrency: int, log) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "lookalike", "serve", "--index", str(index), "--port", str(port), "--max-concurrency", str(max_concurrency)]
+def start_server(index: Path, port: int, log, *options: str) -> subprocess.Popen:
+    """`lookalike serve` on 127.0.0.1:port with extra `options`, once /healthz answers (also used by slowloris.py)."""
+    cmd = [sys.executable, "-m", "lookalike", "serve", "--index", str(index), "--port", str(port), *options]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while True:
@@ -134,7 +135,7 @@ def main() -> None:
         index = args.index or build_fixture(args.data, args.per_attribute, work)
         port = free_port()
         with open(work / "server.log", "wb") as log:
-            server = start_server(index, port, args.max_concurrency, log)
+            server = start_server(index, port, log, "--max-concurrency", str(args.max_concurrency))
             try:
                 result = asyncio.run(load(f"http://127.0.0.1:{port}", photos, args.clients, args.duration, args.max_requests, args.top))
             finally:

@@ -14,19 +14,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import statistics
 import subprocess
-import sys
 import time
 
 import httpx
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from serve_load import free_port, start_server
 
 
 async def attacker(port: int, stop: float, drip: float, lifetimes: list[float]) -> None:
@@ -88,16 +82,8 @@ def main() -> None:
     args = parser.parse_args()
 
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "lookalike", "serve", "--index", args.index, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = start_server(args.index, port, subprocess.DEVNULL)
     try:
-        for _ in range(240):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        else:
-            sys.exit("the service did not start")
         latencies, failures, lifetimes = asyncio.run(attack(port, args.connections, args.seconds, args.drip))
     finally:
         server.terminate()

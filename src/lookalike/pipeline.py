@@ -362,7 +362,7 @@ def summarize(run_dir, splits: list[int] | None = None) -> dict:
     for name in DISTANCE_ORDER:
         rows = [e["gallery"][name] for e in evals if name in e.get("gallery", {})]
         if rows:
-            gallery_by[name] = {key: float(np.mean([r[key] for r in rows])) for key in rows[0]}
+            gallery_by[name] = _mean_of(rows)
     search = {}
     for part in ("copies", "ties"):
         rows = [e[part] for e in evals if e.get(part)]

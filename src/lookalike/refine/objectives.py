@@ -42,13 +42,14 @@ class LookalikeObjective:
 
     def __call__(self, head: LookalikeHead, descriptors: list[torch.Tensor], target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         parts = [head.parts(d) for d in descriptors]
-        loss = torch.zeros((), device=target.device)
-        for attribute, visual in parts:
-            for part, proxies in ((attribute, head.attribute_proxies), (visual, head.visual_proxies)):
-                loss = loss + F.cross_entropy(head.proxy_logits(part.float(), proxies.float()), target, label_smoothing=self.label_smoothing)
+        logits = [
+            [head.proxy_logits(part.float(), proxies.float()) for part, proxies in ((attribute, head.attribute_proxies), (visual, head.visual_proxies))]
+            for attribute, visual in parts
+        ]
+        loss = sum(F.cross_entropy(scores, target, label_smoothing=self.label_smoothing) for view in logits for scores in view)
         if self.view_weight:
             loss = loss + self.view_weight * view_contrast(parts[0][1].float(), parts[1][1].float(), self.view_temperature)
-        return loss, head.proxy_logits(parts[0][0].float(), head.attribute_proxies.float())
+        return loss, logits[0][0]
 
 
 def objective_for(head: Head, view_weight: float, view_temperature: float, label_smoothing: float):
