@@ -11,19 +11,10 @@ import typer
 from PIL import Image, ImageDraw, ImageFilter
 from typer.testing import CliRunner
 
-from lookalike.datatools import dedup
+from lookalike import hashing
 from lookalike.datatools.cli import register
-from lookalike.datatools.dedup import (
-    REPORT_NAME,
-    default_max_distance,
-    default_quarantine,
-    find_duplicates,
-    find_leaks,
-    hamming,
-    hash_images,
-    near_pairs,
-    quarantine,
-)
+from lookalike.datatools.dedup import REPORT_NAME, default_quarantine, find_duplicates, find_leaks, quarantine
+from lookalike.hashing import default_max_distance, hamming, hash_images, near_pairs
 from lookalike.errors import BadImageError, LookalikeError
 
 
@@ -171,7 +162,7 @@ def test_find_leaks_between_train_and_test(tmp_path):
 @pytest.mark.parametrize("block_bytes", [None, 2000])  # one block, and blocks of a few rows
 def test_near_pairs_matches_a_plain_loop(n_bytes, block_bytes, monkeypatch):
     if block_bytes:
-        monkeypatch.setattr(dedup, "_BLOCK_BYTES", block_bytes)
+        monkeypatch.setattr(hashing, "_BLOCK_BYTES", block_bytes)
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, size=(40, n_bytes), dtype=np.uint8)
     a[5] = a[3]

@@ -36,13 +36,24 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def iter_image_files(root: str | os.PathLike) -> Iterator[Path]:
-    """Every visible image file below `root` (hidden folders skipped), folder by folder in name order; symlinks kept."""
-    for dirpath, dirnames, filenames in os.walk(root):
+def iter_image_files(root: str | os.PathLike, passed_over: list[tuple[Path, str]] | None = None) -> Iterator[Path]:
+    """Every visible image file below `root` (hidden folders skipped), folder by folder in name order; symlinks kept.
+
+    The one folder walk of the package. With `passed_over`, visible files that are not images and folders
+    that cannot be read are appended to it as (path, reason).
+    """
+
+    def unreadable(e: OSError) -> None:
+        if passed_over is not None:
+            passed_over.append((Path(e.filename), f"unreadable folder ({e.strerror})"))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             if is_image_file(name):
                 yield Path(dirpath) / name
+            elif passed_over is not None and not name.startswith("."):
+                passed_over.append((Path(dirpath) / name, "not an image file (unsupported extension)"))
 
 
 def unreadable_reason(error: OSError) -> str:
