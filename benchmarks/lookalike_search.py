@@ -34,7 +34,7 @@ from lookalike.features import configured_cache_dir
 from lookalike.images import open_image
 from lookalike.metric.distances import L2, LearnedWeightedL2
 from lookalike.model import ImageEmbedder, SimilarityModel
-from lookalike.pipeline import load_dataset, load_split, run_pipeline
+from lookalike.pipeline import run_pipeline
 from lookalike.rundir import RunDir
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "fashionTexture"
@@ -49,7 +49,7 @@ def embed(embedder: ImageEmbedder, paths: list[str]) -> np.ndarray:
 
 def copy_test(run_dir: Path, splits: int, pretrained: ImageEmbedder) -> dict:
     run = RunDir(run_dir)
-    dataset = load_dataset(run)
+    dataset = run.dataset()
     paths = [str(dataset.absolute_path(i)) for i in range(len(dataset.images))]
     copies = [altered_copy(open_image(p), seed=i) for i, p in enumerate(paths)]
     labels = np.array([im.attribute for im in dataset.images])
@@ -57,8 +57,8 @@ def copy_test(run_dir: Path, splits: int, pretrained: ImageEmbedder) -> dict:
     rows = {"pretrained, L2": [copy_summary(copy_ranks(L2(), base, pretrained.embed_images(copies))) | {"tied": tied_fraction(L2(), base, labels)}]}
     for k in range(splits):
         model = SimilarityModel.load(run_dir, k)
-        catalog, queries = embed(model, paths), model.embed_images(copies)
-        for name, distance in (("trained, learned distance", LearnedWeightedL2(model.ranker)), ("trained, L2", L2())):
+        catalog, queries = embed(model.embedder_, paths), model.embed_images(copies)
+        for name, distance in (("trained, learned distance", LearnedWeightedL2(model.ranker_)), ("trained, L2", L2())):
             rows.setdefault(name, []).append(copy_summary(copy_ranks(distance, catalog, queries)) | {"tied": tied_fraction(distance, catalog, labels)})
     return {name: {key: float(np.mean([r[key] for r in runs])) for key in runs[0]} for name, runs in rows.items()}
 
@@ -78,7 +78,7 @@ def unseen_test(data: Path, work: Path, splits: int, pretrained: ImageEmbedder, 
             run_dir = work / f"without-{held_out}" / f"run-{k}"
             run_pipeline(subset, run_dir, cfg, splits=1, progress=False)
             run = RunDir(run_dir)
-            dataset, split = load_dataset(run), load_split(run, 0)
+            dataset, split = run.dataset(), run.split(0)
             test_share = len(split.parts["test"]) / len(dataset.images)
             rng = np.random.default_rng(k)
             sample = sorted(rng.choice(unseen_paths, size=max(2, round(test_share * len(unseen_paths))), replace=False).tolist())
@@ -86,7 +86,7 @@ def unseen_test(data: Path, work: Path, splits: int, pretrained: ImageEmbedder, 
             labels = np.array([dataset.images[i].attribute for i in split.parts["test"]] + [held_out] * len(sample))
             groups = {"unseen": labels == held_out, "trained": labels != held_out}
             model = SimilarityModel.load(run_dir, 0)
-            trained = nearest_neighbour_accuracy(LearnedWeightedL2(model.ranker), embed(model, paths), labels, groups)
+            trained = nearest_neighbour_accuracy(LearnedWeightedL2(model.ranker_), embed(model.embedder_, paths), labels, groups)
             base = nearest_neighbour_accuracy(L2(), embed(pretrained, paths), labels, groups)
             rows.append({"held_out": held_out, "split": k, "catalog": len(paths)} | {f"trained_model_{g}": v for g, v in trained.items()} | {f"pretrained_{g}": v for g, v in base.items()})
     return rows

@@ -66,7 +66,8 @@ def test_run_two_splits_writes_the_contract(real_subset, tmp_path, small_config)
     # retrieval (tutorial A1) against the run's test images
     query = next((real_subset / "striped").iterdir())
     res = json.loads(lookalike("retrieve", query, "--run", run, "--top", "5", "--json").stdout)
-    assert len(res["results"]) == 5 and Path(res["picture"]).exists()
+    assert len(res["results"]) == 5 and res["picture"] is None, "--json draws no picture unless asked"
+    assert not (run / "retrieval").exists()
     dists = [r["distance"] for r in res["results"]]
     assert dists == sorted(dists) and all(0 < r["probability"] < 1 for r in res["results"])
     probs = [r["probability"] for r in res["results"]]
@@ -126,7 +127,7 @@ def test_bad_dataset_files_are_listed_not_fatal(real_subset, tmp_path, small_con
         (["run", "--data", "{data}", "--out", "{tmp}/r", "--backbone", "resnet18"], "no pretrained weights for 'resnet18'"),
         (["run", "--data", "{data}", "--out", "{tmp}/r", "--config", "{tmp}/bad.toml"], "unknown key"),
         (["evaluate", "--run", "{tmp}/empty"], "run `lookalike prepare`"),
-        (["retrieve", "{tmp}/bad.toml", "--run", "{tmp}/empty"], "run `lookalike prepare`"),
+        (["retrieve", "{tmp}/bad.toml", "--run", "{tmp}/empty"], "neither a model folder"),
     ],
 )
 def test_cli_errors_are_messages_not_tracebacks(real_subset, tmp_path, args, message, monkeypatch):

@@ -129,7 +129,7 @@ def test_ray_decoding_reports_every_hostile_file(trained):
     from lookalike.distributed.pipeline import decode_block
     from lookalike.model import SimilarityModel
 
-    config = SimilarityModel.load(trained.run).backbone.config
+    config = SimilarityModel.load(trained.run).backbone_.config
     paths = sorted(str(p) for p in trained.corpus.iterdir())
     row = {"block": 0, "shard": 0, "paths": paths, "attributes": [None] * len(paths), "sizes": [0] * len(paths), "mtimes": [0.0] * len(paths)}
     out = decode_block(row, config.__dict__)

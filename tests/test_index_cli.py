@@ -63,7 +63,7 @@ def test_build_search_add_remove_stats_on_real_photos(trained):
         paths = sorted(p for p in entries if p != str(query))
         X = ix.vectors()[[entries[p].id for p in paths]]
         q = ix.vectors()[entries[str(query)].id]
-    d = model.ranker.distance(q, X)
+    d = model.ranker_.distance(q, X)
     assert [m["path"] for m in matches] == [paths[i] for i in np.argsort(d, kind="stable")[:15]]
     np.testing.assert_allclose(distances, np.sort(d)[:15], rtol=1e-6)
     feats, _, _ = model.embed_paths([str(query)], progress=False)

@@ -20,7 +20,6 @@ from lookalike.evaluation.lookalike import altered_copy, copy_ranks, nearest_nei
 from lookalike.images import open_image
 from lookalike.metric.distances import L2, LearnedWeightedL2
 from lookalike.model import ImageEmbedder, SimilarityModel
-from lookalike.pipeline import load_dataset, load_split
 from lookalike.rundir import RunDir
 
 pytestmark = pytest.mark.slow
@@ -98,14 +97,14 @@ def test_an_attribute_never_trained_on_keeps_apart(workspace, tmp_path):
         run_dir = tmp_path / f"run-{held_out}"
         lookalike("run", "--data", data, "--out", run_dir, "--splits", "1", "--config", tmp_path / "run.toml", env=env)
         run = RunDir(run_dir)
-        dataset, split = load_dataset(run), load_split(run, 0)
+        dataset, split = run.dataset(), run.split(0)
         test = [str(dataset.absolute_path(i)) for i in split.parts["test"]]
         unseen = sorted(str(p) for p in (photos / held_out).glob("*.jpg"))[: len(test) // 2]
         labels = np.array([dataset.images[i].attribute for i in split.parts["test"]] + [held_out] * len(unseen))
         groups = {"unseen": labels == held_out, "trained": labels != held_out}
         model = SimilarityModel.load(run_dir)
         pretrained = ImageEmbedder(create_backbone("efficientnet-lite0"), tmp_path / "cache")
-        trained = nearest_neighbour_accuracy(LearnedWeightedL2(model.ranker), model.embed(test + unseen, progress=False).features, labels, groups)
+        trained = nearest_neighbour_accuracy(LearnedWeightedL2(model.ranker_), model.embed(test + unseen), labels, groups)
         base = nearest_neighbour_accuracy(L2(), pretrained.embed(test + unseen, progress=False).features, labels, groups)
         results[held_out] = (trained, base)
     mean = {k: float(np.mean([r[0][k] for r in results.values()])) for k in ("unseen", "trained")}

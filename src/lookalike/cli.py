@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -29,11 +30,12 @@ app = typer.Typer(
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
 )
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, soft_wrap=not sys.stdout.isatty())  # never wrap lines into a file or pipe
+err = Console(stderr=True, highlight=False, soft_wrap=not sys.stderr.isatty())
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="A lookalike.toml; its values override the defaults, CLI flags override it.", exists=False)
 RunOpt = typer.Option(..., "--run", "-r", help="The run directory written by `lookalike prepare` / `lookalike run`.")
+ModelOpt = typer.Option(..., "--model", "-m", "--run", "-r", help="Model folder (`lookalike fit`) or run folder (`lookalike run`; --split picks the split).")
 SplitOpt = typer.Option(0, "--split", help="Which random split of the run to work on (0 .. K-1).")
 ForceOpt = typer.Option(False, "--force", help="Redo the stage even if its outputs are up to date.")
 
@@ -121,16 +123,23 @@ def run_all(
 @app.command()
 def retrieve(
     image: Path = typer.Argument(..., help="The query image."),
-    run: Path = RunOpt,
+    run: Path = ModelOpt,
+    gallery: Optional[Path] = typer.Option(None, "--gallery", "-g", help="Folder of images to search (default: the run's test images; needed with a model folder)."),
     top: int = typer.Option(15, "--top", "-n", min=1, help="How many matches to list."),
     split: int = SplitOpt,
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-    picture: Optional[Path] = typer.Option(None, help="Where to write the grid picture (default RUN_DIR/retrieval/)."),
+    picture: Optional[Path] = typer.Option(None, help="Where to write the grid picture (default RUN_DIR/retrieval/ or the current folder; none with --json unless given)."),
 ):
-    """List the test images most alike to IMAGE under the learned distance, and draw them as a grid."""
+    """List the images most alike to IMAGE under the learned distance, and draw them as a grid.
+
+    Example:  lookalike retrieve query.jpg --model models/mine --gallery catalog/
+    """
     from .retrieval import retrieve as _retrieve
 
-    result = _retrieve(run, image, top=top, split=split, picture=picture)
+    if picture is None and not as_json:
+        base = Path(run) / "retrieval" if (Path(run) / "config.json").is_file() else Path.cwd()
+        picture = base / f"{image.stem}-top{top}.jpg"
+    result = _retrieve(run, image, top=top, split=split, picture=picture, gallery=gallery)
     if as_json:
         print(json.dumps(result, indent=2))
         return
@@ -138,9 +147,63 @@ def retrieve(
     for col in ("#", "image", "attribute", "distance", "P(same)"):
         table.add_column(col, justify="right" if col in ("#", "distance", "P(same)") else "left")
     for r in result["results"]:
-        table.add_row(str(r["rank"]), r["path"], r["attribute"], f"{r['distance']:.3f}", f"{r['probability']:.1%}")
+        table.add_row(str(r["rank"]), r["path"], r["attribute"] or "", f"{r['distance']:.3f}", f"{r['probability']:.1%}")
     out.print(table)
     out.print(f"grid picture: {result['picture']}")
+
+
+@app.command()
+def fit(
+    data: Path = typer.Option(..., "--data", "-d", help="Dataset folder: one sub-folder of images per attribute value."),
+    model_dir: Path = typer.Option(..., "--out", "-o", help="Model folder to write (self-contained: weights, ranker, model card)."),
+    config: Optional[Path] = ConfigOpt,
+    backbone: Optional[str] = typer.Option(None, help="Backbone name (features.backbone); see `lookalike backbones`."),
+    weights: Optional[Path] = typer.Option(None, help="Pretrained weights file for the backbone (features.weights)."),
+    evaluation: Optional[Path] = typer.Option(None, "--evaluation", "-e", help="A `lookalike run` folder on the same data: its metrics go into the model card."),
+    work: Optional[Path] = typer.Option(None, "--work", help="Keep the stages' outputs here, so a rerun skips finished work (default: a temporary folder)."),
+):
+    """Train the model to deploy on all labelled photos, and save it as a self-contained folder.
+
+    A validation slice per attribute is kept out for calibration; there is no test set, since
+    `lookalike run` (random splits) is the evaluation. Attach it with --evaluation.
+
+    Example:  lookalike run --data photos --out runs/photos --splits 5
+              lookalike fit --data photos --out models/photos --evaluation runs/photos
+              lookalike index build --model models/photos --images catalog/ --out catalog.index
+    """
+    from .model import SimilarityModel
+    from .rundir import RunDir
+
+    cfg = _config(config, **{"features.backbone": backbone, "features.weights": str(weights) if weights else None})
+    if not data.is_dir():
+        raise LookalikeError(f"--data {data}: not a folder; pass the folder with one sub-folder per attribute")
+    if evaluation is not None:
+        RunDir(evaluation).require(RunDir(evaluation).metrics, "run")
+    if model_dir.exists() and not (model_dir / "model.json").is_file() and (not model_dir.is_dir() or any(model_dir.iterdir())):
+        raise LookalikeError(f"--out {model_dir} exists and is not a lookalike model folder; choose another folder")
+    model = SimilarityModel.from_config(cfg).fit(data, work_dir=work)
+    model.save(model_dir, evaluation=evaluation)
+    card = model.card_
+    out.print(f"model {card['fingerprint']} ({', '.join(card['attributes'])}) trained on {card['data']['trained_on']} images, "
+              f"calibrated on {card['data']['calibrated_on']}: {model_dir}")
+
+
+@app.command()
+def compare(
+    image_a: Path = typer.Argument(..., help="First image."),
+    image_b: Path = typer.Argument(..., help="Second image."),
+    run: Path = ModelOpt,
+    split: int = SplitOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+):
+    """How alike two images are: the learned distance (lower = more alike) and P(same attribute)."""
+    from .model import SimilarityModel
+
+    c = SimilarityModel.load(run, split).compare(image_a, image_b)
+    if as_json:
+        print(json.dumps({"distance": c.distance, "probability": c.probability}))
+    else:
+        out.print(f"distance {c.distance:.4f}, P(same attribute) {c.probability:.1%}")
 
 
 @app.command("featurize-dir")
@@ -148,7 +211,7 @@ def featurize_dir(
     directory: str = typer.Argument(..., help="Folder of images (searched recursively); with --engine ray also s3://bucket/prefix or another fsspec URI."),
     out_file: str = typer.Option(..., "--out", "-o", help="Output: FILE.npy (+ FILE.json with the paths) or FILE.parquet; with --engine ray also a folder for the Parquet shards alone."),
     backbone: Optional[str] = typer.Option(None, help="Embed with this pretrained backbone (default efficientnet-lite0)."),
-    run: Optional[Path] = typer.Option(None, "--run", "-r", help="Embed with this run's (refined) backbone instead."),
+    run: Optional[Path] = typer.Option(None, "--model", "-m", "--run", "-r", help="Embed with this model folder's or run's (refined) backbone instead."),
     weights: Optional[Path] = typer.Option(None, help="Weights file for --backbone."),
     engine: str = typer.Option("local", help="local (this process) or ray (a Ray cluster; pip install 'lookalike\\[ray]'). See docs/scale-out.md."),
     address: Optional[str] = typer.Option(None, help="With --engine ray: the cluster to use (auto, or ray://HOST:10001); default a private local instance."),
@@ -160,7 +223,7 @@ def featurize_dir(
     from .retrieval import featurize_dir as _featurize_dir
 
     if run is not None and backbone is not None:
-        raise LookalikeError("pass either --backbone or --run, not both")
+        raise LookalikeError("pass either --backbone or --model, not both")
     if engine not in ("local", "ray"):
         raise LookalikeError(f"--engine {engine}: choose local or ray")
     if engine == "ray":
@@ -171,7 +234,7 @@ def featurize_dir(
     elif address is not None:
         raise LookalikeError("--address needs --engine ray")
     else:
-        model = SimilarityModel.load(run) if run is not None else ImageEmbedder(create_backbone(backbone or "efficientnet-lite0", weights))
+        model = SimilarityModel.load(run).embedder_ if run is not None else ImageEmbedder(create_backbone(backbone or "efficientnet-lite0", weights))
         info = _featurize_dir(directory, out_file, model)
     out.print(f"wrote {info['n']} embeddings ({info['dim']}-d, {info['backbone']}) to {out_file}; skipped {len(info['skipped'])}")
     for s in info["skipped"]:
@@ -221,12 +284,44 @@ def _register_plugins() -> None:
             mod.register(app)
 
 
+class _ConsoleLog(logging.Handler):
+    """The library's `lookalike` log on stderr: warnings in yellow, never wrapped when stderr is a file or a pipe."""
+
+    STYLES = {logging.WARNING: "yellow", logging.ERROR: "red"}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        err.print(escape(self.format(record)), style=self.STYLES.get(record.levelno))
+
+
+def _attach_log() -> None:
+    logger = logging.getLogger("lookalike")
+    if not any(isinstance(h, _ConsoleLog) for h in logger.handlers):
+        logger.addHandler(_ConsoleLog())
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+#: The flag that sets each library parameter a LookalikeError may name (`param`).
+PARAM_FLAGS = {
+    "data": "--data", "out": "--out", "weights": "--weights", "backbone": "--backbone", "config": "--config",
+    "directory": "DIRECTORY", "gallery": "--gallery", "attributes": "--attributes", "key": "BING_SEARCH_KEY (or --list-queries)",
+    "model": "--model", "k": "--top", "kind": "--kind", "overwrite": "--overwrite", "images": "--images",
+    "shard_size": "--shard-size", "address": "--address", "engine": "--engine", "index": "--index",
+}
+
+
+def _flag_prefix(e: LookalikeError) -> str:
+    flag = PARAM_FLAGS.get(getattr(e, "param", None) or "")
+    return f"{flag}: " if flag else ""
+
+
 def main() -> None:
     _register_plugins()
+    _attach_log()
     try:
         app()
     except LookalikeError as e:
-        err.print(f"[red]error:[/red] {escape(str(e))}")
+        err.print(f"[red]error:[/red] {escape(_flag_prefix(e) + str(e))}")
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/yellow]; finished stages are kept, rerun the same command to continue")

@@ -102,7 +102,10 @@ class LookalikeConfig(_Section):
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> LookalikeConfig:
-    """Defaults, then the TOML file, then `overrides` ({"section.key": value}); unknown keys are errors."""
+    """Defaults, then the TOML file, then `overrides`; unknown keys are errors.
+
+    `overrides` maps "section.key" to a value ({"refine.epochs": 10}) or a section to a dict ({"refine": {"epochs": 10}}).
+    """
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
@@ -111,16 +114,21 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist; pass an existing --config or leave it out for defaults") from None
+            raise ConfigError(f"config file {path} does not exist; give an existing lookalike.toml, or none for the defaults", param="config") from None
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"cannot read config file {path}: {e}") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path} is not valid TOML: {e}") from None
-    for dotted, value in (overrides or {}).items():
+    for name, value in (overrides or {}).items():
         if value is None:
             continue
-        section, key = dotted.split(".", 1)
-        data.setdefault(section, {})[key] = value
+        if isinstance(value, dict) and "." not in name:
+            data.setdefault(name, {}).update(value)
+        elif "." in name:
+            section, key = name.split(".", 1)
+            data.setdefault(section, {})[key] = value
+        else:
+            raise ConfigError(f"override {name!r}: give 'section.key' (e.g. 'refine.epochs': 10) or a section's dict (e.g. 'refine': {{'epochs': 10}})")
     try:
         return LookalikeConfig.model_validate(data)
     except ValidationError as e:

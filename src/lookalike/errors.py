@@ -1,8 +1,18 @@
 """One exception family, so the CLI can turn every expected failure into a message, not a traceback."""
 
+from __future__ import annotations
+
 
 class LookalikeError(Exception):
-    """A problem the user can fix; the message says what and how."""
+    """A problem the user can fix; the message says what and how.
+
+    `param` names the parameter at fault (as the Python API spells it, e.g. "data" or "weights"); the
+    message never names a CLI flag, and the CLI shows the flag that sets that parameter.
+    """
+
+    def __init__(self, message: str = "", param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class BadImageError(LookalikeError):
@@ -16,3 +26,7 @@ class BadImageError(LookalikeError):
 
 class ConfigError(LookalikeError):
     """A configuration file or value that is not valid."""
+
+
+class InvalidInputError(LookalikeError, ValueError):
+    """Data an estimator cannot fit or score; a ValueError too, as scikit-learn's contract expects."""

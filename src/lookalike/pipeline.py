@@ -14,10 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from . import visualize
-from .backbones import Backbone, create_backbone, load_backbone
 from .backbones.heads import visual_dims
 from .config import LookalikeConfig
-from .data import Dataset, Split, make_split, scan_dataset
+from .data import Dataset, Split, make_fit_split, make_split, scan_dataset
 from .data.splits import NearDuplicateLeak
 from .errors import LookalikeError
 from .evaluation import gallery_metrics, positive_ranks, rank_summary
@@ -31,23 +30,6 @@ from .rundir import RunDir, fingerprint, up_to_date
 DISTANCE_ORDER = ("random", "l1", "l2", "cosine", "weighted_l2")
 
 
-def save_config(run: RunDir, cfg: LookalikeConfig) -> None:
-    write_json(run.config, cfg.model_dump())
-
-
-def load_run_config(run: RunDir) -> LookalikeConfig:
-    run.require(run.config, "prepare")
-    return LookalikeConfig.model_validate(read_json(run.config))
-
-
-def load_dataset(run: RunDir) -> Dataset:
-    return Dataset.from_dict(read_json(run.require(run.dataset, "prepare")))
-
-
-def load_split(run: RunDir, k: int) -> Split:
-    return Split.from_dict(read_json(run.require(run.split_dir(k) / "split.json", "prepare")))
-
-
 # ---------------------------------------------------------------- prepare
 def prepare(data_dir: str | os.PathLike, run_dir: str | os.PathLike, cfg: LookalikeConfig, split: int = 0, force: bool = False, rescan: bool | None = None) -> Split:
     """Scan the dataset (once per run), then split it and draw the comparative sets for split `split`.
@@ -56,24 +38,14 @@ def prepare(data_dir: str | os.PathLike, run_dir: str | os.PathLike, cfg: Lookal
     """
     run = RunDir(run_dir)
     run.root.mkdir(parents=True, exist_ok=True)
-    save_config(run, cfg)
-    data_dir = str(Path(data_dir).expanduser().resolve())
-    listing = _listing_signature(data_dir)
-    scan_fp = fingerprint(data_dir, listing)
-    if (force if rescan is None else rescan) or not up_to_date(run.dataset, scan_fp):
-        run.log(f"Scanning {data_dir}")
-        dataset = scan_dataset(data_dir)
-        write_json(run.dataset, dataset.to_dict() | {"fingerprint": scan_fp})
-        counts = {a: sum(im.attribute == a for im in dataset.images) for a in dataset.attributes}
-        run.log(f"{len(dataset.images)} images in {len(counts)} attributes: " + ", ".join(f"{a} {n}" for a, n in counts.items()))
-        for s in dataset.skipped:
-            run.log(f"skipped {s['path']}: {s['reason']}", style="yellow")
-    dataset = load_dataset(run)
+    run.save_config(cfg)
+    scan_fp = _scan(run, data_dir, force if rescan is None else rescan)
+    dataset = run.dataset()
     split_path = run.split_dir(split) / "split.json"
     seed = cfg.data.seed + split
     fp = fingerprint(scan_fp, cfg.data.model_dump(), seed)
     if not force and up_to_date(split_path, fp):
-        return load_split(run, split)
+        return run.split(split)
     report = run.split_dir(split) / "near_duplicates.json"
     try:
         s = make_split(dataset, cfg.data, seed)
@@ -88,6 +60,26 @@ def prepare(data_dir: str | os.PathLike, run_dir: str | os.PathLike, cfg: Lookal
     sizes = ", ".join(f"{p} {len(v)} images / {len(s.sets[p])} queries" for p, v in s.parts.items())
     run.log(f"split {split} (seed {seed}): {sizes}; train, validation and test share no image (checked by path and content hash)")
     return s
+
+
+def _scan(run: RunDir, data: str | os.PathLike | Dataset, rescan: bool) -> str:
+    """Write RUN_DIR/dataset.json from a folder (scanned again only when it changed) or a given Dataset; its fingerprint."""
+    if isinstance(data, Dataset):
+        scan_fp = fingerprint(data.to_dict())
+        if not up_to_date(run.dataset_file, scan_fp):
+            write_json(run.dataset_file, data.to_dict() | {"fingerprint": scan_fp})
+        return scan_fp
+    data_dir = str(Path(data).expanduser().resolve())
+    scan_fp = fingerprint(data_dir, _listing_signature(data_dir))
+    if rescan or not up_to_date(run.dataset_file, scan_fp):
+        run.log(f"Scanning {data_dir}")
+        dataset = scan_dataset(data_dir)
+        write_json(run.dataset_file, dataset.to_dict() | {"fingerprint": scan_fp})
+        counts = {a: sum(im.attribute == a for im in dataset.images) for a in dataset.attributes}
+        run.log(f"{len(dataset.images)} images in {len(counts)} attributes: " + ", ".join(f"{a} {n}" for a, n in counts.items()))
+        for s in dataset.skipped:
+            run.log(f"skipped {s['path']}: {s['reason']}", style="yellow")
+    return scan_fp
 
 
 def check_split_sizes(s: Split, cfg: LookalikeConfig, dataset: Dataset) -> None:
@@ -120,23 +112,15 @@ def _listing_signature(root: str) -> str:
 
 
 # ---------------------------------------------------------------- featurize
-def split_backbone(run: RunDir, cfg: LookalikeConfig, split: int) -> Backbone:
-    """The split's refined backbone when one was trained, else the pretrained one from the config."""
-    refined = run.split_dir(split) / "refined"
-    if (refined / "backbone.json").exists():
-        return load_backbone(refined)
-    return create_backbone(cfg.features.backbone, cfg.features.weights or None, cfg.features.resolution, cfg.features.normalization)
-
-
 def featurize(run_dir: str | os.PathLike, split: int = 0, force: bool = False, progress: bool = True) -> np.ndarray:
     """Embed every image of the split (cached by content hash + backbone fingerprint); rows follow dataset order."""
     run = RunDir(run_dir)
-    cfg = load_run_config(run)
-    dataset = load_dataset(run)
-    s = load_split(run, split)
+    cfg = run.config()
+    dataset = run.dataset()
+    s = run.split(split)
     out = run.split_dir(split) / "features.npy"
     meta_path = run.split_dir(split) / "features.json"
-    backbone = split_backbone(run, cfg, split)
+    backbone = run.backbone(split, cfg)
     members = sorted(set().union(*s.parts.values()))
     paths = [str(dataset.absolute_path(i)) for i in members]
     digests = [dataset.images[i].sha256 for i in members]
@@ -157,7 +141,7 @@ def featurize(run_dir: str | os.PathLike, split: int = 0, force: bool = False, p
         result = embed_paths(engine, paths, cfg.features.batch_size, cache=cache, digests=digests, progress=progress)
     if result.skipped:
         bad = ", ".join(f"{x['path']} ({x['reason']})" for x in result.skipped)
-        raise LookalikeError(f"could not embed {len(result.skipped)} image(s) that passed the scan: {bad}; run prepare again with --force")
+        raise LookalikeError(f"could not embed {len(result.skipped)} image(s) that passed the scan: {bad}; prepare the run again, forced (its images changed after the scan)")
     features = l2_normalize(result.features)
     save_npy(out, features)
     described = asdict(backbone.config) | ({"head": backbone.head.describe()} if backbone.head is not None else {})
@@ -167,27 +151,20 @@ def featurize(run_dir: str | os.PathLike, split: int = 0, force: bool = False, p
     return features
 
 
-def load_features(run: RunDir, split: int) -> tuple[np.ndarray, dict[int, int]]:
-    """Unit-length features of the split and a map dataset index -> row."""
-    meta = read_json(run.require(run.split_dir(split) / "features.json", "featurize"))
-    features = load_npy(run.split_dir(split) / "features.npy")
-    return features, {idx: row for row, idx in enumerate(meta["rows"])}
-
-
 # ---------------------------------------------------------------- train-metric
 def train_metric(run_dir: str | os.PathLike, split: int = 0, force: bool = False) -> WeightedL2Ranker:
     """Fit the weighted-L2 SVM on train pairs (optionally mining hard negatives), calibrate on validation pairs."""
     run = RunDir(run_dir)
-    cfg = load_run_config(run)
+    cfg = run.config()
     sdir = run.split_dir(split)
     model_path = sdir / "metric.json"
     summary_path = sdir / "train_metric.json"
     fp = fingerprint(read_json(run.require(sdir / "features.json", "featurize"))["fingerprint"], cfg.metric.model_dump())
     if not force and up_to_date(summary_path, fp) and model_path.exists():
         return WeightedL2Ranker.load(model_path)
-    dataset = load_dataset(run)
-    s = load_split(run, split)
-    features, row_of = load_features(run, split)
+    dataset = run.dataset()
+    s = run.split(split)
+    features, row_of = run.features(split)
     a, b, y = pairs_from_sets(s.sets["train"], row_of)
     X = pair_features(features[a], features[b])
     calib_part = "validation" if s.sets.get("validation") else "train"
@@ -260,15 +237,15 @@ def _pair_accuracy(ranker: WeightedL2Ranker, X: np.ndarray, y: np.ndarray) -> di
 def evaluate(run_dir: str | os.PathLike, split: int = 0, force: bool = False) -> dict:
     """Rank each test query's positive among its negatives under every distance; gallery recall and mAP."""
     run = RunDir(run_dir)
-    cfg = load_run_config(run)
+    cfg = run.config()
     sdir = run.split_dir(split)
     out = sdir / "evaluation.json"
     fp = fingerprint(read_json(run.require(sdir / "train_metric.json", "train-metric"))["fingerprint"], cfg.evaluate.model_dump())
     if not force and up_to_date(out, fp):
         return read_json(out)
-    dataset = load_dataset(run)
-    s = load_split(run, split)
-    features, row_of = load_features(run, split)
+    dataset = run.dataset()
+    s = run.split(split)
+    features, row_of = run.features(split)
     ranker = WeightedL2Ranker.load(sdir / "metric.json")
     check_split_sizes(s, cfg, dataset)
     test_sets = s.sets["test"]
@@ -301,7 +278,7 @@ def _copy_test(run: RunDir, cfg: LookalikeConfig, split: int, dataset: Dataset, 
     from .evaluation.lookalike import altered_copy, copy_ranks, copy_summary
     from .images import open_image
 
-    engine = create_engine(split_backbone(run, cfg, split), cfg.features.engine, cfg.features.quantize, configured_cache_dir(cfg.features.cache_dir))
+    engine = create_engine(run.backbone(split, cfg), cfg.features.engine, cfg.features.quantize, configured_cache_dir(cfg.features.cache_dir))
     copies = embed_images(engine, [altered_copy(open_image(dataset.absolute_path(i)), seed=i) for i in members], cfg.features.batch_size)
     return {name: copy_summary(copy_ranks(d, catalog, copies)) for name, d in distances.items()}
 
@@ -341,11 +318,35 @@ def run_pipeline(data_dir, run_dir, cfg: LookalikeConfig, splits: int = 1, force
     return metrics
 
 
+def train_on_all(data: str | os.PathLike | Dataset, run_dir: str | os.PathLike, cfg: LookalikeConfig, force: bool = False, progress: bool = True) -> RunDir:
+    """refine -> featurize -> train-metric on every labelled image but a validation slice (calibration, choices).
+
+    The run has one split (0) with no test part: this trains the model to deploy, and `run_pipeline`'s
+    report on random splits is its evaluation.
+    """
+    from .refine.stage import refine
+
+    run = RunDir(run_dir)
+    run.root.mkdir(parents=True, exist_ok=True)
+    run.save_config(cfg)
+    scan_fp = _scan(run, data, force)
+    split_path = run.split_dir(0) / "split.json"
+    fp = fingerprint(scan_fp, cfg.data.model_dump(), "all")
+    if force or not up_to_date(split_path, fp):
+        s = make_fit_split(run.dataset(), cfg.data, cfg.data.seed)
+        write_json(split_path, s.to_dict() | {"fingerprint": fp})
+        run.log(f"training on {len(s.parts['train'])} images, {len(s.parts['validation'])} kept for calibration (data.validation_ratio = {cfg.data.validation_ratio})")
+    refine(run_dir, split=0, force=force, progress=progress)
+    featurize(run_dir, split=0, force=force, progress=progress)
+    train_metric(run_dir, split=0, force=force)
+    return run
+
+
 def summarize(run_dir, splits: list[int] | None = None) -> dict:
     """Average every evaluated split into RUN_DIR/metrics.json (the contract other tools read)."""
     run = RunDir(run_dir)
-    cfg = load_run_config(run)
-    dataset = load_dataset(run)
+    cfg = run.config()
+    dataset = run.dataset()
     splits = [k for k in (splits if splits is not None else run.splits()) if (run.split_dir(k) / "evaluation.json").exists()]
     if not splits:
         raise LookalikeError(f"no evaluated split in {run.root}; run `lookalike evaluate` first")

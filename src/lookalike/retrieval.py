@@ -1,4 +1,4 @@
-"""Query by example against a run's test images (tutorial script A1) and embed a whole folder (script A2)."""
+"""Query by example against a gallery or a run's test images (tutorial script A1), and embed a whole folder (script A2)."""
 
 from __future__ import annotations
 
@@ -13,32 +13,57 @@ from .errors import LookalikeError
 from .fileio import atomic_path, save_npy, write_json
 from .images import iter_image_files
 from .model import ImageEmbedder, SimilarityModel
-from .pipeline import load_dataset, load_features, load_split
 from .rundir import RunDir
 
 
-def retrieve(run_dir: str | os.PathLike, image: str | os.PathLike, top: int = 15, split: int = 0, picture: str | os.PathLike | None = None) -> dict:
-    """The `top` test images most alike to `image` under the learned distance, with probabilities."""
-    run = RunDir(run_dir)
-    model = SimilarityModel.load(run_dir, split)
-    feats, ok, skipped = model.embed_paths([image], progress=False)
-    if skipped:
-        raise LookalikeError(f"{skipped[0]['path']}: {skipped[0]['reason']}")
-    dataset = load_dataset(run)
-    s = load_split(run, split)
-    features, row_of = load_features(run, split)
-    gallery = s.parts["test"]
-    d = model.distance(feats[0], features[[row_of[i] for i in gallery]])
+def retrieve(
+    model_dir: str | os.PathLike,
+    image: str | os.PathLike,
+    top: int = 15,
+    split: int = 0,
+    picture: str | os.PathLike | None = None,
+    gallery: str | os.PathLike | None = None,
+) -> dict:
+    """The `top` gallery images most alike to `image` under the learned distance, with probabilities.
+
+    The gallery is a folder of images (a top-level sub-folder name is taken as the attribute), or by default
+    the test images of split `split` when `model_dir` is a run folder. A grid picture is drawn when `picture` is given.
+    """
+    model = SimilarityModel.load(model_dir, split)
+    query = model.embed(image)[0]
+    if gallery is not None:
+        features, paths, attributes = _gallery_folder(model, Path(gallery))
+    elif (Path(model_dir) / "config.json").is_file():
+        run = RunDir(model_dir)
+        dataset, members = run.dataset(), run.split(split).parts["test"]
+        all_features, row_of = run.features(split)
+        features = all_features[[row_of[i] for i in members]]
+        paths = [str(dataset.absolute_path(i)) for i in members]
+        attributes = [dataset.images[i].attribute for i in members]
+    else:
+        raise LookalikeError(f"{model_dir} is a model folder, which holds no images to search; give a gallery folder of images", param="gallery")
+    d = model.distance(query, features)
     p = model.probability(d)
     order = np.argsort(d, kind="stable")[:top]
     results = [
-        {"rank": r + 1, "path": str(dataset.absolute_path(gallery[i])), "attribute": dataset.images[gallery[i]].attribute, "distance": float(d[i]), "probability": float(p[i])}
+        {"rank": r + 1, "path": paths[i], "attribute": attributes[i], "distance": float(d[i]), "probability": float(p[i])}
         for r, i in enumerate(order)
     ]
-    if picture is None:
-        picture = run.root / "retrieval" / f"{Path(image).stem}-top{top}.jpg"
-    visualize.retrieval_grid(str(image), [(r["path"], r["distance"], r["attribute"]) for r in results], picture)
-    return {"query": str(image), "split": split, "picture": str(picture), "results": results}
+    if picture is not None:
+        visualize.retrieval_grid(str(image), [(r["path"], r["distance"], r["attribute"] or "") for r in results], picture)
+    return {"query": str(image), "split": split, "picture": None if picture is None else str(picture), "results": results}
+
+
+def _gallery_folder(model: SimilarityModel, folder: Path) -> tuple[np.ndarray, list[str], list[str | None]]:
+    """Embeddings (cached by content), paths and attributes (top-level sub-folder) of the images below `folder`."""
+    if not folder.is_dir():
+        raise LookalikeError(f"gallery {folder} is not a folder of images", param="gallery")
+    files = sorted(str(p) for p in iter_image_files(folder))
+    if not files:
+        raise LookalikeError(f"no images below the gallery {folder} (looked for .jpg .jpeg .png .bmp .webp .tif)")
+    result = model.embedder_.embed(files, progress=len(files) > 50)
+    attributes = [Path(p).relative_to(folder).parts[0] if len(Path(p).relative_to(folder).parts) > 1 else None for p in result.paths]
+    return result.features, list(result.paths), attributes
 
 
 def featurize_dir(directory: str | os.PathLike, out: str | os.PathLike, embedder: ImageEmbedder, progress: bool = True) -> dict:
@@ -48,10 +73,10 @@ def featurize_dir(directory: str | os.PathLike, out: str | os.PathLike, embedder
     """
     directory = Path(directory)
     if not directory.is_dir():
-        raise LookalikeError(f"{directory} is not a folder; pass the folder of images to embed")
+        raise LookalikeError(f"{directory} is not a folder; give the folder of images to embed", param="directory")
     out = Path(out)
     if out.suffix not in (".npy", ".parquet"):
-        raise LookalikeError(f"--out {out}: use a .npy (with a .json list of paths beside it) or .parquet file name")
+        raise LookalikeError(f"{out}: use a .npy (with a .json list of paths beside it) or .parquet file name", param="out")
     paths = sorted(str(p) for p in iter_image_files(directory))  # FIFOs, devices and broken links too: they are reported as skipped
     if not paths:
         raise LookalikeError(f"no images below {directory} (looked for .jpg .jpeg .png .bmp .webp .tif)")

@@ -1,34 +1,46 @@
-"""The run directory: where each stage's outputs live, and the log every stage appends to."""
+"""The run directory: where each stage's outputs live, how to read them back, and the log every stage appends to.
+
+Stages and every consumer of a run (the model, retrieval, the report) read a run through `RunDir`, so none of
+them reaches back into the orchestrator (`pipeline.py`) for a loader.
+"""
 
 from __future__ import annotations
 
 import datetime as _dt
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
-
-from rich.console import Console
-from rich.markup import escape
+from typing import TYPE_CHECKING
 
 from .errors import LookalikeError
-from .fileio import read_json
+from .fileio import read_json, write_json
 
-console = Console(stderr=True, highlight=False)
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .backbones import Backbone
+    from .config import LookalikeConfig
+    from .data import Dataset, Split
+
+logger = logging.getLogger("lookalike")
+
+_LEVELS = {"": logging.INFO, "bold": logging.INFO, "yellow": logging.WARNING, "red": logging.ERROR}
 
 
 class RunDir:
-    """Paths inside RUN_DIR; split k's files live in RUN_DIR/split-k/."""
+    """Paths inside RUN_DIR and loaders for what the stages wrote there; split k's files live in RUN_DIR/split-k/."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
 
     @property
-    def config(self) -> Path:
+    def config_file(self) -> Path:
         return self.root / "config.json"
 
     @property
-    def dataset(self) -> Path:
+    def dataset_file(self) -> Path:
         return self.root / "dataset.json"
 
     @property
@@ -61,9 +73,49 @@ class RunDir:
             raise LookalikeError(f"{path} is missing; run `lookalike {stage}` for this run directory first")
         return path
 
+    # ---- loaders ------------------------------------------------------------------------------
+
+    def config(self) -> "LookalikeConfig":
+        """The configuration the run was made with (written by prepare)."""
+        from .config import LookalikeConfig
+
+        return LookalikeConfig.model_validate(read_json(self.require(self.config_file, "prepare")))
+
+    def save_config(self, cfg: "LookalikeConfig") -> None:
+        write_json(self.config_file, cfg.model_dump())
+
+    def dataset(self) -> "Dataset":
+        from .data import Dataset
+
+        return Dataset.from_dict(read_json(self.require(self.dataset_file, "prepare")))
+
+    def split(self, k: int) -> "Split":
+        from .data import Split
+
+        return Split.from_dict(read_json(self.require(self.split_dir(k) / "split.json", "prepare")))
+
+    def backbone(self, k: int, cfg: "LookalikeConfig | None" = None) -> "Backbone":
+        """Split k's refined backbone when one was trained, else the pretrained one the config names."""
+        from .backbones import create_backbone, load_backbone
+
+        refined = self.split_dir(k) / "refined"
+        if (refined / "backbone.json").exists():
+            return load_backbone(refined)
+        f = (cfg or self.config()).features
+        return create_backbone(f.backbone, f.weights or None, f.resolution, f.normalization)
+
+    def features(self, k: int) -> tuple["np.ndarray", dict[int, int]]:
+        """Unit-length features of split k and a map dataset index -> row."""
+        from .fileio import load_npy
+
+        meta = read_json(self.require(self.split_dir(k) / "features.json", "featurize"))
+        return load_npy(self.split_dir(k) / "features.npy"), {idx: row for row, idx in enumerate(meta["rows"])}
+
+    # ---- log ----------------------------------------------------------------------------------
+
     def log(self, message: str, style: str = "") -> None:
-        """Print to the console and append to RUN_DIR/log.txt."""
-        console.print(escape(message), style=style or None)
+        """Log to the `lookalike` logger (the CLI shows it) and append to RUN_DIR/log.txt; yellow = a warning."""
+        logger.log(_LEVELS.get(style, logging.INFO), message)
         self.root.mkdir(parents=True, exist_ok=True)
         stamp = _dt.datetime.now().isoformat(timespec="seconds")
         with open(self.log_file, "a", encoding="utf-8") as f:

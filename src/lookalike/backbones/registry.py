@@ -100,12 +100,12 @@ def create_backbone(
     """
     spec = _REGISTRY.get(name)
     if spec is None:
-        raise LookalikeError(f"unknown backbone '{name}'; choose one of: {', '.join(list_backbones())}")
+        raise LookalikeError(f"unknown backbone '{name}'; choose one of: {', '.join(list_backbones())}", param="backbone")
     trunk = spec.build()
     if weights:
         path = Path(weights).expanduser()
         if not path.is_file():
-            raise LookalikeError(f"weights file {path} does not exist; pass --weights with a state-dict file (.pth or .safetensors)")
+            raise LookalikeError(f"weights file {path} does not exist; give a state-dict file (.pth or .safetensors)", param="weights")
         state = load_state_dict_file(path)
         source = sha256_file(path)
     else:
@@ -120,8 +120,9 @@ def create_backbone(
         else:
             raise LookalikeError(
                 f"no pretrained weights for '{name}' on this machine; looked in: {', '.join(looked)}. "
-                f"Pass --weights FILE (a torchvision state dict), put the file in one of those places, "
-                f"or set LOOKALIKE_ALLOW_DOWNLOAD=1 on a machine with internet access"
+                f"Give a weights file (a torchvision state dict), put the file in one of those places, "
+                f"or set LOOKALIKE_ALLOW_DOWNLOAD=1 on a machine with internet access",
+                param="weights",
             )
     _load_into(trunk, state, name)
     trunk.eval()

@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from tqdm import tqdm
 
-from ..datatools.dedup import dhash_bits
+from ..hashing import dhash_bits
 from ..errors import BadImageError, LookalikeError
 from ..fileio import sha256_file
-from ..images import is_image_file, unreadable_reason
+from ..images import is_image_file, iter_image_files, unreadable_reason
 
 
 @dataclass(frozen=True)
@@ -59,9 +60,9 @@ def scan_dataset(root: str | os.PathLike, min_images_per_attribute: int = 4, pro
     """
     root = Path(root).expanduser()
     if not root.exists():
-        raise LookalikeError(f"dataset folder {root} does not exist; pass --data pointing at a folder with one sub-folder per attribute")
+        raise LookalikeError(f"dataset folder {root} does not exist; give a folder with one sub-folder per attribute", param="data")
     if not root.is_dir():
-        raise LookalikeError(f"{root} is a file; --data must be a folder with one sub-folder per attribute")
+        raise LookalikeError(f"{root} is a file; give a folder with one sub-folder per attribute", param="data")
     try:
         entries = sorted(os.scandir(root), key=lambda e: e.name)
     except PermissionError:
@@ -78,20 +79,36 @@ def scan_dataset(root: str | os.PathLike, min_images_per_attribute: int = 4, pro
             continue
         if not entry.is_dir():
             continue
-        for dirpath, dirnames, filenames in os.walk(entry.path, onerror=lambda e: skipped.append({"path": _rel(root, e.filename), "reason": f"unreadable folder ({e.strerror})"})):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            rel_dir = Path(dirpath).relative_to(root / entry.name).as_posix()
-            for name in sorted(filenames):
-                if name.startswith("."):
-                    continue
-                rel = _rel(root, os.path.join(dirpath, name))
-                if not is_image_file(name):
-                    skipped.append({"path": rel, "reason": "not an image file (unsupported extension)"})
-                    continue
-                candidates.append((rel, entry.name, "" if rel_dir == "." else rel_dir))
+        passed_over: list[tuple[Path, str]] = []
+        for path in iter_image_files(entry.path, passed_over):
+            rel_dir = path.parent.relative_to(root / entry.name).as_posix()
+            candidates.append((_rel(root, str(path)), entry.name, "" if rel_dir == "." else rel_dir))
+        skipped += [{"path": _rel(root, str(path)), "reason": reason} for path, reason in passed_over]
     if not candidates and not any(e.is_dir() and not e.name.startswith(".") for e in entries):
         raise LookalikeError(f"{root} has no attribute sub-folders; expected e.g. {root}/striped/*.jpg, {root}/dotted/*.jpg")
 
+    attributes = {c[1] for c in candidates} | {e.name for e in entries if e.is_dir() and not e.name.startswith(".")}
+    return _checked_dataset(root, candidates, attributes, skipped, min_images_per_attribute, progress)
+
+
+def dataset_from_files(
+    paths: Sequence[str | os.PathLike], labels: Sequence[str], min_images_per_attribute: int = 4, progress: bool = True
+) -> Dataset:
+    """A dataset from image files and their attribute labels, for photos not laid out one folder per attribute."""
+    if len(paths) != len(labels):
+        raise LookalikeError(f"got {len(paths)} image paths but {len(labels)} labels; give one label per image")
+    if not paths:
+        raise LookalikeError("no images given; pass image paths and one attribute label per image")
+    absolute = [Path(p).expanduser().resolve() for p in paths]
+    root = Path(os.path.commonpath([str(p.parent) for p in absolute]))
+    candidates = [(p.relative_to(root).as_posix(), str(label), "") for p, label in zip(absolute, labels)]
+    return _checked_dataset(root, candidates, {str(label) for label in labels}, [], min_images_per_attribute, progress)
+
+
+def _checked_dataset(
+    root: Path, candidates: list[tuple[str, str, str]], attributes: set[str], skipped: list[dict], min_images_per_attribute: int, progress: bool
+) -> Dataset:
+    """Decode and hash each candidate (relative path, attribute, group); skip unusable files, duplicates and small attributes."""
     images: list[ImageRecord] = []
     seen: dict[str, ImageRecord] = {}
     for rel, attribute, group in tqdm(candidates, desc="Checking images", unit="img", disable=not progress or not candidates, leave=False):
@@ -114,7 +131,7 @@ def scan_dataset(root: str | os.PathLike, min_images_per_attribute: int = 4, pro
         seen[digest] = record
         images.append(record)
 
-    counts = {a: 0 for a in sorted({c[1] for c in candidates} | {e.name for e in entries if e.is_dir() and not e.name.startswith(".")})}
+    counts = {a: 0 for a in sorted(attributes)}
     for im in images:
         counts[im.attribute] += 1
     too_small = {a for a, n in counts.items() if n < min_images_per_attribute}
@@ -125,8 +142,8 @@ def scan_dataset(root: str | os.PathLike, min_images_per_attribute: int = 4, pro
     if len(kept) < 2:
         detail = ", ".join(f"{a}: {n}" for a, n in counts.items()) or "none"
         raise LookalikeError(
-            f"{root} needs at least 2 attribute folders with {min_images_per_attribute}+ usable images each "
-            f"(found {detail}); a ranker learns what separates attributes, so add another attribute folder"
+            f"{root} needs at least 2 attributes with {min_images_per_attribute}+ usable images each "
+            f"(found {detail}); a ranker learns what separates attributes, so add images of another attribute (another sub-folder, or another label)"
         )
     return Dataset(root=str(root), images=images, skipped=skipped)
 

@@ -96,6 +96,30 @@ def make_split(dataset: Dataset, cfg: DataConfig, seed: int) -> Split:
     return Split(seed=seed, parts=parts, sets=sets, near_duplicates=near)
 
 
+def make_fit_split(dataset: Dataset, cfg: DataConfig, seed: int) -> Split:
+    """Every image for training except a validation slice per attribute (calibration, choices); no test part.
+
+    The deployable model is trained this way; `make_split` and the rank test are how it is evaluated.
+    """
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list[int]] = {p: [] for p in PARTS}
+    for attribute in dataset.attributes:
+        members = [i for i, im in enumerate(dataset.images) if im.attribute == attribute]
+        order = rng.permutation(len(members))
+        n_val = min(max(int(round(cfg.validation_ratio * len(members))), 2), len(members) - 2) if cfg.validation_ratio > 0 else 0
+        parts["validation"] += [members[i] for i in order[:n_val]]
+        parts["train"] += [members[i] for i in order[n_val:]]
+    for part in PARTS:
+        parts[part].sort()
+    verify_disjoint(dataset, parts)
+    sets = {
+        "train": comparative_sets(dataset, parts["train"], cfg.train_queries_per_attribute, cfg.negatives_per_query, rng),
+        "validation": comparative_sets(dataset, parts["validation"], cfg.validation_queries_per_attribute, cfg.negatives_per_query, rng),
+        "test": [],
+    }
+    return Split(seed=seed, parts=parts, sets=sets)
+
+
 class NearDuplicateLeak(LookalikeError):
     """Near-duplicate images on both sides of the split; `pairs` is the report."""
 
@@ -111,7 +135,7 @@ class NearDuplicateLeak(LookalikeError):
 
 def near_duplicate_leaks(dataset: Dataset, parts: dict[str, list[int]], max_distance: int) -> list[dict]:
     """Pairs of images in different parts whose difference hashes are within `max_distance` bits."""
-    from ..datatools.dedup import near_pairs
+    from ..hashing import near_pairs
 
     hashed = {p: [i for i in parts[p] if dataset.images[i].dhash] for p in PARTS}
     found = []

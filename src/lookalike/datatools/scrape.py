@@ -77,7 +77,8 @@ class BingImageSearch:
         if not key.strip():
             raise LookalikeError(
                 f"no Bing Image Search key: set the {self.KEY_ENV} environment variable to your subscription key "
-                f"(e.g. export {self.KEY_ENV}=...), or use --list-queries to only print the queries"
+                f"(e.g. export {self.KEY_ENV}=...), or only list the queries without searching",
+                param="key",
             )
         if safe_search not in ("Off", "Moderate", "Strict"):
             raise LookalikeError(f"safe_search must be Off, Moderate or Strict, not {safe_search!r}")
@@ -195,7 +196,7 @@ def synthesize_queries(attributes: Iterable[str], items: Iterable[str] = (), tem
     attributes = _unique(a.strip() for a in attributes if a.strip())
     items = _unique(i.strip() for i in items if i.strip())
     if not attributes:
-        raise LookalikeError("give at least one attribute to search for, e.g. --attributes striped,dotted,leopard")
+        raise LookalikeError("give at least one attribute to search for, e.g. striped, dotted, leopard", param="attributes")
     if "{attribute}" not in template:
         raise LookalikeError("the query template must contain {attribute} (and usually {item}), e.g. '{item} {attribute}'")
     if not items:

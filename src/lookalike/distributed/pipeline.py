@@ -54,7 +54,7 @@ class ModelSpec:
         if self.run:
             from ..model import SimilarityModel
 
-            return SimilarityModel.load(self.run, self.split).backbone
+            return SimilarityModel.load(self.run, self.split).backbone_
         from ..backbones import create_backbone
 
         return create_backbone(self.backbone, self.weights)

@@ -30,14 +30,14 @@ def absolute(path: str | os.PathLike) -> str:
 
 
 def load_model(run: str | os.PathLike | None, index: ImageIndex | None = None, progress: bool = True):
-    """The run's SimilarityModel and its embedder, checked against `index` when one is given."""
+    """The SimilarityModel of a model or run folder and its embedder, checked against `index` when one is given."""
     from ..model import SimilarityModel
 
     run_dir = run or (index.manifest["run_dir"] if index is not None else None)
     if not run_dir:
-        raise LookalikeError("this index does not record its run; pass --run RUN_DIR")
+        raise LookalikeError("this index does not record the model it was built with; name the model (or run) folder to embed with")
     if not Path(run_dir).is_dir():
-        raise LookalikeError(f"the run {run_dir} does not exist (moved?); pass --run with the run the index was built from")
+        raise LookalikeError(f"the model {run_dir} does not exist (moved?); name the model (or run) folder the index was built with")
     model = SimilarityModel.load(run_dir)
     embedder = ModelEmbedder(model, progress)
     if index is not None:
@@ -48,7 +48,7 @@ def load_model(run: str | os.PathLike | None, index: ImageIndex | None = None, p
 def check_model(index: ImageIndex, model, run_dir: str | os.PathLike) -> None:
     """Refuse a model whose vectors or learned distance are not those the index was built with."""
     check_embedder(index, ModelEmbedder(model, progress=False))
-    if index.metric.kind == "learned" and IndexMetric.from_ranker(model.ranker).fingerprint() != index.manifest["metric_fingerprint"]:
+    if index.metric.kind == "learned" and IndexMetric.from_ranker(model.ranker_).fingerprint() != index.manifest["metric_fingerprint"]:
         raise LookalikeError(
             f"the learned distance of {run_dir} is not the one the index at {index.directory} was built with "
             "(was the metric retrained?); build the index again with `lookalike index build --overwrite`"
@@ -67,7 +67,7 @@ def build_index(
 ) -> tuple[IngestReport, dict]:
     """Embed every image below `images` into a new index at `out_dir`; rerunning resumes an interrupted build."""
     model, embedder = load_model(run, progress=progress)
-    metric = IndexMetric.from_ranker(model.ranker, distance)
+    metric = IndexMetric.from_ranker(model.ranker_, distance)
     with ImageIndex.create(out_dir, embedder.dim, metric, embedder.fingerprint, kind, run_dir=absolute(run), overwrite=overwrite) as index:
         report = ingest(index, images, embedder, chunk_size=chunk)
         index.finish_build()

@@ -27,11 +27,11 @@ index_app = typer.Typer(
     name="index",
     help=(
         "A catalog of images you can search for lookalikes, grow and shrink without rebuilding.\n\n"
-        "  lookalike index build --run runs/mine --images photos/ --out photos.index\n\n"
+        "  lookalike index build --model models/mine --images photos/ --out photos.index\n\n"
         "  lookalike index search photos.index query.jpg --top 15 --grid matches.png\n\n"
         "  lookalike index add photos.index new_photos/      (embeds only new or changed files)\n\n"
         "  lookalike index remove photos.index photos/old/\n\n"
-        "Images are embedded with the run's backbone (refined if present) and ranked by its learned "
+        "Images are embedded with the model's backbone (refined if present) and ranked by its learned "
         "weighted L2 distance, with the calibrated probability that a match shares the query's attribute. "
         f"Catalogs under {EXACT_BELOW:,} images are searched exactly; larger ones approximately "
         f"(HNSW below {HNSW_BELOW:,}, IVF-PQ above), with an exact re-ranking of the shortlist."
@@ -65,7 +65,7 @@ def _print_report(action: str, report, index: ImageIndex, as_json: bool) -> None
 
 @index_app.command()
 def build(
-    run: Path = typer.Option(..., "--run", "-r", help="Run directory of a trained model (lookalike run / train-metric)."),
+    run: Path = typer.Option(..., "--model", "-m", "--run", "-r", help="Model folder (`lookalike fit`) or run folder (`lookalike run`): what embeds and ranks the images."),
     images: str = typer.Option(..., "--images", "-i", help="Folder of images; a top-level sub-folder name becomes the image's attribute. With --engine ray also s3://bucket/prefix."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Index folder to create."),
     kind: str = KindOpt,
@@ -82,8 +82,8 @@ def build(
 
         model, _ = load_model(run)
         result = featurize_and_index(
-            images, out_dir, ModelSpec.of(run=str(run)), IndexMetric.from_ranker(model.ranker, distance),
-            backbone=model.backbone, address=address, kind=kind, run_dir=absolute(run), overwrite=overwrite,
+            images, out_dir, ModelSpec.of(run=str(run)), IndexMetric.from_ranker(model.ranker_, distance),
+            backbone=model.backbone_, address=address, kind=kind, run_dir=absolute(run), overwrite=overwrite,
         )
         if as_json:
             print(json.dumps(result, indent=2, default=str))
@@ -103,7 +103,7 @@ def build(
 def add(
     index_dir: Path = IndexDirArg,
     images: Path = typer.Argument(..., help="Folder of images to add or refresh."),
-    run: Optional[Path] = typer.Option(None, "--run", "-r", help="Run to embed with (default: the one the index was built from)."),
+    run: Optional[Path] = typer.Option(None, "--model", "-m", "--run", "-r", help="Model or run folder to embed with (default: the one the index was built with)."),
     chunk: int = typer.Option(1024, "--chunk", min=1, help="Images committed per step."),
     as_json: bool = JsonOpt,
 ):
@@ -146,7 +146,7 @@ def search(
     top: int = typer.Option(15, "--top", "-k", min=1, help="How many matches to show per query."),
     grid: Optional[Path] = typer.Option(None, "--grid", help="One query only: also save the tutorial's picture of the query and its matches (.png/.jpg)."),
     keep_self: bool = typer.Option(False, "--keep-self", help="When a query is itself in the index, list it too (first; it is left out by default)."),
-    run: Optional[Path] = typer.Option(None, "--run", "-r", help="Run to embed the queries with (default: the one the index was built from)."),
+    run: Optional[Path] = typer.Option(None, "--model", "-m", "--run", "-r", help="Model or run folder to embed the queries with (default: the one the index was built with)."),
     rerank: Optional[int] = typer.Option(None, help=f"Approximate kinds: shortlist size re-ranked exactly (default {DEFAULT_PARAMS['rerank']})."),
     ef_search: Optional[int] = typer.Option(None, help=f"HNSW: search breadth (default {DEFAULT_PARAMS['ef_search']})."),
     nprobe: Optional[int] = typer.Option(None, help=f"IVF-PQ: cells visited (default {DEFAULT_PARAMS['nprobe']})."),
@@ -219,7 +219,7 @@ def query_vectors(index: ImageIndex, paths: list[Path], run: Optional[Path]) -> 
     todo = [i for i, own in enumerate(own_ids) if own is None]
     if todo:
         model, _ = load_model(run, index)
-        result = model.embed([str(paths[i]) for i in todo], progress=len(todo) > 1)
+        result = model.embedder_.embed([str(paths[i]) for i in todo], progress=len(todo) > 1)
         if result.skipped:
             raise BadImageError(Path(result.skipped[0]["path"]), result.skipped[0]["reason"])
         vectors[todo] = result.features

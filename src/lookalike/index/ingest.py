@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -58,13 +58,37 @@ def scan_images(root: str | os.PathLike) -> list[tuple[str, str | None]]:
     return found
 
 
-def ingest(index: ImageIndex, root: str | os.PathLike, embedder: Embedder, chunk_size: int = 1024, progress: bool = True) -> IngestReport:
-    """Add or refresh every image below `root`; then merge the FAISS index if the tail grew enough."""
+def image_sources(sources: str | os.PathLike | Sequence[str | os.PathLike], attribute: str | None = None) -> list[tuple[str, str | None]]:
+    """(absolute path, attribute) of each image file given and every image below each folder given.
+
+    A folder's images take their top sub-folder as attribute unless `attribute` is given; files take `attribute`.
+    """
+    found = []
+    for source in [sources] if isinstance(sources, (str, os.PathLike)) else sources:
+        path = Path(os.path.abspath(Path(source).expanduser()))
+        if path.is_dir():
+            found += [(p, attribute if attribute is not None else a) for p, a in scan_images(path)]
+        elif path.is_file():
+            found.append((str(path), attribute))
+        else:
+            raise LookalikeError(f"{path} does not exist; pass image files or folders of them")
+    return found
+
+
+def ingest(
+    index: ImageIndex,
+    sources: str | os.PathLike | Sequence[str | os.PathLike],
+    embedder: Embedder,
+    chunk_size: int = 1024,
+    progress: bool = True,
+    attribute: str | None = None,
+) -> IngestReport:
+    """Add or refresh the images of `sources` (see `image_sources`); then merge the FAISS index if the tail grew enough."""
     check_embedder(index, embedder)
     report = IngestReport()
     known = index.entries_by_path()
     candidates = []
-    for path, attribute in scan_images(root):
+    for path, attribute in image_sources(sources, attribute):
         try:
             st = os.stat(path)
         except OSError as e:

@@ -11,9 +11,10 @@ from scipy.special import expit
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression
 from sklearn.svm import LinearSVC
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils.multiclass import check_classification_targets, type_of_target
+from sklearn.utils.validation import check_is_fitted, validate_data
 
-from ..errors import LookalikeError
+from ..errors import InvalidInputError, LookalikeError
 from ..fileio import write_json
 
 FORMAT = "lookalike.weighted_l2/1"
@@ -60,10 +61,13 @@ class WeightedL2Ranker(ClassifierMixin, BaseEstimator):
 
     def fit(self, X, y, X_calibration=None, y_calibration=None):
         """Fit the SVM on (X, y); calibrate on (X_calibration, y_calibration), else on the training pairs."""
-        X = np.asarray(X, dtype=np.float64)
-        y = np.asarray(y)
-        if len(np.unique(y)) != 2:
-            raise LookalikeError("training pairs need both positive and negative examples")
+        X, y = validate_data(self, X, y, dtype=np.float64)
+        check_classification_targets(y)
+        target = type_of_target(y)
+        if target != "binary":
+            if len(np.unique(y)) < 2:
+                raise InvalidInputError("training pairs need both positive and negative examples; only one class was found")
+            raise InvalidInputError(f"Only binary classification is supported: a pair is alike (1) or not (0), but the target is {target}")
         learned = X.shape[1] - self.visual_dims
         if learned < 1:
             raise LookalikeError(f"visual_dims = {self.visual_dims} leaves none of the {X.shape[1]} pair features to learn from")
@@ -74,7 +78,7 @@ class WeightedL2Ranker(ClassifierMixin, BaseEstimator):
         # negative SVM weights mean "alike when this difference is small": the visual part gets that sign
         self.weights_ = np.concatenate([w, np.full(self.visual_dims, -self.visual_weight * float(np.abs(w).mean()))])
         self.bias_ = float(svm.intercept_[0])
-        self.n_features_in_ = X.shape[1]
+        self.n_iter_ = int(svm.n_iter_)
         if X_calibration is None:
             X_calibration, y_calibration = X, y
         self.calibrate(X_calibration, y_calibration)
@@ -83,11 +87,11 @@ class WeightedL2Ranker(ClassifierMixin, BaseEstimator):
     def calibrate(self, X, y):
         """Platt scaling: P(same) = sigmoid(a * score + b), with a forced positive so it is monotone."""
         scores = self.decision_function(X).reshape(-1, 1)
-        y = np.asarray(y)
-        n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
+        y = np.asarray(y) == self.classes_[1]
+        n_pos, n_neg = int(y.sum()), int((~y).sum())
         if n_pos == 0 or n_neg == 0:
             raise LookalikeError("calibration pairs need both positive and negative examples")
-        weight = np.where(y == 1, 1.0, self.platt_negative_ratio * n_pos / n_neg)
+        weight = np.where(y, 1.0, self.platt_negative_ratio * n_pos / n_neg)
         lr = LogisticRegression(C=1e6, max_iter=1000).fit(scores, y, sample_weight=weight)
         self.platt_a_ = max(float(lr.coef_[0, 0]), 1e-6)
         self.platt_b_ = float(lr.intercept_[0])
@@ -95,9 +99,16 @@ class WeightedL2Ranker(ClassifierMixin, BaseEstimator):
 
     def decision_function(self, X) -> np.ndarray:
         check_is_fitted(self, "weights_")
-        return np.asarray(X, dtype=np.float64) @ self.weights_ + self.bias_
+        return validate_data(self, X, dtype=np.float64, reset=False) @ self.weights_ + self.bias_
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.classifier_tags.multi_class = False  # it tells alike pairs from unalike ones
+        return tags
 
     def predict(self, X) -> np.ndarray:
+        """The SVM's side of the margin (not P(same) > 0.5: calibration weights negatives as in a real catalog)."""
+        check_is_fitted(self, "weights_")
         return self.classes_[(self.decision_function(X) > 0).astype(int)]
 
     def predict_proba(self, X) -> np.ndarray:

@@ -160,7 +160,7 @@ def _decoded_views(views: ViewMaker, images: dict[str, str], jobs: list[tuple[st
         try:
             arrays = views.views(images[digest], digest, wanted)
         except BadImageError as e:
-            raise LookalikeError(f"cannot read {e.path} for refinement ({e.reason}); run prepare again with --force") from None
+            raise LookalikeError(f"cannot read {e.path} for refinement ({e.reason}); prepare the run again, forced (its images changed after the scan)") from None
         return [(digest, v, a) for v, a in zip(wanted, arrays)]
 
     chunks = [jobs[i : i + 8] for i in range(0, len(jobs), 8)]

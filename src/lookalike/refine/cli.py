@@ -37,13 +37,11 @@ def register(app: typer.Typer) -> None:
 
         from ..config import LookalikeConfig, format_validation_error
         from ..errors import ConfigError
-        from ..fileio import write_json
-        from ..pipeline import load_run_config
         from ..rundir import RunDir
         from .stage import base_backbone, refine as _refine
 
         rd = RunDir(run)
-        cfg = load_run_config(rd)
+        cfg = rd.config()
         changes = {"epochs": epochs, "mode": mode, "resolution": resolution, "last_layer_only": last_layer_only, "trainable_blocks": trainable_blocks}
         changes = {k: v for k, v in changes.items() if v is not None}
         if texture_stages is not None:
@@ -56,7 +54,7 @@ def register(app: typer.Typer) -> None:
             except ValidationError as e:
                 raise ConfigError(f"invalid refine option:\n{format_validation_error(e)}") from None
             base_backbone(cfg)  # a stage number the backbone lacks is refused before the run's config changes
-            write_json(rd.config, cfg.model_dump())
+            rd.save_config(cfg)
         record = _refine(run, split=split, force=force)
         if record is None:
             typer.echo("refinement is off (refine.epochs = 0); featurize uses the pretrained backbone")

@@ -57,10 +57,8 @@ def base_backbone(cfg: LookalikeConfig) -> Backbone:
 
 def refine(run_dir: str | os.PathLike, split: int = 0, force: bool = False, progress: bool = True) -> dict | None:
     """Fine-tune on split `split`'s training images; returns the history record, or None when refinement is off."""
-    from ..pipeline import load_dataset, load_run_config, load_split
-
     run = RunDir(run_dir)
-    cfg = load_run_config(run)
+    cfg = run.config()
     rc = cfg.refine
     out = run.split_dir(split) / "refined"
     if rc.epochs == 0:
@@ -76,8 +74,8 @@ def refine(run_dir: str | os.PathLike, split: int = 0, force: bool = False, prog
     if not force and up_to_date(record_path, fp) and (out / "backbone.safetensors").exists():
         return read_json(record_path)
 
-    dataset = load_dataset(run)
-    s = load_split(run, split)
+    dataset = run.dataset()
+    s = run.split(split)
     backbone = base_backbone(cfg)
     blocks = 0 if rc.last_layer_only else (-1 if mode == "full" else rc.trainable_blocks)
     frozen, trained = split_trunk(backbone, blocks)

@@ -44,7 +44,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def serve(
         index: Path = typer.Option(..., "--index", "-i", help="Index directory built by `lookalike index build`."),
-        run: Optional[Path] = typer.Option(None, "--run", "-r", help="Run whose model embeds queries; default: the run the index was built with."),
+        run: Optional[Path] = typer.Option(None, "--model", "-m", "--run", "-r", help="Model folder (`lookalike fit`) or run folder that embeds queries; default: the one the index was built with."),
         host: str = typer.Option("127.0.0.1", help="Address to listen on. Loopback by default; use 0.0.0.0 only behind a proxy or firewall."),
         port: int = typer.Option(8000, help="TCP port."),
         api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LOOKALIKE_API_KEY", help="Key (16+ characters) that catalog writes must send as X-API-Key."),

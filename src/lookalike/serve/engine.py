@@ -196,7 +196,7 @@ class Engine:
     # ---- model work (pool threads) -------------------------------------------------------------
 
     def decode(self, upload: Upload) -> Image.Image:
-        return open_image_bytes(upload.data, upload.name, draft_size=self.model.backbone.config.input_size)
+        return open_image_bytes(upload.data, upload.name, draft_size=self.model.backbone_.config.input_size)
 
     def embed_upload(self, upload: Upload) -> np.ndarray:
         """Unit vector of an uploaded image, decoded as the index's files were."""
@@ -207,7 +207,7 @@ class Engine:
         images = {}
         scores = []
         for ranker in self.rankers:
-            size = ranker.model.backbone.config.input_size
+            size = ranker.model.backbone_.config.input_size
             pair = images.setdefault(size, [open_image_bytes(u.data, u.name, draft_size=size) for u in (a, b)])
             va, vb = (ranker.model.embed_image(img) for img in pair)
             d = float(ranker.model.distance(va, vb)[0])
