@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from typer.testing import CliRunner
 
 from lookalike import hashing
-from lookalike.datatools.cli import register
+from lookalike.cli.datatools import register
 from lookalike.datatools.dedup import REPORT_NAME, default_quarantine, find_duplicates, find_leaks, quarantine
 from lookalike.hashing import default_max_distance, hamming, hash_images, near_pairs
 from lookalike.errors import BadImageError, LookalikeError

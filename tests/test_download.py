@@ -16,7 +16,7 @@ import typer
 from PIL import Image
 from typer.testing import CliRunner
 
-from lookalike.datatools.cli import register
+from lookalike.cli.datatools import register
 from lookalike.datatools.download import REPORT_JSON, REPORT_TSV, download, read_url_list, url_stem
 from lookalike.errors import LookalikeError
 from lookalike.images import open_image

@@ -120,20 +120,21 @@ def test_bad_dataset_files_are_listed_not_fatal(real_subset, tmp_path, small_con
 
 
 @pytest.mark.parametrize(
-    "args,message",
+    "args,message,code",
     [
-        (["run", "--data", "/nonexistent/data", "--out", "{tmp}/r"], "does not exist"),
-        (["run", "--data", "{data}", "--out", "{tmp}/r", "--backbone", "vgg99"], "unknown backbone 'vgg99'"),
-        (["run", "--data", "{data}", "--out", "{tmp}/r", "--backbone", "resnet18"], "no pretrained weights for 'resnet18'"),
-        (["run", "--data", "{data}", "--out", "{tmp}/r", "--config", "{tmp}/bad.toml"], "unknown key"),
-        (["evaluate", "--run", "{tmp}/empty"], "run `lookalike prepare`"),
-        (["retrieve", "{tmp}/bad.toml", "--run", "{tmp}/empty"], "neither a model folder"),
+        (["run", "--data", "/nonexistent/data", "--out", "{tmp}/r"], "--data: dataset folder", 2),
+        (["run", "--data", "{data}", "--out", "{tmp}/r", "--backbone", "vgg99"], "unknown backbone 'vgg99'", 2),
+        (["run", "--data", "{data}", "--out", "{tmp}/r", "--backbone", "resnet18"], "no pretrained weights for 'resnet18'", 2),
+        (["run", "--data", "{data}", "--out", "{tmp}/r", "--config", "{tmp}/bad.toml"], "unknown key", 2),
+        (["evaluate", "--run", "{tmp}/empty"], "run `lookalike prepare`", 1),
+        (["retrieve", "{tmp}/bad.toml", "--run", "{tmp}/empty"], "neither a model folder", 1),
     ],
 )
-def test_cli_errors_are_messages_not_tracebacks(real_subset, tmp_path, args, message, monkeypatch):
+def test_cli_errors_are_messages_not_tracebacks(real_subset, tmp_path, args, message, code, monkeypatch):
+    """Usage errors (a bad flag or config value) exit with 2, runtime failures with 1; both as one message."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     (tmp_path / "bad.toml").write_text("[data]\nratio = 1\n")
     proc = lookalike(*[a.format(tmp=tmp_path, data=real_subset) for a in args], check=False)
-    assert proc.returncode == 2, proc.stderr
+    assert proc.returncode == code, proc.stderr
     assert message in proc.stderr.replace("\n", " ") or message in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout

@@ -88,6 +88,6 @@ def test_build_search_add_remove_stats_on_real_photos(trained):
     manifest["backbone_fingerprint"] = "some-other-backbone"
     (index / "manifest.json").write_text(json.dumps(manifest))
     wrong = lookalike("index", "add", index, root / "later", env=env, check=False)
-    assert wrong.returncode == 2 and "is not the one the index" in " ".join(wrong.stderr.split()) and "Traceback" not in wrong.stderr
+    assert wrong.returncode == 1 and "is not the one the index" in " ".join(wrong.stderr.split()) and "Traceback" not in wrong.stderr
     missing = lookalike("index", "search", root / "nowhere", new_photo, env=env, check=False)
-    assert missing.returncode == 2 and "is not a lookalike index" in " ".join(missing.stderr.split())
+    assert missing.returncode == 1 and "is not a lookalike index" in " ".join(missing.stderr.split())

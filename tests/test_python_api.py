@@ -83,7 +83,7 @@ def test_fit_makes_a_self_contained_model_folder_that_every_command_takes(worksp
     assert card["format"] == "lookalike.model/1" and card["attributes"] == list(ATTRIBUTES)
     assert card["data"]["per_attribute"] == {a: 10 for a in ATTRIBUTES} and card["config"]["refine"]["epochs"] == 3
     assert card["evaluation"]["distances"]["weighted_l2"] == json.loads((run / "metrics.json").read_text())["distances"]["weighted_l2"]
-    assert card["backbone"]["head"]["kind"] == "lookalike"
+    assert card["backbone"]["head"]["kind"] == "lookalike-embedding"
     assert "| weighted_l2 |" in (model_dir / "README.md").read_text()
     assert (model_dir / "training" / "history.json").is_file()
 

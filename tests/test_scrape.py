@@ -11,7 +11,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from lookalike.datatools.cli import register
+from lookalike.cli.datatools import register
 from lookalike.datatools.download import read_url_list
 from lookalike.datatools.scrape import BingImageSearch, ImageHit, SearchError, SearchProvider, scrape, synthesize_queries, write_url_list
 from lookalike.errors import LookalikeError

@@ -12,7 +12,7 @@ from fastapi import FastAPI, Request
 from PIL import Image
 
 from lookalike.errors import LookalikeError
-from lookalike.serve.cli import parse_rankers, settings_from_options
+from lookalike.cli.serve import parse_rankers, settings_from_options
 from lookalike.serve.errors import ApiError
 from lookalike.serve.middleware import RequestGuard
 from lookalike.serve.settings import ServeSettings

@@ -25,7 +25,7 @@ class BadImageError(LookalikeError):
 
 
 class ConfigError(LookalikeError):
-    """A configuration file or value that is not valid."""
+    """A configuration value that is not valid: in a file, a parameter or a flag (the CLI exits with 2, a usage error)."""
 
 
 class InvalidInputError(LookalikeError, ValueError):

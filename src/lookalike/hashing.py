@@ -14,7 +14,7 @@ from typing import Sequence
 
 import imagehash
 import numpy as np
-from tqdm import tqdm
+from .progress import tqdm
 
 from .errors import BadImageError, LookalikeError
 from .images import open_image

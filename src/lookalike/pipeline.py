@@ -15,6 +15,7 @@ import numpy as np
 
 from . import visualize
 from .backbones.heads import visual_dims
+from .backbones.registry import check_backbone
 from .config import LookalikeConfig
 from .data import Dataset, Split, make_fit_split, make_split, scan_dataset
 from .data.splits import NearDuplicateLeak
@@ -30,12 +31,23 @@ from .rundir import RunDir, fingerprint, up_to_date
 DISTANCE_ORDER = ("random", "l1", "l2", "cosine", "weighted_l2")
 
 
+def check_inputs(data: str | os.PathLike | Dataset, cfg: LookalikeConfig) -> None:
+    """Refuse, before any folder is made or any work done, a dataset folder that is not there or a backbone that is not."""
+    if not isinstance(data, Dataset):
+        folder = Path(data).expanduser()
+        if not folder.is_dir():
+            what = "is a file" if folder.exists() else "does not exist"
+            raise LookalikeError(f"dataset folder {folder} {what}; give a folder with one sub-folder per attribute", param="data")
+    check_backbone(cfg.features.backbone, cfg.features.weights or None)
+
+
 # ---------------------------------------------------------------- prepare
 def prepare(data_dir: str | os.PathLike, run_dir: str | os.PathLike, cfg: LookalikeConfig, split: int = 0, force: bool = False, rescan: bool | None = None) -> Split:
     """Scan the dataset (once per run), then split it and draw the comparative sets for split `split`.
 
     `force` redoes the split; the scan is redone when the folder changed, or when `rescan` (default: `force`).
     """
+    check_inputs(data_dir, cfg)
     run = RunDir(run_dir)
     run.root.mkdir(parents=True, exist_ok=True)
     run.save_config(cfg)
@@ -303,6 +315,7 @@ def run_pipeline(data_dir, run_dir, cfg: LookalikeConfig, splits: int = 1, force
     from .refine.stage import refine
     from .report import write_report
 
+    check_inputs(data_dir, cfg)
     run = RunDir(run_dir)
     start = time.perf_counter()
     for k in range(splits):
@@ -326,6 +339,7 @@ def train_on_all(data: str | os.PathLike | Dataset, run_dir: str | os.PathLike, 
     """
     from .refine.stage import refine
 
+    check_inputs(data, cfg)
     run = RunDir(run_dir)
     run.root.mkdir(parents=True, exist_ok=True)
     run.save_config(cfg)

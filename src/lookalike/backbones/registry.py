@@ -87,6 +87,30 @@ def describe_backbones() -> list[dict]:
     return out
 
 
+def check_backbone(name: str, weights: str | os.PathLike | None = None) -> tuple[_Spec, Path | None]:
+    """Fail fast, before any work, on a backbone that is unknown or whose weights are not here.
+
+    Returns its spec and weights file (None when they will be downloaded, as LOOKALIKE_ALLOW_DOWNLOAD=1 allows).
+    """
+    spec = _REGISTRY.get(name)
+    if spec is None:
+        raise LookalikeError(f"unknown backbone '{name}'; choose one of: {', '.join(list_backbones())}", param="backbone")
+    if weights:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise LookalikeError(f"weights file {path} does not exist; give a state-dict file (.pth or .safetensors)", param="weights")
+        return spec, path
+    path, looked = spec.find_weights()
+    if path is not None or (spec.download_weights is not None and os.environ.get("LOOKALIKE_ALLOW_DOWNLOAD") == "1"):
+        return spec, path
+    raise LookalikeError(
+        f"no pretrained weights for '{name}' on this machine; looked in: {', '.join(looked)}. "
+        f"Give a weights file (a torchvision state dict), put the file in one of those places, "
+        f"or set LOOKALIKE_ALLOW_DOWNLOAD=1 on a machine with internet access",
+        param="weights",
+    )
+
+
 def create_backbone(
     name: str = "efficientnet-lite0",
     weights: str | os.PathLike | None = None,
@@ -98,32 +122,15 @@ def create_backbone(
     Weights come from `weights` (a .pth/.pt or .safetensors state dict) or the backbone's offline
     source; a missing file is an error naming where we looked, never a silent random init.
     """
-    spec = _REGISTRY.get(name)
-    if spec is None:
-        raise LookalikeError(f"unknown backbone '{name}'; choose one of: {', '.join(list_backbones())}", param="backbone")
+    spec, path = check_backbone(name, weights)
     trunk = spec.build()
-    if weights:
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise LookalikeError(f"weights file {path} does not exist; give a state-dict file (.pth or .safetensors)", param="weights")
+    if path is not None:
         state = load_state_dict_file(path)
         source = sha256_file(path)
     else:
-        path, looked = spec.find_weights()
-        if path is not None:
-            state = load_state_dict_file(path)
-            source = sha256_file(path)
-        elif spec.download_weights is not None and os.environ.get("LOOKALIKE_ALLOW_DOWNLOAD") == "1":
-            state = spec.download_weights()
-            path, _ = spec.find_weights()
-            source = sha256_file(path) if path else "downloaded"
-        else:
-            raise LookalikeError(
-                f"no pretrained weights for '{name}' on this machine; looked in: {', '.join(looked)}. "
-                f"Give a weights file (a torchvision state dict), put the file in one of those places, "
-                f"or set LOOKALIKE_ALLOW_DOWNLOAD=1 on a machine with internet access",
-                param="weights",
-            )
+        state = spec.download_weights()
+        path, _ = spec.find_weights()
+        source = sha256_file(path) if path else "downloaded"
     _load_into(trunk, state, name)
     trunk.eval()
     norm = spec.normalization if normalization == "backbone" else normalization

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from tqdm import tqdm
+from ..progress import tqdm
 
 from ..hashing import dhash_bits
 from ..errors import BadImageError, LookalikeError

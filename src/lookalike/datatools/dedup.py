@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
+from ..progress import tqdm
 
 from ..errors import LookalikeError
 from ..fileio import sha256_file, write_json

@@ -29,7 +29,7 @@ import anyio
 import httpx
 from anyio.from_thread import start_blocking_portal
 from PIL import Image
-from tqdm import tqdm
+from ..progress import tqdm
 
 from ..errors import BadImageError, LookalikeError
 from ..fileio import atomic_path, write_bytes, write_json, write_text

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from tqdm import tqdm
+from ..progress import tqdm
 
 from ..errors import LookalikeError
 from . import shards as sh

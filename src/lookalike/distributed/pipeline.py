@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
+from ..progress import tqdm
 
 from ..errors import BadImageError, LookalikeError
 from . import shards as sh

@@ -9,7 +9,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
+from ..progress import tqdm
 
 from ..backbones import Backbone, Preprocessor
 from ..errors import BadImageError, LookalikeError

@@ -128,7 +128,9 @@ class ImageIndex:
 
     # ---- searching ---------------------------------------------------------------------------
 
-    def search(self, query, k: int = 15, attribute: str | None = None, min_probability: float | None = None, keep_self: bool = False) -> list[Match]:
+    def search(
+        self, query, k: int = 15, attribute: str | None = None, min_probability: float | None = None, keep_self: bool = False, params: dict | None = None
+    ) -> list[Match]:
         """The `k` catalog images most alike to `query`, nearest first.
 
         Parameters
@@ -141,24 +143,37 @@ class ImageIndex:
             Only matches of this attribute; the shortlist widens until it holds `k` of them or the whole catalog.
         min_probability : float, optional
             Only matches with at least this calibrated P(same attribute).
+        params : dict, optional
+            Search-time settings of approximate kinds: ``rerank``, ``ef_search`` (HNSW), ``nprobe`` (IVF-PQ).
 
         Returns
         -------
         list of Match
             ``id``, ``path``, ``attribute``, ``distance`` (lower = more alike), ``probability``.
         """
-        return self.search_many([query], k, attribute, min_probability, keep_self)[0]
+        return self.search_many([query], k, attribute, min_probability, keep_self, params)[0]
 
-    def search_many(self, queries: Sequence, k: int = 15, attribute: str | None = None, min_probability: float | None = None, keep_self: bool = False) -> list[list[Match]]:
+    def search_many(
+        self, queries: Sequence, k: int = 15, attribute: str | None = None, min_probability: float | None = None, keep_self: bool = False, params: dict | None = None
+    ) -> list[list[Match]]:
         """`search` for many queries; images among them are embedded in one batch."""
         if k < 1:
             raise LookalikeError(f"k = {k}: ask for at least 1 match")
         if min_probability is not None and not 0 <= min_probability <= 1:
             raise LookalikeError(f"min_probability = {min_probability}: give a probability between 0 and 1")
         vectors, own = self.query_vectors(queries)
+        return self.search_vectors(vectors, k, attribute, min_probability, None if keep_self else own, params)
+
+    def search_vectors(
+        self, vectors: np.ndarray, k: int = 15, attribute: str | None = None, min_probability: float | None = None,
+        leave_out: Sequence[int | None] | None = None, params: dict | None = None,
+    ) -> list[list[Match]]:
+        """`search` for query vectors (rows); `leave_out[i]` is a catalog id query i must not match (its own)."""
+        vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
+        leave_out = leave_out if leave_out is not None else [None] * len(vectors)
         return [
-            filtered_search(self.store, v, k, attribute, min_probability, exclude=[i] if i is not None and not keep_self else None)
-            for v, i in zip(vectors, own)
+            filtered_search(self.store, v, k, attribute, min_probability, exclude=None if i is None else [i], params=params)
+            for v, i in zip(vectors, leave_out)
         ]
 
     def query_vectors(self, queries: Sequence) -> tuple[np.ndarray, list[int | None]]:
@@ -219,7 +234,9 @@ class ImageIndex:
         return self.store.stats()
 
 
-def filtered_search(store: IndexStore, vector: np.ndarray, k: int, attribute: str | None = None, min_probability: float | None = None, exclude=None) -> list[Match]:
+def filtered_search(
+    store: IndexStore, vector: np.ndarray, k: int, attribute: str | None = None, min_probability: float | None = None, exclude=None, params: dict | None = None
+) -> list[Match]:
     """Top-k matches of one vector, optionally of one attribute ("(none)": unlabelled) and above a probability.
 
     With an attribute the shortlist grows until it holds k such matches or the whole catalog.
@@ -229,7 +246,7 @@ def filtered_search(store: IndexStore, vector: np.ndarray, k: int, attribute: st
     wanted = None if attribute == "(none)" else attribute
     fetch = k if attribute is None else min(4 * k, store.size)
     while True:
-        matches = search_vectors(store, vector, fetch, exclude_ids=exclude)[0]
+        matches = search_vectors(store, vector, fetch, params, exclude_ids=exclude)[0]
         if attribute is not None:
             matches = [m for m in matches if m.attribute == wanted]
         if len(matches) >= k or attribute is None or fetch >= store.size:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Protocol, Sequence
 
 import numpy as np
-from tqdm import tqdm
+from ..progress import tqdm
 
 from ..errors import LookalikeError
 from ..fileio import sha256_file

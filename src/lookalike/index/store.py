@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
+from ..progress import tqdm
 
 from ..errors import LookalikeError
 from ..fileio import read_json, write_json

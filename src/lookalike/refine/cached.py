@@ -17,7 +17,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
+from ..progress import tqdm
 
 from ..errors import BadImageError, LookalikeError
 from ..fileio import connect_sqlite, write_bytes

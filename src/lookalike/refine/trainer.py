@@ -16,7 +16,7 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
+from ..progress import tqdm
 
 from ..backbones.heads import Head
 from ..config import RefineConfig

@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .errors import LookalikeError
+from ..errors import ConfigError, LookalikeError
+from .console import EXIT_FAILURE, EXIT_PARTIAL, EXIT_USAGE, attach_log, err, error_message, out
 
 app = typer.Typer(
     name="lookalike",
@@ -26,12 +26,32 @@ app = typer.Typer(
         "Then search a catalog (lookalike index build / search) or serve it (lookalike serve)."
     ),
     no_args_is_help=True,
-    add_completion=False,
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
-out = Console(highlight=False, soft_wrap=not sys.stdout.isatty())  # never wrap lines into a file or pipe
-err = Console(stderr=True, highlight=False, soft_wrap=not sys.stderr.isatty())
+
+
+def _version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        out.print(f"lookalike {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global_options(
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="Say more (-v: debug messages)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors; no progress bars."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars (they are off anyway when stderr is not a terminal)."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+):
+    """Options for every command; give them before the command: `lookalike -q run ...`."""
+    from .. import progress
+
+    attach_log(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+    progress.enable(not (quiet or no_progress))
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="A lookalike.toml; its values override the defaults, CLI flags override it.", exists=False)
 RunOpt = typer.Option(..., "--run", "-r", help="The run directory written by `lookalike prepare` / `lookalike run`.")
@@ -41,7 +61,7 @@ ForceOpt = typer.Option(False, "--force", help="Redo the stage even if its outpu
 
 
 def _config(config: Optional[Path], **overrides):
-    from .config import load_config
+    from ..config import load_config
 
     return load_config(config, {k: v for k, v in overrides.items() if v is not None})
 
@@ -60,7 +80,7 @@ def prepare(
 
     Skipped files (corrupt, not images, duplicates) are listed in RUN_DIR/log.txt.
     """
-    from .pipeline import prepare as _prepare
+    from ..pipeline import prepare as _prepare
 
     cfg = _config(config, **{"data.seed": seed, "data.split_by_subfolder": by_subfolder})
     s = _prepare(data, run, cfg, split=split, force=force)
@@ -70,7 +90,7 @@ def prepare(
 @app.command()
 def featurize(run: Path = RunOpt, split: int = SplitOpt, force: bool = ForceOpt):
     """Embed the split's images with the run's backbone (the refined one when present). Cached by content hash."""
-    from .pipeline import featurize as _featurize
+    from ..pipeline import featurize as _featurize
 
     feats = _featurize(run, split=split, force=force)
     out.print(f"{feats.shape[0]} embeddings of dimension {feats.shape[1]}")
@@ -79,7 +99,7 @@ def featurize(run: Path = RunOpt, split: int = SplitOpt, force: bool = ForceOpt)
 @app.command("train-metric")
 def train_metric(run: Path = RunOpt, split: int = SplitOpt, force: bool = ForceOpt):
     """Learn the weighted L2 distance (linear SVM on squared differences) and calibrate it on validation pairs."""
-    from .pipeline import train_metric as _train
+    from ..pipeline import train_metric as _train
 
     _train(run, split=split, force=force)
 
@@ -87,8 +107,8 @@ def train_metric(run: Path = RunOpt, split: int = SplitOpt, force: bool = ForceO
 @app.command()
 def evaluate(run: Path = RunOpt, split: int = SplitOpt, force: bool = ForceOpt):
     """Rank each test query's positive among its negatives for random, L1, L2, cosine and the learned distance."""
-    from .pipeline import evaluate as _evaluate, summarize
-    from .report import write_report
+    from ..pipeline import evaluate as _evaluate, summarize
+    from ..report import write_report
 
     _evaluate(run, split=split, force=force)
     metrics = summarize(run)
@@ -112,8 +132,8 @@ def run_all(
 
     Example:  lookalike run --data ../shared/datasets/fashionTexture --out runs/demo --splits 5
     """
-    from .pipeline import run_pipeline
-    from .rundir import RunDir
+    from ..pipeline import run_pipeline
+    from ..rundir import RunDir
 
     cfg = _config(config, **{"features.backbone": backbone, "features.weights": str(weights) if weights else None, "features.resolution": resolution, "data.seed": seed})
     metrics = run_pipeline(data, run, cfg, splits=splits, force=force)
@@ -134,7 +154,7 @@ def retrieve(
 
     Example:  lookalike retrieve query.jpg --model models/mine --gallery catalog/
     """
-    from .retrieval import retrieve as _retrieve
+    from ..retrieval import retrieve as _retrieve
 
     if picture is None and not as_json:
         base = Path(run) / "retrieval" if (Path(run) / "config.json").is_file() else Path.cwd()
@@ -171,16 +191,16 @@ def fit(
               lookalike fit --data photos --out models/photos --evaluation runs/photos
               lookalike index build --model models/photos --images catalog/ --out catalog.index
     """
-    from .model import SimilarityModel
-    from .rundir import RunDir
+    from ..model import SimilarityModel
+    from ..rundir import RunDir
 
     cfg = _config(config, **{"features.backbone": backbone, "features.weights": str(weights) if weights else None})
     if not data.is_dir():
-        raise LookalikeError(f"--data {data}: not a folder; pass the folder with one sub-folder per attribute")
+        raise ConfigError(f"--data {data}: not a folder; pass the folder with one sub-folder per attribute")
     if evaluation is not None:
         RunDir(evaluation).require(RunDir(evaluation).metrics, "run")
     if model_dir.exists() and not (model_dir / "model.json").is_file() and (not model_dir.is_dir() or any(model_dir.iterdir())):
-        raise LookalikeError(f"--out {model_dir} exists and is not a lookalike model folder; choose another folder")
+        raise ConfigError(f"--out {model_dir} exists and is not a lookalike model folder; choose another folder")
     model = SimilarityModel.from_config(cfg).fit(data, work_dir=work)
     model.save(model_dir, evaluation=evaluation)
     card = model.card_
@@ -197,7 +217,7 @@ def compare(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
     """How alike two images are: the learned distance (lower = more alike) and P(same attribute)."""
-    from .model import SimilarityModel
+    from ..model import SimilarityModel
 
     c = SimilarityModel.load(run, split).compare(image_a, image_b)
     if as_json:
@@ -218,33 +238,35 @@ def featurize_dir(
     shard_size: int = typer.Option(256, min=1, help="With --engine ray: images per Parquet shard (the unit of work and of resuming)."),
 ):
     """Embed every image below DIRECTORY into unit-length vectors (tutorial script A2)."""
-    from .backbones import create_backbone
-    from .model import ImageEmbedder, SimilarityModel
-    from .retrieval import featurize_dir as _featurize_dir
+    from ..backbones import create_backbone
+    from ..model import ImageEmbedder, SimilarityModel
+    from ..retrieval import featurize_dir as _featurize_dir
 
     if run is not None and backbone is not None:
-        raise LookalikeError("pass either --backbone or --model, not both")
+        raise ConfigError("pass either --backbone or --model, not both")
     if engine not in ("local", "ray"):
-        raise LookalikeError(f"--engine {engine}: choose local or ray")
+        raise ConfigError(f"--engine {engine}: choose local or ray")
     if engine == "ray":
-        from .distributed import ModelSpec, featurize_dir_ray
+        from ..distributed import ModelSpec, featurize_dir_ray
 
         spec = ModelSpec.of(backbone, weights, run)
         info = featurize_dir_ray(directory, out_file, spec, spec.load(), address=address, shard_size=shard_size)
     elif address is not None:
-        raise LookalikeError("--address needs --engine ray")
+        raise ConfigError("--address needs --engine ray")
     else:
         model = SimilarityModel.load(run).embedder_ if run is not None else ImageEmbedder(create_backbone(backbone or "efficientnet-lite0", weights))
         info = _featurize_dir(directory, out_file, model)
     out.print(f"wrote {info['n']} embeddings ({info['dim']}-d, {info['backbone']}) to {out_file}; skipped {len(info['skipped'])}")
     for s in info["skipped"]:
-        err.print(f"skipped {s['path']}: {s['reason']}", style="yellow")
+        err.print(f"skipped {escape(s['path'])}: {escape(s['reason'])}", style="yellow")
+    if info["skipped"]:
+        raise typer.Exit(EXIT_PARTIAL)
 
 
 @app.command()
 def backbones():
     """List the available backbones: embedding size, input size, normalisation, and whether their weights are here."""
-    from .backbones.registry import describe_backbones
+    from ..backbones.registry import describe_backbones
 
     table = Table(title="Backbones")
     for col in ("name", "embedding", "input", "normalisation", "pretrained weights"):
@@ -255,7 +277,7 @@ def backbones():
 
 
 def _print_table(metrics: dict, report: str) -> None:
-    from .report import format_table
+    from ..report import format_table
 
     table = Table(title=f"{metrics['backbone']} on {Path(metrics['dataset']).name}: {metrics['splits']} split(s), {metrics['n_test_queries']} test queries each")
     for col in ("distance", "top-1", "top-5", "mean rank", "median rank"):
@@ -269,11 +291,23 @@ def _print_table(metrics: dict, report: str) -> None:
     out.print(f"report: {report}")
 
 
+def _plain_placeholders(command) -> None:
+    """Flags show no `<bool>` placeholder and arguments read as IMAGE, not {image}, in every command's --help."""
+    help_option = command.get_help_option(command.context_class(command, help_option_names=["-h", "--help"]))
+    for param in [*getattr(command, "params", []), *([help_option] if help_option else [])]:
+        if param.param_type_name == "option" and (param.is_flag or param.count) and param.metavar is None:
+            param.metavar = ""
+        elif param.param_type_name == "argument" and param.metavar is None:
+            param.metavar = param.name.upper()
+    for sub in getattr(command, "commands", {}).values():
+        _plain_placeholders(sub)
+
+
 def _register_plugins() -> None:
-    """Command groups that live next to their stage (data tools, index, service...)."""
+    """The command groups of the other cli/ modules (data tools, index, refine, service)."""
     import importlib
 
-    for module in ("lookalike.datatools.cli", "lookalike.index.cli", "lookalike.refine.cli", "lookalike.serve.cli"):
+    for module in ("lookalike.cli.datatools", "lookalike.cli.index", "lookalike.cli.refine", "lookalike.cli.serve"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as e:
@@ -284,45 +318,21 @@ def _register_plugins() -> None:
             mod.register(app)
 
 
-class _ConsoleLog(logging.Handler):
-    """The library's `lookalike` log on stderr: warnings in yellow, never wrapped when stderr is a file or a pipe."""
-
-    STYLES = {logging.WARNING: "yellow", logging.ERROR: "red"}
-
-    def emit(self, record: logging.LogRecord) -> None:
-        err.print(escape(self.format(record)), style=self.STYLES.get(record.levelno))
-
-
-def _attach_log() -> None:
-    logger = logging.getLogger("lookalike")
-    if not any(isinstance(h, _ConsoleLog) for h in logger.handlers):
-        logger.addHandler(_ConsoleLog())
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-
-
-#: The flag that sets each library parameter a LookalikeError may name (`param`).
-PARAM_FLAGS = {
-    "data": "--data", "out": "--out", "weights": "--weights", "backbone": "--backbone", "config": "--config",
-    "directory": "DIRECTORY", "gallery": "--gallery", "attributes": "--attributes", "key": "BING_SEARCH_KEY (or --list-queries)",
-    "model": "--model", "k": "--top", "kind": "--kind", "overwrite": "--overwrite", "images": "--images",
-    "shard_size": "--shard-size", "address": "--address", "engine": "--engine", "index": "--index",
-}
-
-
-def _flag_prefix(e: LookalikeError) -> str:
-    flag = PARAM_FLAGS.get(getattr(e, "param", None) or "")
-    return f"{flag}: " if flag else ""
+def exit_code(e: LookalikeError) -> int:
+    """2 for a bad parameter (the error names one, or the configuration is invalid), else 1."""
+    return EXIT_USAGE if isinstance(e, ConfigError) or getattr(e, "param", None) else EXIT_FAILURE
 
 
 def main() -> None:
     _register_plugins()
-    _attach_log()
+    attach_log()
+    command = typer.main.get_command(app)
+    _plain_placeholders(command)
     try:
-        app()
+        command.main(prog_name="lookalike")
     except LookalikeError as e:
-        err.print(f"[red]error:[/red] {escape(_flag_prefix(e) + str(e))}")
-        sys.exit(2)
+        err.print(f"[red]error:[/red] {escape(error_message(e))}")
+        sys.exit(exit_code(e))
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/yellow]; finished stages are kept, rerun the same command to continue")
         sys.exit(130)

@@ -12,7 +12,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..errors import LookalikeError
+from ..errors import ConfigError, LookalikeError
+from .console import EXIT_PARTIAL
 
 
 def _split_list(values: list[str] | None) -> list[str]:
@@ -51,7 +52,7 @@ def download_command(
         lookalike download urls.tsv --out data/mine --workers 16 --timeout 10
         lookalike download data/mine/download_report.tsv --out data/mine   # retry failures
     """
-    from .download import REPORT_JSON, REPORT_TSV, download, failure_reasons
+    from ..datatools.download import REPORT_JSON, REPORT_TSV, download, failure_reasons
 
     report = download(url_list, out, workers=workers, per_host=per_host, timeout=timeout, retries=retries, max_bytes=int(max_mb * 1024 * 1024), progress=progress)
     s = report.summary()
@@ -67,6 +68,8 @@ def download_command(
     typer.echo(f"report: {Path(report.out_dir) / REPORT_JSON} (failures also in {REPORT_TSV})")
     if s["downloaded"] + s["existing"] == 0:
         raise LookalikeError(f"no image could be downloaded from {url_list}; see the reasons above and in the report")
+    if s["failed"]:
+        raise typer.Exit(EXIT_PARTIAL)
 
 
 def scrape_command(
@@ -99,7 +102,7 @@ def scrape_command(
         lookalike download urls.tsv --out data/fashionTexture
         lookalike scrape -a striped,dotted -i shirt,dress --list-queries
     """
-    from .scrape import BingImageSearch, scrape, synthesize_queries, write_url_list
+    from ..datatools.scrape import BingImageSearch, scrape, synthesize_queries, write_url_list
 
     queries = synthesize_queries(_split_list(attributes), _split_list(items), template)
     if list_queries:
@@ -141,7 +144,7 @@ def dedup_command(
         lookalike dedup data/mine --max-distance 0                # identical hashes only
         lookalike dedup data/mine --hash-size 8 --max-distance 4 --quarantine /tmp/dups
     """
-    from .dedup import REPORT_NAME, check_quarantine, default_quarantine, find_duplicates, quarantine
+    from ..datatools.dedup import REPORT_NAME, check_quarantine, default_quarantine, find_duplicates, quarantine
 
     q = check_quarantine(folder, quarantine_dir if quarantine_dir is not None else default_quarantine(folder))
     result = find_duplicates(folder, hash_size, max_distance, progress=progress)
@@ -196,10 +199,10 @@ def combine_command(
         lookalike combine texture.csv sleeves.csv neck.csv --out fused.csv
         lookalike combine texture.csv sleeves.csv --weight 2 --weight 1 --out fused.csv
     """
-    from .fusion import combine_score_files, format_fused, write_fused
+    from ..datatools.fusion import combine_score_files, format_fused, write_fused
 
     if weight and len(weight) != len(score_files):
-        raise LookalikeError(f"got {len(weight)} --weight value(s) for {len(score_files)} score file(s); give one per file, in the same order")
+        raise ConfigError(f"got {len(weight)} --weight value(s) for {len(score_files)} score file(s); give one per file, in the same order")
     names, pairs = combine_score_files(score_files, weight)
     if out is None:
         sys.stdout.write(format_fused(names, pairs))

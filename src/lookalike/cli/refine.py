@@ -38,7 +38,7 @@ def register(app: typer.Typer) -> None:
         from ..config import LookalikeConfig, format_validation_error
         from ..errors import ConfigError
         from ..rundir import RunDir
-        from .stage import base_backbone, refine as _refine
+        from ..refine.stage import base_backbone, refine as _refine
 
         rd = RunDir(run)
         cfg = rd.config()

@@ -7,21 +7,19 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-import numpy as np
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ..errors import BadImageError, LookalikeError
-from ..images import iter_image_files
+from ..errors import ConfigError, LookalikeError
+from .console import EXIT_PARTIAL, out
 from ..serve.schemas import MatchOut, QueryOut, SearchOut
-from .build import absolute, build_index, load_model
-from .ingest import ingest
-from .metric import METRICS, IndexMetric
-from .search import search_vectors
-from .store import ImageIndex
-from .vectors import DEFAULT_PARAMS, EXACT_BELOW, HNSW_BELOW
+from ..index.build import absolute, build_index, load_model
+from ..index.api import ImageIndex as CatalogIndex
+from ..index.ingest import image_sources, ingest
+from ..index.metric import METRICS, IndexMetric
+from ..index.store import ImageIndex
+from ..index.vectors import DEFAULT_PARAMS, EXACT_BELOW, HNSW_BELOW
 
 index_app = typer.Typer(
     name="index",
@@ -38,7 +36,6 @@ index_app = typer.Typer(
     ),
     no_args_is_help=True,
 )
-out = Console(highlight=False)
 
 IndexDirArg = typer.Argument(..., help="The index folder (made by `lookalike index build`).")
 JsonOpt = typer.Option(False, "--json", help="Print JSON instead of tables.")
@@ -50,9 +47,12 @@ def register(app: typer.Typer) -> None:
 
 
 def _print_report(action: str, report, index: ImageIndex, as_json: bool) -> None:
+    """The ingest report; images that could not be indexed make it a partial success (exit code 3)."""
     stats = index.stats()
     if as_json:
         print(json.dumps({"action": action, **report.to_dict(), "images": stats["images"], "kind": stats["kind"]}, indent=2))
+        if report.skipped:
+            raise typer.Exit(EXIT_PARTIAL)
         return
     out.print(
         f"{action}: {report.added} new, {report.changed} changed, {report.unchanged} unchanged "
@@ -61,6 +61,8 @@ def _print_report(action: str, report, index: ImageIndex, as_json: bool) -> None
     )
     for s in report.skipped:
         out.print(f"  [yellow]skipped[/yellow] {escape(s['path'])}: {escape(s['reason'])}")
+    if report.skipped:
+        raise typer.Exit(EXIT_PARTIAL)
 
 
 @index_app.command()
@@ -91,9 +93,9 @@ def build(
             out.print(f"build (ray): {escape(str(result))}")
         return
     if engine != "local" or address is not None:
-        raise LookalikeError("--engine is local or ray, and --address goes with --engine ray")
+        raise ConfigError("--engine is local or ray, and --address goes with --engine ray")
     if "://" in images:
-        raise LookalikeError(f"--images {images}: remote folders need --engine ray")
+        raise ConfigError(f"--images {images}: remote folders need --engine ray")
     report, _ = build_index(run, images, out_dir, kind, distance, overwrite, chunk)
     with ImageIndex.open(out_dir) as index:
         _print_report("build", report, index, as_json)
@@ -156,30 +158,30 @@ def search(
 
     Many queries are embedded in one batch: `lookalike index search photos.index a.jpg b.jpg shots/ --json`.
     """
-    paths = query_paths(queries)
+    paths = [Path(p) for p, _ in image_sources(queries)]
+    if not paths:
+        raise LookalikeError("the query folders hold no images (looked for .jpg .jpeg .png .bmp .webp .tif)")
     if grid is not None and len(paths) != 1:
-        raise LookalikeError(f"--grid draws one query's matches; {len(paths)} queries were given (leave out --grid or pass one image)")
+        raise ConfigError(f"--grid draws one query's matches; {len(paths)} queries were given (leave out --grid or pass one image)")
     params = {k: v for k, v in {"rerank": rerank, "ef_search": ef_search, "nprobe": nprobe}.items() if v is not None}
-    with ImageIndex.open(index_dir) as index:
+    with CatalogIndex.open(index_dir, model=run) as index:
         start = time.perf_counter()
-        vectors, own_ids = query_vectors(index, paths, run)
-        results = []
-        for path, vector, own in zip(paths, vectors, own_ids):
-            exclude = [own] if own is not None and not keep_self else None
-            results.append(search_vectors(index, vector, top, params, exclude_ids=exclude)[0])
+        vectors, own_ids = index.query_vectors(paths)
+        results = index.search_vectors(vectors, top, leave_out=None if keep_self else own_ids, params=params)
         took_ms = (time.perf_counter() - start) * 1000 / len(paths)
+        description = index.store.metric.describe()
     if grid is not None:
         from ..visualize import retrieval_grid
 
         if grid.suffix.lower() not in (".png", ".jpg", ".jpeg"):
-            raise LookalikeError(f"--grid {grid}: use a .png or .jpg file name")
+            raise ConfigError(f"--grid {grid}: use a .png or .jpg file name")
         labels = [f"{m.attribute or ''}" + (f" p={m.probability:.2f}" if m.probability is not None else "") for m in results[0]]
         retrieval_grid(str(paths[0]), [(m.path, m.distance, label) for m, label in zip(results[0], labels)], grid)
     for path, own, matches in zip(paths, own_ids, results):
         if as_json:
             print(search_out(path, own, matches, took_ms).model_dump_json())
             continue
-        table = Table(title=f"{len(matches)} closest to {path.name} ({index.metric.describe()})")
+        table = Table(title=f"{len(matches)} closest to {path.name} ({description})")
         for col in ("#", "distance", "P(same)", "attribute", "path"):
             table.add_column(col, justify="right" if col in ("#", "distance", "P(same)") else "left")
         for rank, m in enumerate(matches, 1):
@@ -187,43 +189,6 @@ def search(
         out.print(table)
     if grid is not None and not as_json:
         out.print(f"grid: {grid}")
-
-
-def query_paths(queries: List[Path]) -> list[Path]:
-    """Query files in the order given, each folder expanded to its images (name order)."""
-    paths: list[Path] = []
-    for q in queries:
-        q = Path(absolute(q))
-        if q.is_dir():
-            found = list(iter_image_files(q))
-            if not found:
-                raise LookalikeError(f"query folder {q} holds no images (looked for .jpg .jpeg .png .bmp .webp .tif)")
-            paths += found
-        elif q.is_file():
-            paths.append(q)
-        else:
-            raise LookalikeError(f"query image {q} does not exist")
-    return paths
-
-
-def query_vectors(index: ImageIndex, paths: list[Path], run: Optional[Path]) -> tuple[np.ndarray, list[Optional[int]]]:
-    """Each query's vector and catalog id (None when not catalogued); unchanged catalog files are not embedded again."""
-    own_ids: list[Optional[int]] = []
-    for p in paths:
-        entry, stat = index.entries_by_path(str(p)).get(str(p)), p.stat()
-        own_ids.append(entry.id if entry is not None and entry.size == stat.st_size and entry.mtime == stat.st_mtime else None)
-    vectors = np.zeros((len(paths), index.dim), np.float32)
-    stored = [i for i, own in enumerate(own_ids) if own is not None]
-    if stored:
-        vectors[stored] = index.vectors()[[own_ids[i] for i in stored]]
-    todo = [i for i, own in enumerate(own_ids) if own is None]
-    if todo:
-        model, _ = load_model(run, index)
-        result = model.embedder_.embed([str(paths[i]) for i in todo], progress=len(todo) > 1)
-        if result.skipped:
-            raise BadImageError(Path(result.skipped[0]["path"]), result.skipped[0]["reason"])
-        vectors[todo] = result.features
-    return vectors, own_ids
 
 
 def search_out(path: Path, own: Optional[int], matches, took_ms: float) -> SearchOut:

@@ -8,8 +8,8 @@ from typing import Optional
 import typer
 from pydantic import ValidationError
 
-from ..errors import LookalikeError
-from .settings import ServeSettings
+from ..errors import ConfigError
+from ..serve.settings import ServeSettings
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
@@ -20,9 +20,9 @@ def parse_rankers(specs: list[str]) -> dict[str, Path]:
     for spec in specs:
         name, sep, run = (part.strip() for part in spec.partition("="))
         if not sep or not name or not run:
-            raise LookalikeError(f"--ranker {spec!r}: write it as NAME=RUN_DIR, e.g. --ranker sleeve=runs/sleeve")
+            raise ConfigError(f"--ranker {spec!r}: write it as NAME=RUN_DIR, e.g. --ranker sleeve=runs/sleeve")
         if name in rankers:
-            raise LookalikeError(f"--ranker {name} is given twice; each ranker needs its own name")
+            raise ConfigError(f"--ranker {name} is given twice; each ranker needs its own name")
         rankers[name] = Path(run)
     return rankers
 
@@ -32,9 +32,9 @@ def settings_from_options(**options) -> ServeSettings:
         settings = ServeSettings(**options)
     except ValidationError as e:
         problems = "; ".join(f"--{'-'.join(str(p) for p in err['loc']).replace('_', '-')}: {err['msg']}" for err in e.errors())
-        raise LookalikeError(f"invalid serve options: {problems}") from None
+        raise ConfigError(f"invalid serve options: {problems}") from None
     if settings.allow_writes and settings.api_key is None:
-        raise LookalikeError("--allow-writes needs an API key: pass --api-key or set LOOKALIKE_API_KEY, so that only key holders can change the catalog")
+        raise ConfigError("--allow-writes needs an API key: pass --api-key or set LOOKALIKE_API_KEY, so that only key holders can change the catalog")
     return settings
 
 
@@ -60,9 +60,9 @@ def register(app: typer.Typer) -> None:
         """Serve similarity search over an index: REST API (docs at /docs), web page at /, metrics at /metrics."""
         import uvicorn
 
-        from .app import create_app
-        from .connections import header_deadline_protocol
-        from .engine import Engine
+        from ..serve.app import create_app
+        from ..serve.connections import header_deadline_protocol
+        from ..serve.engine import Engine
 
         settings = settings_from_options(
             index_dir=index,

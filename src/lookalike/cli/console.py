@@ -1,0 +1,56 @@
+"""What every command prints through: stdout for results, stderr for the library's log and errors.
+
+Lines are never wrapped when the stream is a file or a pipe, and the library's `lookalike` logger
+is shown here (warnings in yellow), so library code never prints.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from rich.console import Console
+from rich.markup import escape
+
+from ..errors import LookalikeError
+from ..progress import external_write_mode
+
+#: Exit codes: 0 success, 1 a runtime failure, 2 a usage error (a bad flag, argument or config value),
+#: 3 a partial success (some inputs failed; the command's report lists them).
+EXIT_FAILURE, EXIT_USAGE, EXIT_PARTIAL = 1, 2, 3
+
+out = Console(highlight=False, soft_wrap=not sys.stdout.isatty())
+err = Console(stderr=True, highlight=False, soft_wrap=not sys.stderr.isatty())
+
+#: The flag that sets each library parameter a LookalikeError may name (`param`).
+PARAM_FLAGS = {
+    "data": "--data", "out": "--out", "weights": "--weights", "backbone": "--backbone", "config": "--config",
+    "directory": "DIRECTORY", "gallery": "--gallery", "attributes": "--attributes", "key": "BING_SEARCH_KEY (or --list-queries)",
+    "model": "--model", "k": "--top", "kind": "--kind", "overwrite": "--overwrite", "images": "--images",
+    "shard_size": "--shard-size", "address": "--address", "engine": "--engine", "index": "--index",
+}
+
+
+class ConsoleLog(logging.Handler):
+    """The library's log on stderr: warnings in yellow, errors in red."""
+
+    STYLES = {logging.WARNING: "yellow", logging.ERROR: "red"}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with external_write_mode():  # a line of its own, never glued onto a progress bar
+            err.print(escape(self.format(record)), style=self.STYLES.get(record.levelno))
+
+
+def attach_log(level: int = logging.INFO) -> None:
+    """Show the `lookalike` logger at `level` on stderr (once)."""
+    logger = logging.getLogger("lookalike")
+    if not any(isinstance(h, ConsoleLog) for h in logger.handlers):
+        logger.addHandler(ConsoleLog())
+    logger.setLevel(level)
+    logger.propagate = False
+
+
+def error_message(e: LookalikeError) -> str:
+    """The error as the CLI shows it: prefixed with the flag that sets the parameter at fault, when it names one."""
+    flag = PARAM_FLAGS.get(getattr(e, "param", None) or "")
+    return f"{flag}: {e}" if flag else str(e)
