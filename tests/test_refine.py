@@ -17,7 +17,7 @@ from conftest import make_dataset
 from lookalike.backbones import Backbone, Preprocessor, create_backbone, load_backbone
 from lookalike.backbones.registry import save_backbone
 from lookalike.config import LookalikeConfig, RefineConfig, load_config
-from lookalike.errors import LookalikeError
+from lookalike.errors import ConfigError, LookalikeError
 from lookalike.images import open_image
 from lookalike.pipeline import featurize, prepare
 from lookalike.refine.stage import refine
@@ -28,9 +28,9 @@ from lookalike.refine.trainer import epoch_order, learning_rate
 TINY = {"data": {"train_ratio": 0.6, "validation_ratio": 0.25}, "features": {"resolution": 64, "batch_size": 16}}
 
 
-def tiny_config(**refine) -> LookalikeConfig:
-    base = {"epochs": 4, "lr_schedule": [[4, 0.003]], "batch_size": 8, "trainable_blocks": 2, "cached_views": 1, "resolution": 64}
-    return LookalikeConfig.model_validate(TINY | {"refine": base | refine})
+def tiny_config(resolution: int = 64, **refine) -> LookalikeConfig:
+    base = {"epochs": 4, "lr_schedule": [[4, 0.003]], "batch_size": 8, "trainable_blocks": 2, "cached_views": 1}
+    return LookalikeConfig.model_validate(TINY | {"features": TINY["features"] | {"resolution": resolution}, "refine": base | refine})
 
 
 @pytest.fixture(scope="module")
@@ -198,10 +198,15 @@ def test_tutorial_parameters_are_reachable_from_the_config(tmp_path):
     p = tmp_path / "tutorial.toml"
     p.write_text(
         "[refine]\nepochs = 45\nlr_schedule = [[20, 0.01], [20, 0.001], [5, 0.0001]]\nmomentum = 0.9\nweight_decay = 0.0005\n"
-        "batch_size = 16\ndropout = 0.5\nresolution = 1000\nmode = \"full\"\nembedding = \"pooled\"\noptimizer = \"sgd\"\n"
+        "batch_size = 16\ndropout = 0.5\nmode = \"full\"\nembedding = \"pooled\"\noptimizer = \"sgd\"\n[features]\nresolution = 1000\n"
     )
-    rc = load_config(p).refine
-    assert rc.optimizer == "sgd" and rc.epochs == 45 and rc.batch_size == 16 and rc.resolution == 1000 and rc.lr_schedule[-1] == (5, 0.0001)
+    cfg = load_config(p)
+    rc = cfg.refine
+    assert rc.optimizer == "sgd" and rc.epochs == 45 and rc.batch_size == 16 and cfg.features.resolution == 1000 and rc.lr_schedule[-1] == (5, 0.0001)
+    # one input size for refine and featurize: the old refine key says where it went
+    p.write_text("[refine]\nresolution = 500\n")
+    with pytest.raises(ConfigError, match="now features.resolution"):
+        load_config(p)
 
 
 def test_refinement_repeats_exactly_with_the_same_seed(textures, tmp_path, monkeypatch):

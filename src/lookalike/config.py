@@ -6,7 +6,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ConfigError
 
@@ -31,7 +31,7 @@ class DataConfig(_Section):
 class FeaturesConfig(_Section):
     backbone: str = "efficientnet-lite0"
     weights: str = ""
-    resolution: int = Field(224, ge=32, le=2048)
+    resolution: int = Field(320, ge=32, le=2048)
     normalization: Literal["backbone", "imagenet", "inception"] = "backbone"
     batch_size: int = Field(32, ge=1)
     cache_dir: str = ""
@@ -42,6 +42,13 @@ class FeaturesConfig(_Section):
 class RefineConfig(_Section):
     """Fine-tuning the backbone on the dataset's attributes before featurize (the tutorial's `rf_*` parameters)."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _resolution_moved(cls, data):
+        if isinstance(data, dict) and "resolution" in data:
+            raise ValueError("refine.resolution is now features.resolution, the one input size that refine and featurize share; move it to [features]")
+        return data
+
     epochs: int = Field(60, ge=0)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr_schedule: list[tuple[int, float]] = [(45, 0.001), (15, 0.0001)]
@@ -49,7 +56,6 @@ class RefineConfig(_Section):
     weight_decay: float = Field(0.0005, ge=0)
     batch_size: int = Field(64, ge=2)
     dropout: float = Field(0.2, ge=0, lt=1)
-    resolution: int = Field(320, ge=0, le=2048)
     mode: Literal["auto", "cached", "full"] = "auto"
     texture_stages: list[int] = [-8, -6, -4, -2]
     trainable_blocks: int = Field(0, ge=0)

@@ -126,6 +126,7 @@ def run_all(
     weights: Optional[Path] = typer.Option(None, help="Pretrained weights file for the backbone (features.weights)."),
     resolution: Optional[int] = typer.Option(None, help="Input resolution in pixels (features.resolution)."),
     seed: Optional[int] = typer.Option(None, help="Seed of the first split (data.seed); split k uses seed + k."),
+    by_subfolder: Optional[bool] = typer.Option(None, "--by-subfolder/--by-file", help="Assign whole sub-folders (e.g. one product's photos) to train or test, instead of single files (data.split_by_subfolder)."),
     force: bool = ForceOpt,
 ):
     """Run every stage for each split, then print the evaluation table and write RUN_DIR/report.html.
@@ -135,7 +136,7 @@ def run_all(
     from ..pipeline import run_pipeline
     from ..rundir import RunDir
 
-    cfg = _config(config, **{"features.backbone": backbone, "features.weights": str(weights) if weights else None, "features.resolution": resolution, "data.seed": seed})
+    cfg = _config(config, **{"features.backbone": backbone, "features.weights": str(weights) if weights else None, "features.resolution": resolution, "data.seed": seed, "data.split_by_subfolder": by_subfolder})
     metrics = run_pipeline(data, run, cfg, splits=splits, force=force)
     _print_table(metrics, str(RunDir(run).report))
 

@@ -20,7 +20,7 @@ def register(app: typer.Typer) -> None:
             None, "--texture-stages", help="Comma-separated stages whose channel mean and std the classifier sees, e.g. '-8,-6,-4,-2' (the default); 'none' = the last stage average-pooled, as in the tutorial."
         ),
         trainable_blocks: Optional[int] = typer.Option(None, "--trainable-blocks", min=0, help="Cached mode: how many of the last stages the descriptor needs are fine-tuned too (default 0)."),
-        resolution: Optional[int] = typer.Option(None, "--resolution", min=32, help="Input resolution in pixels (refine.resolution), e.g. 224, 500 or 1000."),
+        resolution: Optional[int] = typer.Option(None, "--resolution", min=32, help="Input resolution in pixels (features.resolution, shared with featurize), e.g. 224, 500 or 1000."),
         last_layer_only: Optional[bool] = typer.Option(None, "--last-layer-only/--train-blocks", help="Freeze the whole pretrained trunk and train only the new layers."),
         lr: Optional[float] = typer.Option(None, "--lr", help="One learning rate for every epoch (replaces refine.lr_schedule)."),
     ):
@@ -42,15 +42,16 @@ def register(app: typer.Typer) -> None:
 
         rd = RunDir(run)
         cfg = rd.config()
-        changes = {"epochs": epochs, "mode": mode, "resolution": resolution, "last_layer_only": last_layer_only, "trainable_blocks": trainable_blocks}
+        changes = {"epochs": epochs, "mode": mode, "last_layer_only": last_layer_only, "trainable_blocks": trainable_blocks}
         changes = {k: v for k, v in changes.items() if v is not None}
         if texture_stages is not None:
             changes["texture_stages"] = _stage_list(texture_stages)
         if lr is not None:
             changes["lr_schedule"] = [(max(cfg.refine.epochs, epochs or 0, 1), lr)]
-        if changes:
+        if changes or resolution is not None:
             try:
-                cfg = LookalikeConfig.model_validate(cfg.model_dump() | {"refine": cfg.refine.model_dump() | changes})
+                features = cfg.features.model_dump() | ({"resolution": resolution} if resolution is not None else {})
+                cfg = LookalikeConfig.model_validate(cfg.model_dump() | {"refine": cfg.refine.model_dump() | changes, "features": features})
             except ValidationError as e:
                 raise ConfigError(f"invalid refine option:\n{format_validation_error(e)}") from None
             base_backbone(cfg)  # a stage number the backbone lacks is refused before the run's config changes

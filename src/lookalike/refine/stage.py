@@ -45,9 +45,9 @@ def resolve_mode(cfg: LookalikeConfig) -> str:
 
 
 def base_backbone(cfg: LookalikeConfig) -> Backbone:
-    """The pretrained backbone refinement starts from, at the refinement resolution."""
+    """The pretrained backbone refinement starts from, at the input size featurize will embed with."""
     f = cfg.features
-    backbone = create_backbone(f.backbone, f.weights or None, cfg.refine.resolution or f.resolution, f.normalization)
+    backbone = create_backbone(f.backbone, f.weights or None, f.resolution, f.normalization)
     try:
         taps = resolve_taps(cfg.refine.texture_stages, len(backbone.stages()))
     except LookalikeError as e:
