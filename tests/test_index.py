@@ -47,7 +47,7 @@ def test_learned_distance_rewrite_ranks_exactly_like_brute_force(signs):
     for q, r in zip(Q, metric.query_space(Q).astype(np.float64)):
         exact = metric.distance(q, X)
         l2 = ((Z - r) ** 2).sum(axis=1)
-        # |r - z|^2 = d + b + 2 sum_N |v| q^2 + M: the same shift for every catalogue vector
+        # |r - z|^2 = d + 2 sum_N |v| q^2 + M: the same shift for every catalogue vector
         shift = l2 - exact
         assert np.ptp(shift) < 1e-4 * (1 + np.abs(shift).max())
         # so L2 order is learned-distance order, up to float32 rounding of the stored search vectors
@@ -56,7 +56,7 @@ def test_learned_distance_rewrite_ranks_exactly_like_brute_force(signs):
         np.testing.assert_allclose(by_l2, np.sort(exact)[:50], atol=1e-5 * (1 + np.abs(exact).max()))
         # the maximum-inner-product form of the issue: store [x, sum w x^2], query with [-2 w q, 1]
         mips = np.c_[X, (X * X) @ w] @ np.r_[-2 * w * q, 1.0]
-        np.testing.assert_allclose(-(mips + (w * q * q).sum() + metric.bias), exact, rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(-(mips + (w * q * q).sum()), exact, rtol=1e-9, atol=1e-9)
 
 
 def test_metric_matches_the_run_ranker_and_its_probability():

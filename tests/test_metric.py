@@ -16,12 +16,16 @@ def toy_pairs(seed=0, n=400, d=16, separation=2.0):
     return x, labels, pair_features(x[a], x[b]), y
 
 
-def test_weighted_l2_distance_is_minus_decision_function():
+def test_weighted_l2_distance_is_the_decision_function_from_its_bias_down():
     x, labels, X, y = toy_pairs()
     r = WeightedL2Ranker().fit(X, y)
     q, refs = x[0], x[1:50]
-    assert np.allclose(r.distance(q, refs), -r.decision_function(pair_features(q, refs)), atol=1e-10)
+    d = r.distance(q, refs)
+    assert np.allclose(d, r.bias_ - r.decision_function(pair_features(q, refs)), atol=1e-10)
     assert np.allclose(LearnedWeightedL2(r).matrix(x[:5], refs), np.stack([r.distance(v, refs) for v in x[:5]]), atol=1e-8)
+    # a distance users can read: never negative, 0 for the same image, and P(same) from the SVM's own score
+    assert (r.weights_ <= 0).all() and d.min() >= 0 and r.distance(q, q[None])[0] == 0
+    assert np.allclose(r.probability(d), r.predict_proba(pair_features(q, refs))[:, 1])
 
 
 def test_learned_weights_find_informative_dimensions():

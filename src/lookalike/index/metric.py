@@ -1,14 +1,14 @@
 """The distance an index ranks by, and its exact rewrite as plain L2 so FAISS can search it.
 
 Three distances: Euclidean ("l2"), cosine ("cosine", 1 - cos) and the run's learned weighted L2
-("learned"). The learned one is d(q, x) = -(sum_k w_k (q_k - x_k)^2 + b) with SVM weights w that
-may be negative, so it is not a metric and no index can search it directly. It can be rewritten
-exactly. With v = -w (the weights of the distance itself), P = {k: v_k > 0}, N = {k: v_k < 0}:
+("learned"). The learned one is d(q, x) = -sum_k w_k (q_k - x_k)^2 with SVM weights w. A ranker trained
+now has w <= 0, a plain weighted L2; one trained before may have a few w > 0, which no index can search
+directly. Either way it can be rewritten exactly. With v = -w (the weights of the distance itself), P = {k: v_k > 0}, N = {k: v_k < 0}:
 
     data  x -> z(x) = [ sqrt|v| * x ,  sqrt(M - 2 sum_N |v_k| x_k^2) ]
     query q -> r(q) = [ sign * sqrt|v| * q ,  0 ]          (sign = -1 on N, +1 elsewhere)
 
-    |r(q) - z(x)|^2 = d(q, x) + b + 2 sum_N |v_k| q_k^2 + M
+    |r(q) - z(x)|^2 = d(q, x) + 2 sum_N |v_k| q_k^2 + M
 
 The right-hand side differs from d(q, x) only by a term that is constant for a given query, so
 ascending L2 between r(q) and z(x) is ascending learned distance, for any signs of w. This is the
@@ -83,14 +83,14 @@ class IndexMetric:
         q = np.asarray(q, dtype=np.float64)
         X = np.asarray(X, dtype=np.float64)
         if self.kind == "learned":
-            return weighted_l2_distance(q, X, self.weights, self.bias)
+            return weighted_l2_distance(q, X, self.weights)
         return (L2() if self.kind == "l2" else Cosine())(q, X)
 
     def probability(self, distances) -> np.ndarray | None:
         """Calibrated P(same attribute) for learned distances; None for uncalibrated distances."""
         if not self.calibrated:
             return None
-        return platt_probability(-np.asarray(distances, dtype=np.float64), self.platt_a, self.platt_b)
+        return platt_probability(self.bias - np.asarray(distances, dtype=np.float64), self.platt_a, self.platt_b)
 
     def data_space(self, X) -> np.ndarray:
         """Rows mapped into the L2 search space (float32, C-contiguous, as FAISS wants them)."""

@@ -65,7 +65,7 @@ class RandomDistance(Distance):
 
 
 class LearnedWeightedL2(Distance):
-    """-(w . (q - x)^2 + b) from a fitted WeightedL2Ranker."""
+    """-w . (q - x)^2 from a fitted WeightedL2Ranker."""
 
     name = "weighted_l2"
 
@@ -78,7 +78,7 @@ class LearnedWeightedL2(Distance):
     def matrix(self, Q, X):
         w = self.ranker.weights_
         sq = ((Q**2) @ w)[:, None] + ((X**2) @ w)[None, :] - 2 * (Q * w) @ X.T
-        return -(sq + self.ranker.bias_)
+        return -sq
 
 
 def standard_distances(ranker: WeightedL2Ranker | None, seed: int = 0) -> list[Distance]:

@@ -20,10 +20,13 @@ from ..fileio import write_json
 FORMAT = "lookalike.weighted_l2/1"
 
 
-def weighted_l2_distance(q, X, weights, bias: float) -> np.ndarray:
-    """-(w . (q - x)^2 + b) from query q (d,) to each row of X (n, d), in float64; lower means more alike."""
+def weighted_l2_distance(q, X, weights) -> np.ndarray:
+    """-w . (q - x)^2 from query q (d,) to each row of X (n, d), in float64: 0 for the same vector, lower = more alike.
+
+    The SVM's bias is left out (it shifts every distance alike) and goes into the probability instead.
+    """
     diff = np.asarray(X, dtype=np.float64) - np.asarray(q, dtype=np.float64)
-    return -((diff * diff) @ weights + bias)
+    return -((diff * diff) @ weights)
 
 
 def platt_probability(scores, a: float, b: float) -> np.ndarray:
@@ -35,7 +38,7 @@ class WeightedL2Ranker(ClassifierMixin, BaseEstimator):
     """Says whether two images share an attribute, from X = (u - v)^2 of their unit embeddings.
 
     decision_function(X) = w . X + b is high for alike pairs, so the learned distance between u and v
-    is -(w . (u - v)^2 + b). Platt scaling maps that score to P(same attribute), fit on held-out pairs
+    is -w . (u - v)^2 (the bias is the same for every pair), a weighted squared L2 with weights -w >= 0. Platt scaling maps that score to P(same attribute), fit on held-out pairs
     with negatives weighted as if `platt_negative_ratio` times as numerous as positives.
 
     With `visual_dims`, the last that many coordinates (the visual part of a lookalike embedding) are kept
@@ -74,7 +77,9 @@ class WeightedL2Ranker(ClassifierMixin, BaseEstimator):
         svm = LinearSVC(C=self.C, class_weight=None if self.class_weight in (None, "none") else self.class_weight, max_iter=self.max_iter, dual="auto")
         svm.fit(X[:, :learned], y)
         self.classes_ = svm.classes_
-        w = svm.coef_[0].astype(np.float64)
+        # a weight above 0 would make two images more alike the more they differ there: not a distance, so 0
+        # (rare and small: 1 of 128 on fashionTexture), which keeps every learned distance >= 0
+        w = np.minimum(svm.coef_[0].astype(np.float64), 0.0)
         # negative SVM weights mean "alike when this difference is small": the visual part gets that sign
         self.weights_ = np.concatenate([w, np.full(self.visual_dims, -self.visual_weight * float(np.abs(w).mean()))])
         self.bias_ = float(svm.intercept_[0])
@@ -120,12 +125,12 @@ class WeightedL2Ranker(ClassifierMixin, BaseEstimator):
         return platt_probability(scores, self.platt_a_, self.platt_b_)
 
     def distance(self, q, X) -> np.ndarray:
-        """Learned distance from query q (d,) to each row of X (n, d); lower means more alike."""
-        return weighted_l2_distance(q, X, self.weights_, self.bias_)
+        """Learned distance from query q (d,) to each row of X (n, d): >= 0, 0 for the same vector, lower = more alike."""
+        return weighted_l2_distance(q, X, self.weights_)
 
     def probability(self, distances) -> np.ndarray:
-        """Calibrated P(same attribute) for learned distances."""
-        return self.probability_from_score(-np.asarray(distances, dtype=np.float64))
+        """Calibrated P(same attribute) for learned distances (their SVM score is bias - distance)."""
+        return self.probability_from_score(self.bias_ - np.asarray(distances, dtype=np.float64))
 
     def to_dict(self) -> dict:
         check_is_fitted(self, ["weights_", "platt_a_"])
