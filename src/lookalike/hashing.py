@@ -14,10 +14,10 @@ from typing import Sequence
 
 import imagehash
 import numpy as np
-from .progress import tqdm
 
 from .errors import BadImageError, LookalikeError
 from .images import open_image
+from .progress import tqdm
 
 DEFAULT_HASH_SIZE = 16
 #: decode JPEGs at about this size before hashing (dhash shrinks to hash_size+1 x hash_size anyway)

@@ -7,12 +7,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from ..progress import tqdm
 
-from ..hashing import dhash_bits
 from ..errors import BadImageError, LookalikeError
 from ..fileio import sha256_file
+from ..hashing import dhash_bits
 from ..images import is_image_file, iter_image_files, unreadable_reason
+from ..progress import tqdm
 
 
 @dataclass(frozen=True)

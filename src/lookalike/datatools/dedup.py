@@ -18,12 +18,12 @@ from typing import Sequence
 
 import numpy as np
 from PIL import Image
-from ..progress import tqdm
 
 from ..errors import LookalikeError
 from ..fileio import sha256_file, write_json
 from ..hashing import DEFAULT_HASH_SIZE, default_max_distance, hamming, hash_images, near_pairs
 from ..images import iter_image_files, unreadable_reason
+from ..progress import tqdm
 
 REPORT_NAME = "dedup_report.json"
 

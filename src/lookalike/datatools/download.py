@@ -29,11 +29,11 @@ import anyio
 import httpx
 from anyio.from_thread import start_blocking_portal
 from PIL import Image
-from ..progress import tqdm
 
 from ..errors import BadImageError, LookalikeError
 from ..fileio import atomic_path, write_bytes, write_json, write_text
 from ..images import IMAGE_EXTENSIONS, open_image, open_image_bytes
+from ..progress import tqdm
 
 REPORT_JSON = "download_report.json"
 REPORT_TSV = "download_report.tsv"

@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from ..progress import tqdm
 
 from ..errors import LookalikeError
+from ..progress import tqdm
 from . import shards as sh
 
 

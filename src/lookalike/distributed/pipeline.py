@@ -19,9 +19,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from ..progress import tqdm
 
 from ..errors import BadImageError, LookalikeError
+from ..progress import tqdm
 from . import shards as sh
 from .sources import is_remote, list_images, read_bytes
 

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image
-from ..progress import tqdm
 
 from ..backbones import Backbone, Preprocessor
 from ..errors import BadImageError, LookalikeError
 from ..fileio import sha256_file
 from ..images import unreadable_reason
+from ..prefetch import prefetch_map
+from ..progress import tqdm
 from .cache import FeatureCache
 from .engines import Engine, cpu_threads, create_engine
 
@@ -111,17 +111,11 @@ def _decoded_batches(pre: Preprocessor, paths: list[str], batch_size: int, worke
         except BadImageError as e:
             return i, None, {"path": paths[i], "reason": e.reason}
 
-    workers = workers or cpu_threads()
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        batches = [range(s, min(s + batch_size, len(paths))) for s in range(0, len(paths), batch_size)]
-        pending = [pool.map(decode, b) for b in batches[:2]]
-        for n in range(len(batches)):
-            results = list(pending.pop(0))
-            if n + 2 < len(batches):
-                pending.append(pool.map(decode, batches[n + 2]))
-            ok = [(i, a) for i, a, err in results if err is None]
-            batch = np.stack([a for _, a in ok]) if ok else np.zeros((0, 3, pre.size, pre.size), np.float32)
-            yield [i for i, _ in ok], batch, [err for _, _, err in results if err is not None]
+    batches = [range(s, min(s + batch_size, len(paths))) for s in range(0, len(paths), batch_size)]
+    for results in prefetch_map(decode, batches, workers or cpu_threads()):
+        ok = [(i, a) for i, a, err in results if err is None]
+        batch = np.stack([a for _, a in ok]) if ok else np.zeros((0, 3, pre.size, pre.size), np.float32)
+        yield [i for i, _ in ok], batch, [err for _, _, err in results if err is not None]
 
 
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Protocol, Sequence
 
 import numpy as np
-from ..progress import tqdm
 
 from ..errors import LookalikeError
 from ..fileio import sha256_file
 from ..images import iter_image_files, unreadable_reason
+from ..progress import tqdm
 from .catalog import ImageEntry, NewImage
 from .store import ImageIndex
 

@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from ..progress import tqdm
 
 from ..errors import LookalikeError
 from ..fileio import read_json, write_json
+from ..progress import tqdm
 from .catalog import Catalog, ImageEntry, NewImage, WriterLock
 from .metric import IndexMetric
 from .vectors import DEFAULT_PARAMS, KINDS, AnnIndex, RawVectors, choose_kind

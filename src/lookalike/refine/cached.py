@@ -10,17 +10,17 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
-from ..progress import tqdm
 
 from ..errors import BadImageError, LookalikeError
 from ..fileio import connect_sqlite, write_bytes
+from ..prefetch import prefetch_map
+from ..progress import tqdm
 from .augment import ViewMaker
 
 
@@ -164,11 +164,6 @@ def _decoded_views(views: ViewMaker, images: dict[str, str], jobs: list[tuple[st
         return [(digest, v, a) for v, a in zip(wanted, arrays)]
 
     chunks = [jobs[i : i + 8] for i in range(0, len(jobs), 8)]
-    with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
-        pending = [pool.map(make, c) for c in chunks[:2]]
-        for n in range(len(chunks)):
-            done = list(pending.pop(0))
-            if n + 2 < len(chunks):
-                pending.append(pool.map(make, chunks[n + 2]))
-            for made in done:
-                yield from made
+    for done in prefetch_map(make, chunks, workers or min(4, os.cpu_count() or 1)):
+        for made in done:
+            yield from made

@@ -16,11 +16,11 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 import torch
 from torch import nn
-from ..progress import tqdm
 
 from ..backbones.heads import Head
 from ..config import RefineConfig
 from ..errors import LookalikeError
+from ..progress import tqdm
 from .augment import ViewMaker
 from .cached import ActivationCache
 
