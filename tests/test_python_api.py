@@ -146,12 +146,9 @@ def test_ranker_follows_the_scikit_learn_estimator_contract():
 
 def _imports(path: Path) -> set[str]:
     """Modules of lookalike that `path` imports, anywhere in it (function-level imports included), as dotted names."""
-    package = ".".join(path.relative_to(ROOT / "src").with_suffix("").parts)
-    if path.name == "__init__.py":
-        package = package.rsplit(".", 1)[0] + "." if False else package.removesuffix(".__init__")
-        base = package.split(".")
-    else:
-        base = package.split(".")[:-1]
+    module = ".".join(path.relative_to(ROOT / "src").with_suffix("").parts)
+    # the package a relative import starts from: the module's own for an __init__, else its parent's
+    base = module.removesuffix(".__init__").split(".") if path.name == "__init__.py" else module.split(".")[:-1]
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
@@ -160,10 +157,28 @@ def _imports(path: Path) -> set[str]:
             else:
                 target = node.module or ""
             names = [f"{target}.{a.name}" for a in node.names]
-            found |= {t for t in [target, *names] if t.startswith("lookalike")}
+            # `from . import x` imports module x, not the package's __init__
+            found |= {t for t in ([target] if node.module else []) + names if t.startswith("lookalike")}
         elif isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.startswith("lookalike")}
     return found
+
+
+#: docs/ARCHITECTURE.md's layers, bottom first: a module may import its own layer and those below, never above.
+LAYERS = [
+    {"errors", "fileio", "config", "images", "hashing", "progress", "prefetch", "version"},
+    {"data", "backbones", "features", "metric", "evaluation", "visualize"},
+    {"refine", "rundir", "pipeline", "report"},
+    {"model", "api", "retrieval"},
+    {"index", "distributed", "datatools"},
+    {"serve"},
+    {"cli", "__main__", "__init__"},
+]
+
+
+def _layer(module: str) -> int:
+    top = module.split(".")[1] if "." in module else "__init__"
+    return next(n for n, names in enumerate(LAYERS) if top in names)
 
 
 def test_library_never_imports_the_cli_and_has_no_import_cycle():
@@ -178,6 +193,9 @@ def test_library_never_imports_the_cli_and_has_no_import_cycle():
     outside_cli = [n for n in graph if not n.startswith("lookalike.cli") and n != "lookalike.__main__"]
     offenders = {n: sorted(m for m in graph[n] if m.startswith("lookalike.cli")) for n in outside_cli}
     assert not {n: m for n, m in offenders.items() if m}, "only lookalike/cli/ may import the CLI"
+
+    upward = sorted(f"{n} -> {m}" for n, deps in graph.items() for m in deps if _layer(m) > _layer(n))
+    assert not upward, "imports pointing up the layers of docs/ARCHITECTURE.md: " + ", ".join(upward)
 
     # a package's __init__ re-exporting its own modules is not a cycle; anything else is
     edges = {n: {m for m in deps if not (n.startswith(m + ".") and m == n.rsplit(".", 1)[0])} for n, deps in graph.items()}

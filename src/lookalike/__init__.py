@@ -14,7 +14,7 @@ import importlib
 
 from .errors import BadImageError, ConfigError, LookalikeError
 
-__version__ = "0.1.0"
+from .version import __version__
 
 _LAZY = {
     "SimilarityModel": "lookalike.model",

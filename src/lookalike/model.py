@@ -418,7 +418,7 @@ def _portable_backbone(run: RunDir, cfg: LookalikeConfig, scratch: Path) -> Back
 
 def _card(run: RunDir, cfg: LookalikeConfig, backbone: Backbone, ranker: WeightedL2Ranker, split: int | None = None) -> dict:
     """What `model.json` says about a model trained in `run`."""
-    from . import __version__
+    from .version import __version__
 
     dataset = run.dataset()
     s = run.split(0 if split is None else split)

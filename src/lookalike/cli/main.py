@@ -34,7 +34,7 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
-        from .. import __version__
+        from ..version import __version__
 
         out.print(f"lookalike {__version__}")
         raise typer.Exit()

@@ -21,7 +21,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import __version__
+from ..version import __version__
 from ..errors import BadImageError, LookalikeError
 from .engine import Engine, Upload, indexed_bytes
 from .errors import ApiError, ErrorBody
