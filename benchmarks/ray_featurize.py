@@ -11,7 +11,6 @@ and reported, since a real cluster is started once and then serves many jobs.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import tempfile
 import time
@@ -37,8 +36,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from lookalike.backbones import create_backbone
-    from lookalike.distributed import ModelSpec, featurize_dir_ray
-    from lookalike.distributed.pipeline import LOCAL_ONLY_ENV
+    from lookalike.distributed import ModelSpec, connect, featurize_dir_ray
+    from lookalike.distributed.shards import export, read_manifest
     from lookalike.model import ImageEmbedder
     from lookalike.retrieval import featurize_dir
 
@@ -51,21 +50,20 @@ def main() -> None:
         single = featurize_dir(args.data, tmp / "single.parquet", ImageEmbedder(backbone), progress=False)
         rows.append(("single process", single["n"], time.perf_counter() - start))
 
-        os.environ.setdefault(LOCAL_ONLY_ENV, "0")
         start = time.perf_counter()
-        import ray
-
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False, object_store_memory=500 * 1024**2, log_to_driver=False, logging_level=logging.WARNING)
+        ray, _ = connect(num_cpus=args.num_cpus, object_store_memory=500 * 1024**2)
         startup = time.perf_counter() - start
+        shards = str(tmp / "ray-shards")  # a folder output keeps its shards, so the re-run finds every one
         try:
             start = time.perf_counter()
-            on_ray = featurize_dir_ray(args.data, tmp / "ray.parquet", ModelSpec.of(args.backbone), backbone, shard_size=args.shard_size, progress=False)
+            on_ray = featurize_dir_ray(args.data, shards, ModelSpec.of(args.backbone), backbone, shard_size=args.shard_size, progress=False)
             rows.append((f"ray, cold ({args.num_cpus} CPUs, shards of {args.shard_size})", on_ray["n"], time.perf_counter() - start))
             start = time.perf_counter()
-            featurize_dir_ray(args.data, tmp / "ray.parquet", ModelSpec.of(args.backbone), backbone, shard_size=args.shard_size, progress=False)
+            featurize_dir_ray(args.data, shards, ModelSpec.of(args.backbone), backbone, shard_size=args.shard_size, progress=False)
             rerun = time.perf_counter() - start
         finally:
             ray.shutdown()
+        export(shards, tmp / "ray.parquet", read_manifest(shards), on_ray["skipped"])
         paths, X = read_embeddings(tmp / "single.parquet")
         ray_paths, Y = read_embeddings(tmp / "ray.parquet")
 

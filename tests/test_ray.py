@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REAL_DATA, make_dataset
+from conftest import REAL_DATA, lookalike_cli, make_dataset
 
 PER_ATTRIBUTE = 8
 SHARD_SIZE = 8
@@ -31,20 +32,10 @@ def model_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_local(model_cache):
-    """One local Ray for the file, bound to 127.0.0.1."""
-    from lookalike.distributed.pipeline import LOCAL_ONLY_ENV
+    """One local Ray for the file, started as lookalike starts one (bound to 127.0.0.1, no dashboard, quiet)."""
+    from lookalike.distributed import connect
 
-    os.environ.setdefault(LOCAL_ONLY_ENV, "0")
-    import ray
-
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        object_store_memory=500 * 1024**2,
-        log_to_driver=False,
-        logging_level=logging.WARNING,
-        runtime_env={"env_vars": {"LOOKALIKE_CACHE_DIR": str(model_cache)}},
-    )
+    ray, _ = connect(num_cpus=2, object_store_memory=500 * 1024**2, runtime_env={"env_vars": {"LOOKALIKE_CACHE_DIR": str(model_cache)}})
     yield ray
     ray.shutdown()
 
@@ -83,13 +74,31 @@ def single(photos, backbone, model_cache, tmp_path_factory):
     return out, info
 
 
-@pytest.fixture(scope="module")
-def on_ray(ray_local, photos, backbone, tmp_path_factory):
+def featurize_on_ray(photos: Path, out: Path, backbone) -> dict:
     from lookalike.distributed import ModelSpec, featurize_dir_ray
 
-    out = tmp_path_factory.mktemp("ray") / "emb.parquet"
-    info = featurize_dir_ray(photos, out, ModelSpec.of("efficientnet-lite0"), backbone, shard_size=SHARD_SIZE, progress=False)
-    return out, info
+    return featurize_dir_ray(photos, out, ModelSpec.of("efficientnet-lite0"), backbone, shard_size=SHARD_SIZE, progress=False)
+
+
+@pytest.fixture(scope="module")
+def ray_shards(ray_local, photos, backbone, tmp_path_factory) -> Path:
+    """The photos embedded on Ray into a folder of shards (the output form that keeps them)."""
+    out = tmp_path_factory.mktemp("ray") / "emb-shards"
+    featurize_on_ray(photos, out, backbone)
+    return out
+
+
+def copy_of_shards(ray_shards: Path, out: Path) -> Path:
+    """The shards an `--out OUT` run would have left after embedding every block, so that it only resumes."""
+    return Path(shutil.copytree(ray_shards, f"{out}.shards"))
+
+
+@pytest.fixture(scope="module")
+def on_ray(ray_shards, photos, backbone, tmp_path_factory):
+    """`featurize-dir --engine ray --out emb.parquet`, made from the Ray run's shards."""
+    out = tmp_path_factory.mktemp("ray-parquet") / "emb.parquet"
+    copy_of_shards(ray_shards, out)
+    return out, featurize_on_ray(photos, out, backbone)
 
 
 def _read(path: Path):
@@ -100,7 +109,7 @@ def _read(path: Path):
 
 
 @needs_ray
-def test_ray_embeddings_equal_single_process(single, on_ray):
+def test_ray_embeddings_equal_single_process(single, on_ray, ray_shards):
     (single_out, single_info), (ray_out, ray_info) = single, on_ray
     paths, digests, X = _read(single_out)
     ray_paths, ray_digests, Y = _read(ray_out)
@@ -111,12 +120,12 @@ def test_ray_embeddings_equal_single_process(single, on_ray):
     ray_reasons, single_reasons = ({Path(s["path"]).name: s["reason"] for s in info["skipped"]} for info in (ray_info, single_info))
     assert ray_reasons == single_reasons
     assert set(ray_reasons) == {"empty.jpg", "truncated.jpg"}
-    report = json.loads((Path(f"{ray_out}.shards") / "failed.json").read_text())
+    report = json.loads((ray_shards / "failed.json").read_text())
     assert report["n_failed"] == 2 and {Path(f["path"]).name for f in report["failed"]} == {"empty.jpg", "truncated.jpg"}
 
 
 @needs_ray
-def test_index_from_ray_shards_returns_same_neighbours(single, on_ray, photos, tmp_path):
+def test_index_from_ray_shards_returns_same_neighbours(single, ray_shards, photos, tmp_path):
     from lookalike.distributed import build_index_from_shards
     from lookalike.index.catalog import NewImage
     from lookalike.index.metric import IndexMetric
@@ -124,7 +133,7 @@ def test_index_from_ray_shards_returns_same_neighbours(single, on_ray, photos, t
     from lookalike.index.store import ImageIndex
 
     paths, digests, X = _read(single[0])
-    stats = build_index_from_shards(f"{on_ray[0]}.shards", tmp_path / "ray-index", IndexMetric("l2"), kind="flat", progress=False)
+    stats = build_index_from_shards(ray_shards, tmp_path / "ray-index", IndexMetric("l2"), kind="flat", progress=False)
     assert stats["images"] == len(paths) and stats["kind"] == "flat"
     assert stats["attributes"] == {"dotted": PER_ATTRIBUTE, "leopard": PER_ATTRIBUTE, "striped": PER_ATTRIBUTE}
     with ImageIndex.create(tmp_path / "single-index", X.shape[1], IndexMetric("l2"), single[1]["backbone_fingerprint"], kind="flat") as ref:
@@ -140,29 +149,80 @@ def test_index_from_ray_shards_returns_same_neighbours(single, on_ray, photos, t
 
 
 @needs_ray
-def test_rerun_resumes_from_shards(on_ray, photos):
+def _embeddings_in(shards: Path) -> dict[str, np.ndarray]:
+    rows = {}
+    for part in sorted(shards.glob("part-*.parquet")):
+        paths, _, X = _read(part)
+        rows |= dict(zip(paths, X))
+    return rows
+
+
+@needs_ray
+def test_rerun_resumes_from_shards(ray_shards, photos):
     """A re-run embeds nothing; after losing one shard (and leaving a half-written file) it redoes that block only."""
     from typer.testing import CliRunner
 
     from lookalike.cli import app
 
-    out, _ = on_ray
-    shards = Path(f"{out}.shards")
-    parts = sorted(shards.glob("part-*.parquet"))
+    parts = sorted(ray_shards.glob("part-*.parquet"))
     assert len(parts) == -(-(3 * PER_ATTRIBUTE + 2) // SHARD_SIZE)
     before = {p.name: p.stat().st_mtime_ns for p in parts}
-    expected = _read(out)
+    expected = _embeddings_in(ray_shards)
     parts[1].unlink()
-    (shards / f".{parts[2].name}.abc.tmp.parquet").write_bytes(b"half")
-    result = CliRunner().invoke(app, ["featurize-dir", str(photos), "--out", str(out), "--engine", "ray", "--shard-size", str(SHARD_SIZE)])
+    (ray_shards / f".{parts[2].name}.abc.tmp.parquet").write_bytes(b"half")
+    result = CliRunner().invoke(app, ["featurize-dir", str(photos), "--out", str(ray_shards), "--engine", "ray", "--shard-size", str(SHARD_SIZE)])
     assert result.exit_code == 0, result.output
-    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest = json.loads((ray_shards / "manifest.json").read_text())
     assert (manifest["blocks_embedded"], manifest["blocks_resumed"]) == (1, len(parts) - 1)
-    after = {p.name: p.stat().st_mtime_ns for p in shards.glob("part-*.parquet")}
-    assert set(after) == set(before) and not list(shards.glob(".*tmp*"))
+    after = {p.name: p.stat().st_mtime_ns for p in ray_shards.glob("part-*.parquet")}
+    assert set(after) == set(before) and not list(ray_shards.glob(".*tmp*"))
     assert [n for n in before if after[n] != before[n]] == [parts[1].name]
-    paths, digests, Y = _read(out)
-    assert (paths, digests) == expected[:2] and np.abs(Y - expected[2]).max() < 1e-6
+    redone = _embeddings_in(ray_shards)
+    assert redone.keys() == expected.keys() and max(np.abs(redone[p] - expected[p]).max() for p in expected) < 1e-6
+
+
+@needs_ray
+def test_file_output_removes_its_shards_only_after_success(ray_shards, photos, backbone, tmp_path):
+    """OUT.npy is made from OUT.npy.shards/: a failed write keeps them (the re-run resumes), a finished one removes them."""
+    out = tmp_path / "emb.npy"
+    shards = copy_of_shards(ray_shards, out)
+    out.mkdir()  # OUT cannot be written: the export fails after every block is embedded
+    with pytest.raises(OSError):
+        featurize_on_ray(photos, out, backbone)
+    assert sorted(p.name for p in shards.glob("part-*.parquet")) == sorted(p.name for p in ray_shards.glob("part-*.parquet"))
+    out.rmdir()
+    info = featurize_on_ray(photos, out, backbone)
+    assert not shards.exists() and info["n"] == 3 * PER_ATTRIBUTE
+    assert np.load(out).shape == (3 * PER_ATTRIBUTE, 1280) and "shards" not in json.loads(out.with_suffix(".json").read_text())
+
+
+@needs_ray
+def test_index_build_removes_default_shards_keeps_named_ones(ray_shards, photos, backbone, tmp_path):
+    from lookalike.distributed import ModelSpec, featurize_and_index
+    from lookalike.index.metric import IndexMetric
+
+    spec = ModelSpec.of("efficientnet-lite0")
+    copy_of_shards(ray_shards, tmp_path / "index")
+    built = featurize_and_index(photos, tmp_path / "index", spec, IndexMetric("l2"), backbone=backbone, shard_size=SHARD_SIZE, kind="flat", progress=False)
+    assert built["index"]["images"] == 3 * PER_ATTRIBUTE and not (tmp_path / "index.shards").exists() and "shards" not in built
+    named = copy_of_shards(ray_shards, tmp_path / "mine")
+    kept = featurize_and_index(photos, tmp_path / "index-2", spec, IndexMetric("l2"), shards_dir=named, backbone=backbone, shard_size=SHARD_SIZE, kind="flat", progress=False)
+    assert kept["shards"] == str(named) and len(list(named.glob("part-*.parquet"))) == len(list(ray_shards.glob("part-*.parquet")))
+
+
+@needs_ray
+def test_cli_prints_nothing_of_rays_own(model_cache, tmp_path):
+    """A fresh process starting its own Ray: Ray's warnings and notes (token setup, Ray Data, the C++ core) stay in Ray's logs."""
+    photos = tmp_path / "photos"
+    for attribute in ("dotted", "striped"):
+        (photos / attribute).mkdir(parents=True)
+        for src in sorted((REAL_DATA / attribute).glob("*.jpg"))[:2]:
+            os.symlink(src, photos / attribute / src.name)
+    out = tmp_path / "emb.parquet"
+    proc = lookalike_cli("featurize-dir", photos, "--out", out, "--engine", "ray", "--shard-size", 2, env=os.environ | {"LOOKALIKE_CACHE_DIR": str(model_cache), "COLUMNS": "200"})
+    progress_bar = r"Embedding on Ray \(.*?\):\s+\d+%\|[^|]*\| \d+/\d+ \[[^\]]*\]"
+    assert not re.sub(progress_bar, "", proc.stderr).strip(), proc.stderr
+    assert out.is_file() and not Path(f"{out}.shards").exists()
 
 
 def test_single_process_path_never_imports_ray(tmp_path):

@@ -78,10 +78,17 @@ def featurize_and_index(
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
-    """`lookalike index build --engine ray`: embed on Ray into shards (default INDEX_DIR.shards beside the index), then index them."""
+    """`lookalike index build --engine ray`: embed on Ray into shards, then index them.
+
+    Shards asked for with `shards_dir` are kept; the default ones (INDEX_DIR.shards beside the index)
+    are removed once the index is built, and kept after a failure so that a re-run resumes.
+    """
     from .pipeline import featurize_ray
 
+    keep = shards_dir is not None
     shards_dir = str(shards_dir or f"{os.fspath(index_dir).rstrip('/')}.shards")
     info = featurize_ray(source, shards_dir, spec, backbone, address, shard_size, progress=progress)
     stats = build_index_from_shards(shards_dir, index_dir, metric, kind, params, run_dir, overwrite, progress=progress)
-    return {"index": stats, "shards": shards_dir, "embedded": info["n"], "failed": info["failed"]}
+    if not keep:
+        sh.remove_shards(shards_dir)
+    return {"index": stats, "embedded": info["n"], "failed": info["failed"]} | ({"shards": shards_dir} if keep else {})

@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -60,6 +62,40 @@ class ModelSpec:
         return create_backbone(self.backbone, self.weights)
 
 
+@contextmanager
+def native_stderr_silenced():
+    """Send what native code writes straight to file descriptor 2 to /dev/null; Python's sys.stderr keeps the terminal.
+
+    Ray's C++ core writes notes meant for Ray's developers there, at ERROR level and with no setting to turn
+    them off (e.g. that a Ray Data actor's constructor arguments sit in the object store, ray-project/ray#53727);
+    Ray's own log files (python-core-driver-*.log) keep them. Progress bars, lookalike's messages, Python
+    warnings and Ray's Python logging all write through sys.stderr and still reach the user.
+    """
+    sys.stderr.flush()
+    terminal_fd = os.dup(2)
+    stderr = sys.stderr
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    if _writes_to_fd_2(stderr):
+        sys.stderr = os.fdopen(os.dup(terminal_fd), "w", buffering=1, encoding=getattr(stderr, "encoding", None), errors=getattr(stderr, "errors", None))
+    try:
+        yield
+    finally:
+        if sys.stderr is not stderr:
+            sys.stderr.close()
+            sys.stderr = stderr
+        os.dup2(terminal_fd, 2)
+        os.close(terminal_fd)
+
+
+def _writes_to_fd_2(stream) -> bool:
+    try:
+        return stream.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # a stream that stands in for stderr (a test runner's capture)
+        return False
+
+
 def connect(address: str | None = None, **init_kwargs):
     """(ray, started): join the cluster at `address` ("auto", "ray://host:10001"), or start a private local instance.
 
@@ -74,7 +110,8 @@ def connect(address: str | None = None, **init_kwargs):
         raise LookalikeError("--engine ray needs Ray; install it with: pip install 'lookalike[ray]'") from None
     if ray.is_initialized():
         return ray, False
-    kwargs = {"log_to_driver": False, "logging_level": logging.WARNING}
+    # Workers' output stays in Ray's log files; the driver shows Ray's errors, not its warnings and notes.
+    kwargs = {"log_to_driver": False, "logging_level": logging.ERROR}
     if address is None:
         kwargs["include_dashboard"] = False
     try:
@@ -197,12 +234,13 @@ def featurize_ray(
         raise LookalikeError(f"no images below {source} (looked for .jpg .jpeg .png .bmp .webp .tif)")
     plan = sh.plan_blocks(images, shard_size, fingerprint, shards_dir)
     if plan.todo:
-        ray, started = connect(address)
-        try:
-            _run(ray, plan, spec, backbone, shards_dir, batch_size, actors, actor_cpus, progress)
-        finally:
-            if started:
-                ray.shutdown()
+        with native_stderr_silenced():
+            ray, started = connect(address)
+            try:
+                _run(ray, plan, spec, backbone, shards_dir, batch_size, actors, actor_cpus, progress)
+            finally:
+                if started:
+                    ray.shutdown()
     n, failed = 0, []
     for block in plan.blocks:
         rows, meta = sh.shard_summary(shards_dir, block.shard)
@@ -225,6 +263,13 @@ def featurize_ray(
     return info | {"failed": failed}
 
 
+def _quiet_console(logger_name: str) -> None:
+    """Show only errors of `logger_name` on the terminal; its log files (Ray Data keeps one per session) keep everything."""
+    for handler in logging.getLogger(logger_name).handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.ERROR)
+
+
 def _run(ray, plan: sh.Plan, spec: ModelSpec, backbone, shards_dir: str, batch_size: int, actors: int | None, actor_cpus: int, progress: bool) -> None:
     import ray.data
 
@@ -232,7 +277,7 @@ def _run(ray, plan: sh.Plan, spec: ModelSpec, backbone, shards_dir: str, batch_s
         warnings.simplefilter("ignore", DeprecationWarning)  # Ray's own context defaults trip its deprecation checks
         ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    _quiet_console("ray.data")
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
     if actors is None:
@@ -266,9 +311,10 @@ def _run(ray, plan: sh.Plan, spec: ModelSpec, backbone, shards_dir: str, batch_s
 def featurize_dir_ray(directory, out, spec: ModelSpec, backbone=None, address: str | None = None, shard_size: int = 256, progress: bool = True, **options) -> dict:
     """`lookalike featurize-dir --engine ray`: the same output as the single-process path, computed on Ray.
 
-    OUT.npy (+ OUT.json) or OUT.parquet hold what the single-process path writes, and the shards
-    stay in OUT.npy.shards/ (or OUT.parquet.shards/) so a re-run resumes; an OUT without a suffix
-    (a folder or bucket prefix) receives only the shards, the form to use for millions of images.
+    OUT.npy (+ OUT.json) or OUT.parquet hold what the single-process path writes; they are made from
+    shards in OUT.npy.shards/ (or OUT.parquet.shards/), removed once OUT is written and kept after a
+    failure, so that a re-run resumes. An OUT without a suffix (a folder or bucket prefix) receives
+    only the shards, the form to use for millions of images.
     """
     from pathlib import PurePosixPath
 
@@ -282,5 +328,7 @@ def featurize_dir_ray(directory, out, spec: ModelSpec, backbone=None, address: s
     info = featurize_ray(directory, shards_dir, spec, backbone, address, shard_size, progress=progress, **options)
     failed = info.pop("failed")
     if suffix:
-        return sh.export(shards_dir, out, info, failed)
+        summary = sh.export(shards_dir, out, info, failed)
+        sh.remove_shards(shards_dir)
+        return summary
     return info | {"directory": info["source"], "skipped": failed, "shards": shards_dir, "engine": "ray"}

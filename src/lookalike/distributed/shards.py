@@ -194,6 +194,12 @@ def shard_summary(shards_dir: str, name: str) -> tuple[int, dict]:
         raise LookalikeError(f"shard {shards_dir}/{name} cannot be read ({e}); delete it and run the same command again to redo its block") from None
 
 
+def remove_shards(shards_dir: str) -> None:
+    """Delete a finished set of shards once what was made from them (FILE.npy, FILE.parquet, an index) is written."""
+    fs, base = resolve(shards_dir)
+    fs.delete_dir(base)
+
+
 def export(shards_dir: str, out, info: dict, failed: list[dict]) -> dict:
     """Join the shards into the single-process `featurize-dir` output: FILE.npy + FILE.json, or FILE.parquet.
 
@@ -213,7 +219,6 @@ def export(shards_dir: str, out, info: dict, failed: list[dict]) -> dict:
         "n": info["n"],
         "skipped": failed,
         "engine": "ray",
-        "shards": shards_dir,
     }
 
     def rel(path: str) -> str:
