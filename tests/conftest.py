@@ -1,4 +1,4 @@
-"""Shared fixtures: generated texture images, a small real-photo subset, and an isolated feature cache."""
+"""Shared fixtures: generated texture images, a small real-photo subset, a small trained run, and an isolated feature cache."""
 
 from __future__ import annotations
 
@@ -6,12 +6,36 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image
 
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "fashionTexture"
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def require_playwright():
+    """playwright.sync_api, with Debian's Chromium beside it; skips the test (fails it on CI) when either is missing."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    if not CHROMIUM.exists():
+        message = f"{CHROMIUM} is missing; install Debian's chromium (apt-get install -y chromium)"
+        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+    return playwright
+
+
+def launch_chromium(p, profile: str, width: int = 1280, height: int = 900):
+    """Headless Chromium on a fresh profile folder (no sandbox: the tests may run as root in a container)."""
+    return p.chromium.launch_persistent_context(
+        profile,
+        executable_path=str(CHROMIUM),
+        headless=True,
+        args=["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+        viewport={"width": width, "height": height},
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -63,6 +87,21 @@ def real_subset(tmp_path) -> Path:
         for src in sorted((REAL_DATA / attribute).glob("*.jpg"))[:14]:
             os.symlink(src, root / attribute / src.name)
     return root
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory) -> SimpleNamespace:
+    """`lookalike run` on 14 real photos per attribute, 1 split (trained once per session; its cache in ROOT/cache)."""
+    root = tmp_path_factory.mktemp("small-run")
+    data = root / "photos"
+    for attribute in ("dotted", "leopard", "striped"):
+        (data / attribute).mkdir(parents=True)
+        for src in sorted((REAL_DATA / attribute).glob("*.jpg"))[:14]:
+            os.symlink(src, data / attribute / src.name)
+    config = root / "small.toml"
+    config.write_text("[data]\ntrain_queries_per_attribute = 10\ntest_queries_per_attribute = 4\n[evaluate]\nquery_pictures = 3\n")
+    lookalike_cli("run", "--data", data, "--out", root / "run", "--splits", "1", "--config", config, env=os.environ | {"LOOKALIKE_CACHE_DIR": str(root / "cache")})
+    return SimpleNamespace(root=root, data=data, run=root / "run")
 
 
 def lookalike_cli(*args, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:

@@ -27,38 +27,26 @@ from PIL import Image
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance, status_code_conformance
 
+from conftest import launch_chromium, require_playwright
 from lookalike.serve.app import create_app
 from lookalike.serve.engine import Engine
 from lookalike.index.build import build_index
 from lookalike.serve.settings import ServeSettings
 
-REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "fashionTexture"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 ATTRIBUTES = ("dotted", "leopard", "striped")
 PER_ATTRIBUTE = 14
 KEY = "test-key-0123456789abcdef"
-CHROMIUM = Path("/usr/bin/chromium")
 
 
 @pytest.fixture(scope="session")
-def served(tmp_path_factory):
-    """A run trained on 14 real photos per attribute and an index of the same photos (built once)."""
-    root = tmp_path_factory.mktemp("serve")
-    data = root / "photos"
-    for attribute in ATTRIBUTES:
-        (data / attribute).mkdir(parents=True)
-        for src in sorted((REAL_DATA / attribute).glob("*.jpg"))[:PER_ATTRIBUTE]:
-            os.symlink(src, data / attribute / src.name)
-    config = root / "small.toml"
-    config.write_text("[data]\ntrain_queries_per_attribute = 10\ntest_queries_per_attribute = 4\n[evaluate]\nquery_pictures = 3\n")
-    env = os.environ | {"LOOKALIKE_CACHE_DIR": str(root / "cache")}
-    cmd = [sys.executable, "-m", "lookalike", "run", "--data", data, "--out", root / "run", "--splits", "1", "--config", config]
-    proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+def served(small_run):
+    """The suite's small run and an index of the same photos (built once)."""
+    root = small_run.root
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LOOKALIKE_CACHE_DIR", str(root / "cache"))
-        assert build_index(root / "run", data, root / "index", progress=False)[1]["images"] == PER_ATTRIBUTE * len(ATTRIBUTES)
-    return SimpleNamespace(root=root, data=data, run=root / "run", index=root / "index")
+        assert build_index(small_run.run, small_run.data, root / "index", progress=False)[1]["images"] == PER_ATTRIBUTE * len(ATTRIBUTES)
+    return SimpleNamespace(root=root, data=small_run.data, run=small_run.run, index=root / "index")
 
 
 @pytest.fixture(scope="session")
@@ -388,21 +376,12 @@ class LiveServer:
 
 
 def test_browser_upload_see_results_click_one(served, engine):
-    playwright = pytest.importorskip("playwright.sync_api")
+    playwright = require_playwright()
     expect = playwright.expect
-    if not CHROMIUM.exists():
-        message = f"{CHROMIUM} is missing; install Debian's chromium (apt-get install -y chromium)"
-        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
     ARTIFACTS.mkdir(exist_ok=True)
     query = photo(served, "leopard", 2)
     with LiveServer(create_app(engine)) as base, playwright.sync_playwright() as p, tempfile.TemporaryDirectory() as profile:
-        browser = p.chromium.launch_persistent_context(
-            profile,
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-            viewport={"width": 1280, "height": 900},
-        )
+        browser = launch_chromium(p, profile)
         try:
             page = browser.new_page()
             errors = []
