@@ -20,15 +20,17 @@ from .config import LookalikeConfig
 from .data import Dataset, Split, make_fit_split, make_split, scan_dataset
 from .data.splits import NearDuplicateLeak
 from .errors import LookalikeError
-from .evaluation import gallery_metrics, positive_ranks, rank_summary
+from .evaluation import example_queries, gallery_metrics, positive_ranks, rank_summary
 from .evaluation.lookalike import tied_fraction
 from .features import FeatureCache, configured_cache_dir, create_engine, embed_paths
 from .features.extract import embed_images, l2_normalize
 from .fileio import load_npy, read_json, save_npy, write_json
-from .metric import HardNegativeMiner, LearnedWeightedL2, WeightedL2Ranker, pair_features, pairs_from_sets, standard_distances
+from .metric import LABELS, HardNegativeMiner, LearnedWeightedL2, WeightedL2Ranker, pair_features, pairs_from_sets, standard_distances
 from .rundir import RunDir, fingerprint, up_to_date
 
 DISTANCE_ORDER = ("random", "l1", "l2", "cosine", "weighted_l2")
+#: Part of evaluate's fingerprint: raise it when evaluation.json gains content, so runs evaluated before are redone.
+EVALUATION_FORMAT = 2  # 2: example pictures drawn across attributes, misses included, each with its attribute
 
 
 def check_inputs(data: str | os.PathLike | Dataset, cfg: LookalikeConfig) -> None:
@@ -252,7 +254,7 @@ def evaluate(run_dir: str | os.PathLike, split: int = 0, force: bool = False) ->
     cfg = run.config()
     sdir = run.split_dir(split)
     out = sdir / "evaluation.json"
-    fp = fingerprint(read_json(run.require(sdir / "train_metric.json", "train-metric"))["fingerprint"], cfg.evaluate.model_dump())
+    fp = fingerprint(read_json(run.require(sdir / "train_metric.json", "train-metric"))["fingerprint"], cfg.evaluate.model_dump(), EVALUATION_FORMAT)
     if not force and up_to_date(out, fp):
         return read_json(out)
     dataset = run.dataset()
@@ -278,9 +280,9 @@ def evaluate(run_dir: str | os.PathLike, split: int = 0, force: bool = False) ->
         "copies": copies,
         "ties": ties,
         "ranks": {name: r.tolist() for name, r in ranks.items()},
-        "pictures": _query_pictures(dataset, test_sets, ranks["weighted_l2"], features, row_of, ranker, sdir, cfg.evaluate.query_pictures),
+        "pictures": _query_pictures(dataset, test_sets, ranks["weighted_l2"], features, row_of, ranker, sdir, cfg.evaluate.query_pictures, cfg.data.seed + split),
     }
-    visualize.plot_rank_curves(ranks, sdir / "ranks.png")
+    visualize.plot_rank_curves({LABELS[name]: r for name, r in ranks.items()}, sdir / "ranks.png")
     write_json(out, result)
     return result
 
@@ -295,9 +297,12 @@ def _copy_test(run: RunDir, cfg: LookalikeConfig, split: int, dataset: Dataset, 
     return {name: copy_summary(copy_ranks(d, catalog, copies)) for name, d in distances.items()}
 
 
-def _query_pictures(dataset: Dataset, sets, ranks, features, row_of, ranker, sdir: Path, limit: int) -> list[dict]:
+def _query_pictures(dataset: Dataset, sets, ranks, features, row_of, ranker, sdir: Path, limit: int, seed: int) -> list[dict]:
+    """Pictures of `limit` example queries, drawn at random across attributes with their misses (`example_queries`)."""
     pictures = []
-    for n, (cset, rank) in enumerate(zip(sets[:limit], ranks[:limit])):
+    attributes = [dataset.images[cset.query].attribute for cset in sets]
+    for n, i in enumerate(example_queries(attributes, ranks, limit, seed)):
+        cset, rank = sets[i], ranks[i]
         refs = [cset.positive, *cset.negatives]
         d = ranker.distance(features[row_of[cset.query]], features[[row_of[r] for r in refs]])
         best = refs[int(np.argmin(d))]
@@ -305,7 +310,7 @@ def _query_pictures(dataset: Dataset, sets, ranks, features, row_of, ranker, sdi
         visualize.query_picture(
             str(dataset.absolute_path(cset.query)), str(dataset.absolute_path(best)), str(dataset.absolute_path(cset.positive)), best == cset.positive, path, int(rank)
         )
-        pictures.append({"file": path.relative_to(sdir.parent).as_posix(), "query": dataset.images[cset.query].path, "rank": int(rank)})
+        pictures.append({"file": path.relative_to(sdir.parent).as_posix(), "query": dataset.images[cset.query].path, "attribute": attributes[i], "rank": int(rank)})
     return pictures
 
 
@@ -384,6 +389,7 @@ def summarize(run_dir, splits: list[int] | None = None) -> dict:
         if rows:
             search[part] = {name: _mean_of(r[name] for r in rows) for name in rows[0]}
     backbone = read_json(run.split_dir(splits[0]) / "features.json")["backbone"]["name"]
+    negatives = [len(cset.negatives) for k in splits for cset in run.split(k).sets["test"]]
     metrics = {
         "dataset": dataset.root,
         "n_images": len(dataset.images),
@@ -391,6 +397,7 @@ def summarize(run_dir, splits: list[int] | None = None) -> dict:
         "backbone": backbone,
         "splits": len(splits),
         "n_test_queries": int(np.mean([e["n_queries"] for e in evals])),
+        "negatives_per_query": {"min": min(negatives), "max": max(negatives), "mean": float(np.mean(negatives))},
         "distances": distances,
         "gallery": gallery_by.get("weighted_l2", {}),
         "gallery_by_distance": gallery_by,

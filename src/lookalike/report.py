@@ -1,15 +1,19 @@
-"""One self-contained HTML report per run: the tables, the plots, and the per-query pictures."""
+"""One self-contained HTML report per run: what each figure means, the tables, example queries, and per-split detail."""
 
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
+from .evaluation import example_queries
 from .fileio import read_json, write_text
+from .metric import LABELS
 from .rundir import RunDir
 
-LABELS = {"random": "random", "l1": "L1", "l2": "L2", "cosine": "cosine", "weighted_l2": "weighted L2 (learned)"}
+#: Example queries shown above the per-split detail, drawn from all splits' pictures.
+EXAMPLES_SHOWN = 8
 
 
 def write_report(run_dir: str | os.PathLike) -> str:
@@ -24,10 +28,41 @@ def write_report(run_dir: str | os.PathLike) -> str:
         tm = read_json(sdir / "train_metric.json") if (sdir / "train_metric.json").exists() else {}
         refine = read_json(sdir / "refined" / "history.json") if (sdir / "refined" / "history.json").exists() else None
         splits.append({"k": k, "eval": ev, "train": tm, "refine": refine, "has_refine_plot": (sdir / "refined" / "curves.png").exists()})
+    pictures = [p | {"split": s["k"]} for s in splits for p in s["eval"]["pictures"]]
+    shown = example_queries([p["attribute"] for p in pictures], [p["rank"] for p in pictures], EXAMPLES_SHOWN, metrics["config"]["data"]["seed"])
     env = Environment(loader=PackageLoader("lookalike", "templates"), autoescape=select_autoescape(["html"]))
-    html = env.get_template("report.html").render(m=metrics, splits=splits, labels=LABELS)
+    html = env.get_template("report.html").render(
+        m=metrics, splits=splits, labels=LABELS, best=best_rows(metrics), negatives=negatives_text(metrics), examples=[pictures[i] for i in shown]
+    )
     write_text(run.report, html)
     return str(run.report)
+
+
+def best_rows(metrics: dict) -> dict[str, set[str]]:
+    """Per table, the distances to highlight: the best on its headline figure, whichever distance that is."""
+    search = metrics.get("lookalike_search") or {}
+    searched = {name: {"found_first": search.get("copies", {}).get(name, {}).get("found_first", 0.0), "ties": search.get("ties", {}).get(name, 0.0)} for name in ("l2", "weighted_l2")}
+    return {
+        "rank": _best(metrics["distances"], lambda d: (d["top1"], -d["mean_rank"])),
+        "gallery": _best(metrics.get("gallery_by_distance") or {}, lambda g: (g["map"], g["recall_at_1"])),
+        "search": _best(searched, lambda s: (s["found_first"], -s["ties"])) if search else set(),
+    }
+
+
+def _best(rows: dict[str, dict], score: Callable[[dict], tuple]) -> set[str]:
+    """Names of the rows with the highest score; several when they tie (L2 and cosine often do)."""
+    scores = {name: score(row) for name, row in rows.items()}
+    return {name for name, s in scores.items() if s == max(scores.values())}
+
+
+def negatives_text(metrics: dict) -> str:
+    """How many negatives each query really had: the configured number is only an upper bound."""
+    n = metrics["negatives_per_query"]
+    asked = metrics["config"]["data"]["negatives_per_query"]
+    used = f"{n['min']}" if n["min"] == n["max"] else f"{n['min']}–{n['max']} (mean {n['mean']:.1f})"
+    if n["max"] < asked:
+        return f"{used} negatives (every test photo of another attribute; data.negatives_per_query allows up to {asked})"
+    return f"{used} negatives"
 
 
 def format_table(metrics: dict) -> list[tuple[str, str, str, str, str]]:

@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont, ImageOps  # noqa: E402
 
@@ -34,9 +35,13 @@ def _save_image(img: Image.Image, path: str | os.PathLike) -> None:
     write_bytes(path, buf.getvalue())
 
 
+#: Line style and marker of each curve, so that curves which run together stay apart (colours alone do not).
+CURVE_STYLES = (("-", "o"), ("--", "s"), ("-.", "^"), (":", "D"), ((0, (5, 1)), "v"), ((0, (3, 1, 1, 1)), "x"))
+
+
 def plot_calibration(ranker, scores: np.ndarray, labels: np.ndarray, path: str | os.PathLike) -> None:
     """SVM score -> calibrated probability, over histograms of the validation scores by class."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
     lo, hi = float(np.min(scores)) - 0.5, float(np.max(scores)) + 0.5
     xs = np.linspace(lo, hi, 200)
     ax2 = ax.twinx()
@@ -44,7 +49,6 @@ def plot_calibration(ranker, scores: np.ndarray, labels: np.ndarray, path: str |
     ax2.hist(scores[labels == 0], bins=bins, alpha=0.35, color="tab:red", label="different attribute", density=True)
     ax2.hist(scores[labels == 1], bins=bins, alpha=0.35, color="tab:green", label="same attribute", density=True)
     ax2.set_ylabel("density of validation pairs")
-    ax2.legend(loc="center right", fontsize=8)
     ax.plot(xs, ranker.probability_from_score(xs), color="black", lw=2, label="Platt scaling")
     ax.set_xlabel("SVM score  (= - learned distance)")
     ax.set_ylabel("P(same attribute)")
@@ -52,28 +56,44 @@ def plot_calibration(ranker, scores: np.ndarray, labels: np.ndarray, path: str |
     ax.set_zorder(ax2.get_zorder() + 1)
     ax.patch.set_visible(False)
     ax.set_title(f"Calibration: P = sigmoid({ranker.platt_a_:.2f} * score {ranker.platt_b_:+.2f})")
+    (curve, curve_label), (bars, bar_labels) = ax.get_legend_handles_labels(), ax2.get_legend_handles_labels()
+    # outside the axes (the constrained layout makes room), so the legend covers no bar, line or tick label
+    fig.legend(curve + bars, curve_label + bar_labels, loc="outside lower center", ncols=3, fontsize=8, frameon=False)
     _save_figure(fig, path)
 
 
-def plot_rank_curves(ranks_by_distance: dict[str, np.ndarray], path: str | os.PathLike, max_rank: int = 20) -> None:
-    """Cumulative accuracy: fraction of queries whose positive is within the top k, per distance."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+def rank_curves_figure(ranks_by_label: dict[str, np.ndarray], max_rank: int = 20):
+    """Cumulative accuracy: fraction of queries whose positive is within the top k, per distance.
+
+    Distances with the same curve share one line labelled with all their names (L2 and cosine always
+    agree on unit-length features); the others differ in line style and marker as well as colour.
+    Like every legend here, it sits outside the axes (the constrained layout makes room), covering no line.
+    """
     ks = np.arange(1, max_rank + 1)
-    for name, ranks in ranks_by_distance.items():
+    labels_of: dict[tuple[float, ...], list[str]] = {}
+    for label, ranks in ranks_by_label.items():
         ranks = np.asarray(ranks)
-        ax.plot(ks, [(ranks <= k).mean() for k in ks], marker="o", ms=3, label=name)
+        labels_of.setdefault(tuple(float((ranks <= k).mean()) for k in ks), []).append(label)
+    fig, ax = plt.subplots(figsize=(7, 3.6), layout="constrained")
+    for (curve, labels), (line, marker) in zip(labels_of.items(), CURVE_STYLES * len(labels_of)):
+        ax.plot(ks, curve, linestyle=line, marker=marker, ms=4, label=" = ".join(labels))
     ax.set_xlabel("k")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("top-k accuracy")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig.legend(loc="outside right upper", fontsize=8, frameon=False)
     ax.set_title("Rank of the positive among its comparative set")
-    _save_figure(fig, path)
+    return fig
+
+
+def plot_rank_curves(ranks_by_label: dict[str, np.ndarray], path: str | os.PathLike, max_rank: int = 20) -> None:
+    _save_figure(rank_curves_figure(ranks_by_label, max_rank), path)
 
 
 def plot_training_curves(history: Sequence[dict], path: str | os.PathLike) -> None:
     """Train and test classification error per epoch (test is only reported, never used to choose)."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 3.6), layout="constrained")
     epochs = [h["epoch"] for h in history]
     for key, label in (("train_error", "train"), ("validation_error", "validation"), ("test_error", "test")):
         if any(key in h for h in history):
@@ -82,7 +102,7 @@ def plot_training_curves(history: Sequence[dict], path: str | os.PathLike) -> No
     ax.set_ylabel("classification error")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    ax.legend()
+    fig.legend(loc="outside right upper", fontsize=8, frameon=False)
     ax.set_title("Refinement")
     _save_figure(fig, path)
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from itertools import zip_longest
+from typing import Sequence
+
 import numpy as np
 from sklearn.metrics import average_precision_score
 
@@ -52,3 +55,23 @@ def gallery_metrics(distance: Distance, features: np.ndarray, labels: np.ndarray
     out = {f"recall_at_{k}": float(np.mean(v)) if v else float("nan") for k, v in hits.items()}
     out["map"] = float(np.mean(aps)) if aps else float("nan")
     return out
+
+
+def example_queries(attributes: Sequence[str], ranks: Sequence[int], limit: int, seed: int) -> list[int]:
+    """Up to `limit` query indices drawn at random (seeded) to show as examples.
+
+    Attributes take turns, and within one attribute misses (positive not ranked first) and hits take
+    turns, so that every attribute and its failures are shown rather than the first queries of one.
+    """
+    rng = np.random.default_rng(seed)
+    turns = []
+    for attribute in sorted(set(attributes)):
+        drawn = rng.permutation([i for i, a in enumerate(attributes) if a == attribute]).tolist()
+        misses, hits = [i for i in drawn if ranks[i] > 1], [i for i in drawn if ranks[i] <= 1]
+        turns.append(_alternate(misses, hits))
+    return _alternate(*turns)[:limit]
+
+
+def _alternate(*queues: list[int]) -> list[int]:
+    """One item of each queue in turn until all are empty: ([1, 2, 3], [7]) -> [1, 7, 2, 3]."""
+    return [item for group in zip_longest(*queues) for item in group if item is not None]

@@ -6,6 +6,9 @@ import numpy as np
 
 from .ranker import WeightedL2Ranker
 
+#: How reports, tables and plots name each distance.
+LABELS = {"random": "random", "l1": "L1", "l2": "L2", "cosine": "cosine", "weighted_l2": "weighted L2 (learned)"}
+
 
 class Distance:
     name = "distance"

@@ -1,0 +1,91 @@
+"""The HTML report as a reader sees it: in Chromium, on the suite's small run and on a 5-split run made from it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from conftest import launch_chromium, require_playwright
+from lookalike import visualize
+from lookalike.evaluation import example_queries
+from lookalike.pipeline import summarize
+from lookalike.report import EXAMPLES_SHOWN, write_report
+
+MAX_HEIGHT = 5000
+
+
+def test_example_queries_take_turns_across_attributes_and_show_misses():
+    attributes = ["dotted"] * 10 + ["leopard"] * 10 + ["striped"] * 3
+    ranks = [1] * 7 + [4, 9, 2] + [1] * 10 + [3, 1, 1]
+    picked = example_queries(attributes, ranks, 6, seed=7)
+    assert len(picked) == len(set(picked)) == 6
+    assert [attributes[i] for i in picked] == ["dotted", "leopard", "striped"] * 2
+    misses = {i for i in picked if ranks[i] > 1}
+    assert {attributes[i] for i in misses} == {"dotted", "striped"}  # leopard has no miss to show
+    assert picked == example_queries(attributes, ranks, 6, seed=7) != example_queries(attributes, ranks, 6, seed=8)
+    assert sorted(example_queries(attributes, ranks, 100, seed=0)) == list(range(len(attributes)))
+
+
+def test_rank_curves_share_identical_lines_and_keep_the_legend_off_the_axes():
+    rng = np.random.default_rng(0)
+    l2 = rng.integers(1, 8, 40)
+    fig = visualize.rank_curves_figure({"random": rng.integers(1, 40, 40), "L1": rng.integers(1, 6, 40), "L2": l2, "cosine": l2.copy(), "weighted L2 (learned)": rng.integers(1, 4, 40)})
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["random", "L1", "L2 = cosine", "weighted L2 (learned)"]
+    assert len({(line.get_linestyle(), line.get_marker()) for line in fig.axes[0].get_lines()}) == 4
+    renderer = fig.canvas.get_renderer()
+    fig.canvas.draw()
+    assert not legend.get_window_extent(renderer).overlaps(fig.axes[0].get_window_extent(renderer))
+
+
+def _negatives_per_query(run: Path) -> set[int]:
+    return {len(s["negatives"]) for split in run.glob("split-*/split.json") for s in json.loads(split.read_text())["sets"]["test"]}
+
+
+def _best_by_top1(run: Path) -> set[str]:
+    distances = json.loads((run / "metrics.json").read_text())["distances"]
+    best = max((d["top1"], -d["mean_rank"]) for d in distances.values())
+    return {name for name, d in distances.items() if (d["top1"], -d["mean_rank"]) == best}
+
+
+def _five_splits_where_l1_wins(run: Path, into: Path) -> Path:
+    """The small run's split copied to 5 splits, with L1 made the best distance (no training)."""
+    shutil.copytree(run, into, ignore=shutil.ignore_patterns("*.npy", "*.safetensors", "report.html"))
+    evaluation = json.loads((into / "split-0" / "evaluation.json").read_text())
+    evaluation["distances"]["l1"] |= {"top1": 1.0, "top5": 1.0, "mean_rank": 1.0, "median_rank": 1.0}
+    (into / "split-0" / "evaluation.json").write_text(json.dumps(evaluation))
+    for k in range(1, 5):
+        shutil.copytree(into / "split-0", into / f"split-{k}")
+    summarize(into)
+    write_report(into)
+    return into
+
+
+def test_report_reads_well_in_a_browser(small_run, tmp_path):
+    five = _five_splits_where_l1_wins(small_run.run, tmp_path / "five-splits")
+    playwright = require_playwright()
+    with playwright.sync_playwright() as p, tempfile.TemporaryDirectory() as profile:
+        browser = launch_chromium(p, profile)
+        try:
+            page = browser.new_page()
+            for run, splits, best in ((five, 5, {"l1"}), (small_run.run, 1, _best_by_top1(small_run.run))):
+                page.goto((run / "report.html").as_uri(), wait_until="load")
+                height = page.evaluate("document.documentElement.scrollHeight")
+                page.screenshot(path=str(tmp_path / f"report-{splits}-splits.png"), full_page=True)
+                assert height < MAX_HEIGHT, f"the {splits}-split report is {height} px tall"
+                highlighted = page.locator("table#rank tr.best").evaluate_all("rows => rows.map(r => r.dataset.distance)")
+                assert set(highlighted) == best, highlighted
+                assert page.locator("details").count() == splits and page.locator("details[open]").count() == 0
+                examples = page.locator("#examples img").evaluate_all("imgs => imgs.map(i => i.complete && i.naturalWidth)")
+                assert len(examples) == min(EXAMPLES_SHOWN, 3 * splits) and all(examples), "every example shown has loaded"  # 3 pictures per split
+                text = page.locator("body").inner_text()
+                assert "How to read this" in text and all(term in text for term in ("top-1 / top-5", "mAP", "copy found first", "tied matches"))
+                (negatives,) = _negatives_per_query(run)
+                assert f"1 positive among {negatives} negatives" in text and "allows up to 100" in text
+        finally:
+            browser.close()
+    assert (tmp_path / "report-5-splits.png").stat().st_size > 10_000
