@@ -278,13 +278,14 @@ def backbones():
 
 
 def _print_table(metrics: dict, report: str) -> None:
-    from ..report import format_table
+    from ..report import best_rows, format_table
 
     table = Table(title=f"{metrics['backbone']} on {Path(metrics['dataset']).name}: {metrics['splits']} split(s), {metrics['n_test_queries']} test queries each")
     for col in ("distance", "top-1", "top-5", "mean rank", "median rank"):
         table.add_column(col, justify="left" if col == "distance" else "right")
-    for row in format_table(metrics):
-        table.add_row(*row, style="bold" if row[0].startswith("weighted") else None)
+    best = best_rows(metrics)["rank"]
+    for name, row in zip(metrics["distances"], format_table(metrics)):
+        table.add_row(*row, style="bold" if name in best else None)
     out.print(table)
     g = metrics.get("gallery") or {}
     if g:
