@@ -50,7 +50,7 @@ def plot_calibration(ranker, scores: np.ndarray, labels: np.ndarray, path: str |
     ax2.hist(scores[labels == 1], bins=bins, alpha=0.35, color="tab:green", label="same attribute", density=True)
     ax2.set_ylabel("density of validation pairs")
     ax.plot(xs, ranker.probability_from_score(xs), color="black", lw=2, label="Platt scaling")
-    ax.set_xlabel("SVM score  (= - learned distance)")
+    ax.set_xlabel("SVM score  (= SVM bias - learned distance)")
     ax.set_ylabel("P(same attribute)")
     ax.set_ylim(-0.02, 1.02)
     ax.set_zorder(ax2.get_zorder() + 1)
