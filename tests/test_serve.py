@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import shutil
@@ -13,6 +14,7 @@ import tempfile
 import threading
 import time
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -174,6 +176,93 @@ def test_compare_agrees_with_search_and_fuses_rankers(served, client, writable):
     two = writable.client.post("/compare", files={"first": upload(a, "a.jpg"), "second": upload(b, "b.jpg")}).json()
     assert [s["name"] for s in two["rankers"]] == ["run", "texture-copy"]
     assert two["fused_probability"] == pytest.approx(np.mean([s["probability"] for s in two["rankers"]]))
+
+
+# ---- micro-batching ----------------------------------------------------------------------------
+
+
+class CountingModel:
+    """The model's engine, noting the batch size of every call; `seconds` slows each call down."""
+
+    def __init__(self, engine, seconds: float = 0.0):
+        self.engine = engine
+        self.seconds = seconds
+        self.sizes: list[int] = []
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.sizes.append(len(batch))
+        time.sleep(self.seconds)
+        return self.engine(batch)
+
+
+@contextmanager
+def counted_engine(served, seconds: float = 0.0, **settings):
+    """An engine of its own over the shared index, with `settings` and a CountingModel in place of its model's engine."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LOOKALIKE_CACHE_DIR", str(served.root / "cache"))
+        eng = Engine(ServeSettings(index_dir=served.index, **settings))
+        counting = CountingModel(eng.model.engine(), seconds)
+        mp.setattr(eng.model, "engine", lambda *args, **kwargs: counting)
+        try:
+            yield eng, counting
+        finally:
+            eng.close()
+
+
+def asgi_client(app) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=60)
+
+
+async def search_all(client: httpx.AsyncClient, files: list) -> list[httpx.Response]:
+    """POST /search once per file, all at once."""
+    return await asyncio.gather(*(client.post("/search", files={"image": f}, data={"top": "5"}) for f in files))
+
+
+def test_uploads_that_arrive_together_share_one_model_call(served):
+    queries = [photo(served, attribute, 5) for attribute in ATTRIBUTES]
+    truncated = photo(served, "dotted", 6).read_bytes()
+    truncated = truncated[: len(truncated) // 3]
+
+    async def go(app, counting):
+        async with asgi_client(app) as client:
+            together = await search_all(client, [upload(truncated, "broken.jpg")] + [upload(q) for q in queries])
+            assert counting.sizes == [3], "the three good uploads were embedded in one call"
+            alone = [(await search_all(client, [upload(q)]))[0] for q in queries[:2]]
+            assert counting.sizes == [3, 1, 1]
+        return together, alone
+
+    with counted_engine(served, max_batch=3, batch_wait_ms=1000) as (eng, counting):
+        together, alone = asyncio.run(go(create_app(eng), counting))
+    assert_error(together[0], 422, "bad_image", "broken.jpg")
+    for query, batched in zip(queries, together[1:]):
+        assert batched.status_code == 200, batched.text
+        assert batched.json()["results"][0]["name"] == query.name
+    for batched, single in zip(together[1:], alone):
+        assert [m["id"] for m in batched.json()["results"]] == [m["id"] for m in single.json()["results"]]
+        np.testing.assert_allclose([m["distance"] for m in batched.json()["results"]], [m["distance"] for m in single.json()["results"]], atol=1e-5)
+
+
+def test_overload_is_answered_503_and_the_service_recovers(served):
+    query = photo(served, "leopard", 1)
+
+    async def go(eng, counting):
+        async with asgi_client(create_app(eng)) as client:
+            start = time.monotonic()
+            crowd = await search_all(client, [upload(photo(served, "leopard", i)) for i in range(3)])
+            answered = time.monotonic() - start
+            while eng.jobs_running:  # the slow call keeps its slot until it really ends
+                await asyncio.sleep(0.05)
+            counting.seconds = 0
+            (after,) = await search_all(client, [upload(query)])
+        return crowd, answered, after
+
+    with counted_engine(served, seconds=2.0, max_concurrency=1, timeout_s=1.0) as (eng, counting):
+        crowd, answered, after = asyncio.run(asyncio.wait_for(go(eng, counting), 60))
+    assert answered < 1.9, "answered at the timeout, not after the slow model call"
+    for r in crowd:
+        assert_error(r, 503, "busy", "retry shortly")
+        assert r.headers["retry-after"] == "1"
+    assert after.status_code == 200 and after.json()["results"][0]["name"] == query.name
 
 
 # ---- images by id -----------------------------------------------------------------------------

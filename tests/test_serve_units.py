@@ -1,9 +1,10 @@
-"""Service pieces that need no model: request limits, upload sniffing, settings and CLI option parsing."""
+"""Service pieces that need no model: request limits, upload sniffing, micro-batching, settings and CLI option parsing."""
 
 from __future__ import annotations
 
 import asyncio
 import io
+import time
 from pathlib import Path
 
 import httpx
@@ -13,6 +14,7 @@ from PIL import Image
 
 from lookalike.errors import LookalikeError
 from lookalike.cli.serve import parse_rankers, settings_from_options
+from lookalike.serve.batching import MicroBatcher
 from lookalike.serve.errors import ApiError
 from lookalike.serve.middleware import RequestGuard
 from lookalike.serve.settings import ServeSettings
@@ -63,6 +65,94 @@ def test_a_stalled_upload_is_cut_off_with_408():
 
     r = post(guarded_echo(max_body=1000, stall_s=0.2), slow())
     assert r.status_code == 408 and r.json() == {"error": "request_timeout", "detail": "the upload stalled for more than 0.2 s; send the request again"}
+
+
+class Recorder:
+    """A batch function that notes each call's items and start time, takes `seconds`, and doubles the items (or fails on `fail_on`)."""
+
+    def __init__(self, seconds: float = 0.0, fail_on=None):
+        self.seconds = seconds
+        self.fail_on = fail_on
+        self.calls: list[tuple[float, list]] = []
+
+    async def __call__(self, items: list) -> list:
+        self.calls.append((time.monotonic(), items))
+        await asyncio.sleep(self.seconds)
+        if self.fail_on in items:
+            raise ValueError(f"cannot process {self.fail_on}")
+        return [2 * x for x in items]
+
+    @property
+    def batches(self) -> list[list]:
+        return [items for _, items in self.calls]
+
+
+def test_items_submitted_together_share_one_call_up_to_the_batch_size():
+    run = Recorder()
+
+    async def go():
+        batcher = MicroBatcher(run, max_batch=3, max_wait_s=0.5)
+        start = time.monotonic()
+        results = await asyncio.gather(*(batcher.submit(i) for i in range(7)))
+        return results, [t - start for t, _ in run.calls]
+
+    results, started = asyncio.run(go())
+    assert results == [0, 2, 4, 6, 8, 10, 12]
+    assert run.batches == [[0, 1, 2], [3, 4, 5], [6]]
+    assert started[1] < 0.25, "full batches go at once, without waiting for the window"
+    assert started[2] >= 0.5 - 1e-3, "the last, lone item waits for company"
+
+
+def test_a_lone_item_waits_at_most_the_window():
+    run = Recorder()
+
+    async def go():
+        batcher = MicroBatcher(run, max_batch=8, max_wait_s=0.2)
+        start = time.monotonic()
+        assert await batcher.submit(21) == 42
+        return run.calls[0][0] - start
+
+    waited = asyncio.run(go())
+    assert 0.2 - 1e-3 <= waited < 0.35, waited
+
+
+def test_items_queued_behind_a_running_batch_do_not_wait_a_window_more():
+    run = Recorder(seconds=0.3)
+
+    async def go():
+        batcher = MicroBatcher(run, max_batch=8, max_wait_s=0.2)
+        first = asyncio.create_task(batcher.submit(1))
+        await asyncio.sleep(0.25)  # the first batch (started at 0.2 s) is running
+        second = asyncio.create_task(batcher.submit(2))
+        return await first, await second
+
+    assert asyncio.run(go()) == (2, 4)
+    (started_first, _), (started_second, _) = run.calls
+    first_done = started_first + 0.3
+    assert started_second - first_done < 0.1, "the second item had already waited its window while the first batch ran"
+
+
+def test_a_failed_batch_fails_only_its_own_items_and_cancelled_items_are_left_out():
+    run = Recorder(fail_on=13)
+
+    async def go():
+        batcher = MicroBatcher(run, max_batch=2, max_wait_s=0.05)
+        failed = await asyncio.gather(batcher.submit(13), batcher.submit(1), return_exceptions=True)
+        gone = asyncio.create_task(batcher.submit(99))
+        await asyncio.sleep(0)
+        gone.cancel()
+        later = await asyncio.gather(batcher.submit(2), batcher.submit(3))
+        return failed, later
+
+    failed, later = asyncio.run(asyncio.wait_for(go(), 5))
+    assert all(isinstance(e, ValueError) and "cannot process 13" in str(e) for e in failed)
+    assert later == [4, 6]
+    assert run.batches == [[13, 1], [2, 3]]
+
+
+def test_batcher_refuses_a_batch_size_below_one():
+    with pytest.raises(ValueError, match="max_batch"):
+        MicroBatcher(Recorder(), max_batch=0, max_wait_s=0.01)
 
 
 def encoded(fmt: str, size=(30, 20), mode="RGB") -> bytes:

@@ -6,6 +6,7 @@ so no traceback ever reaches a client. Catalog images are served by id, never by
 """
 
 
+import asyncio
 import logging
 import secrets
 import time
@@ -90,7 +91,7 @@ def create_app(engine: Engine) -> FastAPI:
         """Upload an image; get the most similar catalog images, nearest first."""
         start = time.perf_counter()
         upload = await read_upload(image, "image")
-        vector = await engine.cpu(engine.embed_upload, upload)
+        vector = await engine.embed(upload)
         matches = await engine.on_index(engine.search, vector, top, attribute, [])
         took = (time.perf_counter() - start) * 1000
         w, h = upload.size
@@ -159,7 +160,7 @@ def create_app(engine: Engine) -> FastAPI:
         if len(images) > settings.max_files:
             raise ApiError(413, "too_many_files", f"{len(images)} images in one request; send at most {settings.max_files} at a time")
         uploads = [await read_upload(f, f"images[{i}]") for i, f in enumerate(images)]
-        vectors = [await engine.cpu(engine.embed_upload, u) for u in uploads]
+        vectors = await asyncio.gather(*(engine.embed(u) for u in uploads))
         added = await engine.on_index(engine.add, uploads, vectors, attribute)
         return AddOut(added=[{**a, "image_url": f"/images/{a['id']}", "thumbnail_url": f"/images/{a['id']}/thumbnail"} for a in added])
 

@@ -2,7 +2,9 @@
 
 CPU work (decoding, embedding, thumbnails) runs in a thread pool behind a semaphore, so the event
 loop stays free and at most `max_concurrency` jobs compete for the cores; a request that cannot get
-a slot, or whose job overruns, within `timeout_s` is answered 503 with Retry-After. The index is
+a slot, or whose job overruns, within `timeout_s` is answered 503 with Retry-After. Uploads are
+decoded in parallel, each in its own job, and then embedded together: the uploads that arrive
+within `batch_wait_ms` of each other (at most `max_batch`) share one model call (batching.py). The index is
 used from one dedicated thread, because its SQLite connection belongs to the thread that opened
 it; that thread reopens the index whenever its manifest changes (a write by this service or by
 `lookalike index add`), so searches always see the last committed generation. Each reopened index
@@ -26,10 +28,11 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image
 
+from ..backbones import Preprocessor
 from ..datatools.fusion import fuse_probabilities
 from ..errors import BadImageError, LookalikeError
+from ..features.extract import l2_normalize
 from ..fileio import open_regular, write_bytes
 from ..images import open_image_bytes
 from ..index.catalog import ImageEntry, NewImage
@@ -37,6 +40,7 @@ from ..index.build import check_model
 from ..index.search import Match, search_vectors
 from ..index.store import MANIFEST, ImageIndex
 from ..model import SimilarityModel
+from .batching import MicroBatcher
 from .errors import ApiError
 from .settings import ServeSettings
 from .uploads import EXTENSION
@@ -59,6 +63,14 @@ class Upload:
     filename: str
     format: str
     size: tuple[int, int]
+
+
+@dataclass
+class LoopState:
+    """What the engine keeps per event loop (asyncio primitives belong to one): the model slots and the upload batcher."""
+
+    slots: asyncio.Semaphore
+    batcher: MicroBatcher[np.ndarray, np.ndarray]
 
 
 def resolve_run_dir(index_dir: Path, recorded: str | None, override: Path | None) -> Path:
@@ -145,8 +157,9 @@ class Engine:
         self.index.check = lambda index: check_model(index, model, run_dir)
         self.rankers = [Ranker(run_dir.name, model)] + [Ranker(name, SimilarityModel.load(path)) for name, path in (extra_rankers or {}).items()]
         self.model = model
+        self.preprocessor = Preprocessor(model.backbone_.config)
         self.pool = ThreadPoolExecutor(settings.max_concurrency, thread_name_prefix="lookalike-model")
-        self._slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = weakref.WeakKeyDictionary()
+        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopState] = weakref.WeakKeyDictionary()
         self.jobs_running = 0
         self.thumbnail = lru_cache(maxsize=settings.thumbnail_cache)(self._render_thumbnail)
 
@@ -156,10 +169,18 @@ class Engine:
 
     # ---- running work off the event loop -------------------------------------------------------
 
+    def _loop_state(self) -> LoopState:
+        loop = asyncio.get_running_loop()
+        state = self._loops.get(loop)
+        if state is None:
+            batcher = MicroBatcher(self._embed_batch, self.settings.max_batch, self.settings.batch_wait_ms / 1000)
+            state = self._loops[loop] = LoopState(asyncio.Semaphore(self.settings.max_concurrency), batcher)
+        return state
+
     async def cpu(self, fn: Callable, *args):
         """Run fn in the model pool, at most max_concurrency at once, within the request timeout."""
         loop = asyncio.get_running_loop()
-        slots = self._slots.setdefault(loop, asyncio.Semaphore(self.settings.max_concurrency))
+        slots = self._loop_state().slots
         timeout = self.settings.timeout_s
         start = time.monotonic()
         try:
@@ -193,14 +214,28 @@ class Engine:
             {"Retry-After": "1"},
         )
 
+    async def embed(self, upload: Upload) -> np.ndarray:
+        """Unit vector of an upload: decoded in a job of its own, then embedded in one batch with the uploads that arrive together."""
+        start = time.monotonic()
+        pixels = await self.cpu(self.preprocess, upload)
+        left = self.settings.timeout_s - (time.monotonic() - start)
+        try:
+            return await asyncio.wait_for(self._loop_state().batcher.submit(pixels), max(left, 0.001))
+        except asyncio.TimeoutError:
+            raise self._busy("the request took too long") from None
+
+    async def _embed_batch(self, pixels: list[np.ndarray]) -> np.ndarray:
+        return await self.cpu(self.embed_pixels, pixels)
+
     # ---- model work (pool threads) -------------------------------------------------------------
 
-    def decode(self, upload: Upload) -> Image.Image:
-        return open_image_bytes(upload.data, upload.name, draft_size=self.model.backbone_.config.input_size)
+    def preprocess(self, upload: Upload) -> np.ndarray:
+        """The model's input for an upload, decoded, resized and normalised as the index's files were."""
+        return self.preprocessor.array(open_image_bytes(upload.data, upload.name, draft_size=self.preprocessor.size))
 
-    def embed_upload(self, upload: Upload) -> np.ndarray:
-        """Unit vector of an uploaded image, decoded as the index's files were."""
-        return self.model.embed_image(self.decode(upload))
+    def embed_pixels(self, pixels: list[np.ndarray]) -> np.ndarray:
+        """Unit vectors of preprocessed images, in one call of the model."""
+        return l2_normalize(self.model.engine()(np.stack(pixels)))
 
     def compare(self, a: Upload, b: Upload) -> dict:
         """Distance and calibrated probability from every ranker, and their fusion."""

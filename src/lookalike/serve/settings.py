@@ -21,6 +21,8 @@ class ServeSettings(BaseModel):
     upload_dir: Path | None = Field(None, description="Where images added through POST /catalog are stored; default: <INDEX_DIR>-uploads.")
     max_upload_mb: float = Field(20.0, gt=0, le=1024)
     max_concurrency: int = Field(2, ge=1, le=64, description="Model or image jobs (embedding, thumbnails) that run at once.")
+    max_batch: int = Field(16, ge=1, le=256, description="Most uploads embedded together in one model call.")
+    batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="Longest an upload waits for others to share its model call (0 = only those already queued).")
     timeout_s: float = Field(30.0, gt=0, le=3600, description="Longest a request may wait for a model slot, run, or stall while uploading.")
     header_timeout_s: float = Field(10.0, gt=0, le=600, description="Longest a client may take to send a request's headers (slowloris); the connection is closed after.")
     upload_deadline_s: float = Field(120.0, gt=0, le=3600, description="Longest a client may take to send a whole request body, however steadily it trickles (408 after).")
