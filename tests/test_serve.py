@@ -464,7 +464,7 @@ class LiveServer:
         self.thread.join(timeout=30)
 
 
-def test_browser_upload_see_results_click_one(served, engine):
+def test_browser_upload_see_results_click_one_and_a_rejected_upload(served, engine):
     playwright = require_playwright()
     expect = playwright.expect
     ARTIFACTS.mkdir(exist_ok=True)
@@ -484,6 +484,8 @@ def test_browser_upload_see_results_click_one(served, engine):
             items = page.locator("#results li")
             expect(items).to_have_count(8)
             expect(items.first.locator("img")).to_have_attribute("alt", query.name)
+            expect(items.first.locator(".name")).to_have_text(query.name)
+            assert all(items.nth(i).locator(".name").inner_text().endswith(".jpg") for i in range(8)), "every card shows its file name"
             expect(page.locator("#query-image")).to_be_visible()
             for i in range(8):
                 expect(items.nth(i).locator("img")).to_have_js_property("complete", True)
@@ -497,6 +499,15 @@ def test_browser_upload_see_results_click_one(served, engine):
             page.select_option("#attribute", "striped")
             expect(page.locator("#results li .score", has_text="striped")).to_have_count(8, timeout=30_000)
             page.screenshot(path=str(ARTIFACTS / "serve-click.png"), full_page=True)
+
+            page.set_input_files("#file", files=[{"name": "notes.jpg", "mimeType": "image/jpeg", "buffer": b"a shopping list, not a photo"}])
+            expect(page.locator("#status.error")).to_contain_text("notes.jpg", timeout=30_000)
+            expect(items).to_have_count(0)
+            expect(page.locator("#query-image")).to_be_hidden()
+            expect(page.locator("#drop-text")).to_be_visible()
+            broken = page.eval_on_selector_all("img", "imgs => imgs.filter(i => i.checkVisibility() && !(i.complete && i.naturalWidth > 0)).length")
+            assert broken == 0, "a broken-image icon is left on the page after a rejected upload"
+            page.screenshot(path=str(ARTIFACTS / "serve-rejected.png"), full_page=True)
             assert not errors, errors
         finally:
             browser.close()

@@ -3,20 +3,35 @@
 
 const $ = (id) => document.getElementById(id);
 const state = { objectUrl: null, pending: null };
+const DROP_PROMPT = $("drop-text").textContent;
 
 function setStatus(text, isError = false) {
   $("status").textContent = text;
   $("status").classList.toggle("error", isError);
 }
 
-function showQuery(src) {
-  if (state.objectUrl && state.objectUrl !== src) {
+function releaseObjectUrl(keep = null) {
+  if (state.objectUrl && state.objectUrl !== keep) {
     URL.revokeObjectURL(state.objectUrl);
     state.objectUrl = null;
   }
+}
+
+function showQuery(src) {
+  releaseObjectUrl(src);
   $("query-image").src = src;
   $("query-image").hidden = false;
   $("drop-text").hidden = true;
+}
+
+// The drop zone without a picture: after a rejected upload, or a file the browser cannot preview
+// (which would otherwise show as a broken-image icon).
+function clearQuery(text = DROP_PROMPT) {
+  releaseObjectUrl();
+  $("query-image").hidden = true;
+  $("query-image").removeAttribute("src");
+  $("drop-text").textContent = text;
+  $("drop-text").hidden = false;
 }
 
 function params() {
@@ -40,7 +55,10 @@ async function searchFile(file) {
   form.append("image", file);
   form.append("top", String(top));
   if (attribute) form.append("attribute", attribute);
-  await run((signal) => fetch("/search", { method: "POST", body: form, signal }));
+  if ((await run((signal) => fetch("/search", { method: "POST", body: form, signal }))) === false) {
+    clearQuery();
+    state.last = null;
+  }
 }
 
 async function searchById(id) {
@@ -54,6 +72,7 @@ async function searchById(id) {
 
 // Only the newest search may draw: starting one cancels the one before, whose answer could otherwise
 // arrive later and overwrite it (e.g. changing "top" re-runs the last search just as a result is clicked).
+// Says whether the search succeeded (null when a newer one took over).
 async function run(request) {
   if (state.pending) state.pending.abort();
   const pending = new AbortController();
@@ -61,13 +80,15 @@ async function run(request) {
   setStatus("searching…");
   try {
     const body = await answer(await request(pending.signal));
-    if (state.pending !== pending) return;
+    if (state.pending !== pending) return null;
     render(body.results);
     setStatus(`${body.results.length} matches in ${Math.round(body.took_ms)} ms`);
+    return true;
   } catch (err) {
-    if (state.pending !== pending) return;
+    if (state.pending !== pending) return null;
     render([]);
     setStatus(err.message, true);
+    return false;
   }
 }
 
@@ -84,6 +105,10 @@ function render(results) {
     img.src = r.thumbnail_url;
     img.alt = r.name;
     img.loading = "lazy";
+    const name = document.createElement("div");
+    name.className = "name";
+    name.textContent = r.name;
+    name.title = r.name;
     const bar = document.createElement("div");
     bar.className = "bar";
     bar.style.width = `${(r.probability * 100).toFixed(1)}%`;
@@ -100,7 +125,7 @@ function render(results) {
       span.textContent = value;
       score.append(b, span);
     }
-    button.append(img, bar, score);
+    button.append(img, bar, name, score);
     item.append(button);
     list.append(item);
   }
@@ -138,6 +163,9 @@ function init() {
     drop.classList.remove("over");
     const file = e.dataTransfer.files[0];
     if (file) searchFile(file);
+  });
+  $("query-image").addEventListener("error", () => {
+    if (!$("query-image").hidden) clearQuery("No preview of this file in the browser");
   });
   $("attribute").addEventListener("change", rerun);
   $("top").addEventListener("change", rerun);
