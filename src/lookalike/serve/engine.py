@@ -95,6 +95,7 @@ class IndexAccess:
         self._index: ImageIndex | None = None
         self._stamp: tuple[int, int] | None = None
         self.attributes: dict[str, int] = {}
+        self.vectors = np.zeros((0, 0), np.float32)  # the open index's raw vectors, mapped once per generation rather than per search
         self.check: Callable[[ImageIndex], None] | None = None  # raises LookalikeError for an index the service's model cannot search
 
     def submit(self, fn: Callable, *args) -> Future:
@@ -118,6 +119,7 @@ class IndexAccess:
                 self._index.close()
             self._index, self._stamp = fresh, stamp
             self.attributes = fresh.catalog.attribute_counts(fresh.generation)
+            self.vectors = fresh.vectors()
         return self._index
 
     def _check(self, index: ImageIndex) -> None:
@@ -278,14 +280,14 @@ class Engine:
             if len(matches) >= top or attribute is None or k >= index.size:
                 break
             k = min(4 * k, index.size)
-        return self._with_probability(index, vector, matches[:top])
+        return self._with_probability(vector, matches[:top])
 
-    def _with_probability(self, index: ImageIndex, vector: np.ndarray, matches: list[Match]) -> list[dict]:
+    def _with_probability(self, vector: np.ndarray, matches: list[Match]) -> list[dict]:
         """Matches as dicts; an index ranked by a plain distance still reports the run's calibrated probability."""
-        rows = [m.to_dict() for m in matches]
+        rows = [dict(vars(m)) for m in matches]  # Match's fields are flat: asdict's deep copy cost a tenth of a /similar answer
         missing = [r for r in rows if r["probability"] is None]
         if missing:
-            X = index.vectors()[[r["id"] for r in missing]]
+            X = self.index.vectors[[r["id"] for r in missing]]
             probs = self.model.probability(self.model.distance(vector, X))
             for r, p in zip(missing, probs):
                 r["probability"] = float(p)
@@ -295,12 +297,14 @@ class Engine:
     def entry(index: ImageIndex, image_id: int) -> ImageEntry:
         found = index.entries([image_id]).get(image_id)
         if found is None:
-            raise ApiError(404, "not_found", f"the catalog has no image with id {image_id}")
+            raise not_found(image_id)
         return found
 
     def vector_of(self, index: ImageIndex, image_id: int) -> np.ndarray:
-        self.entry(index, image_id)
-        return np.array(index.vectors()[image_id])
+        """The stored vector of a catalog image; its liveness is read from the index's mask, not from a catalog query."""
+        if not (0 <= image_id < len(index.alive) and index.alive[image_id]):
+            raise not_found(image_id)
+        return np.array(self.index.vectors[image_id])
 
     def stats(self, index: ImageIndex) -> dict:
         return {"images": index.size, "attributes": dict(self.index.attributes), "distance": index.metric.describe(), "generation": index.generation}
@@ -340,7 +344,7 @@ class Engine:
         writer = self._open_writer()
         try:
             if not writer.remove([image_id]):
-                raise ApiError(404, "not_found", f"the catalog has no image with id {image_id}")
+                raise not_found(image_id)
         finally:
             writer.close()
 
@@ -371,6 +375,10 @@ def indexed_bytes(entry: ImageEntry) -> bytes:
     if hashlib.sha256(data).hexdigest() != entry.sha256:
         raise ApiError(404, "image_changed", changed_message(entry))
     return data
+
+
+def not_found(image_id: int) -> ApiError:
+    return ApiError(404, "not_found", f"the catalog has no image with id {image_id}")
 
 
 def changed_message(entry: ImageEntry) -> str:

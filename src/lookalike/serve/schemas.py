@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -23,7 +23,7 @@ class MatchOut(BaseModel):
         """A match as `index.search.Match.to_dict()` or the service's engine gives it; the path only when asked for."""
         return cls(
             id=m["id"],
-            name=Path(m["path"]).name,
+            name=os.path.basename(m["path"]),
             path=m["path"] if with_path else None,
             attribute=m["attribute"],
             distance=m["distance"],
