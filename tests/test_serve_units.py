@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import io
+import select
+import socket
+import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+import uvicorn
 from fastapi import FastAPI, Request
 from PIL import Image
 
 from lookalike.errors import LookalikeError
 from lookalike.cli.serve import parse_rankers, settings_from_options
 from lookalike.serve.batching import MicroBatcher
+from lookalike.serve.connections import header_deadline_protocol
 from lookalike.serve.errors import ApiError
 from lookalike.serve.middleware import RequestGuard
 from lookalike.serve.settings import ServeSettings
@@ -153,6 +158,65 @@ def test_a_failed_batch_fails_only_its_own_items_and_cancelled_items_are_left_ou
 def test_batcher_refuses_a_batch_size_below_one():
     with pytest.raises(ValueError, match="max_batch"):
         MicroBatcher(Recorder(), max_batch=0, max_wait_s=0.01)
+
+
+def read_answer(sock: socket.socket) -> bytes:
+    """One whole HTTP answer (headers and the Content-Length body), or what came before the server closed."""
+    data = b""
+    while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < int(data.lower().split(b"content-length: ")[1].split(b"\r\n")[0]):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def seconds_held(sock: socket.socket, drip: bytes) -> float:
+    """Send `drip` a byte every 0.1 s until the server closes the connection; how long that took."""
+    start = time.monotonic()
+    for byte in drip:
+        try:
+            sock.sendall(bytes([byte]))
+            ready, _, _ = select.select([sock], [], [], 0.1)
+            if ready and not sock.recv(1):
+                break
+        except OSError:
+            break
+    return time.monotonic() - start
+
+
+def test_header_deadline_closes_slow_headers_and_spares_kept_alive_connections():
+    app = FastAPI()
+
+    @app.get("/ping")
+    async def ping(wait: float = 0) -> dict:
+        await asyncio.sleep(wait)
+        return {"ok": True}
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", http=header_deadline_protocol(0.5)))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.02)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as kept:
+            # each request's headers come within 0.5 s of the previous answer, and one takes 0.8 s to answer: all served
+            for target in (b"/ping", b"/ping?wait=0.8", b"/ping"):
+                kept.sendall(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert read_answer(kept).endswith(b'{"ok":true}'), target
+                time.sleep(0.35)
+            kept.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\nGET /ping?wait=0.8 HTTP/1.1\r\nHost: x\r\n\r\n")  # pipelined
+            both = b""
+            while both.count(b'{"ok":true}') < 2 and (chunk := kept.recv(65536)):
+                both += chunk
+            assert both.count(b'{"ok":true}') == 2, "the pipelined request was cut off while it was being answered"
+            kept.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n")
+            held = seconds_held(kept, drip=b"X-Slow: " + b"a" * 50)
+        assert held < 2.0, f"headers dripped for {held:.1f} s past the 0.5 s deadline, and the connection stayed open"
+    finally:
+        server.should_exit = True
+        thread.join(10)
 
 
 def encoded(fmt: str, size=(30, 20), mode="RGB") -> bytes:

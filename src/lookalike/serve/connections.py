@@ -15,7 +15,10 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 
 def header_deadline_protocol(seconds: float) -> type[H11Protocol]:
-    """uvicorn's h11 protocol, closing connections whose request headers take longer than `seconds`."""
+    """uvicorn's h11 protocol, closing connections whose request headers take longer than `seconds`.
+
+    h11, unlike uvicorn's httptools protocol, also caps a request's headers (16 KiB).
+    """
 
     class HeaderDeadlineProtocol(H11Protocol):
         header_timeout_s = seconds
@@ -34,7 +37,7 @@ def header_deadline_protocol(seconds: float) -> type[H11Protocol]:
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
-            if not self.transport.is_closing():
+            if self.cycle.response_complete and not self.transport.is_closing():  # not while a pipelined request is answered
                 self._arm_header_deadline()
 
         def connection_lost(self, exc: Exception | None) -> None:
