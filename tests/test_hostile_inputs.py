@@ -41,9 +41,10 @@ WALKED = {"folder"}
 LIMIT_S = 240
 
 
-def lookalike(*args, env: dict) -> subprocess.CompletedProcess:
+def lookalike(*args, env: dict, code: int = 0) -> subprocess.CompletedProcess:
+    """Run the CLI; `code` 3 is a partial success (some inputs skipped, each with its reason)."""
     proc = subprocess.run([sys.executable, "-m", "lookalike", *map(str, args)], capture_output=True, text=True, env=env, timeout=LIMIT_S)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.returncode == code, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
     return proc
 
@@ -99,7 +100,7 @@ def test_index_add_skips_every_hostile_file(trained, env, tmp_path):
     index = tmp_path / "index"
     shutil.copytree(trained.index, index)
     before = ImageIndex.open(index).size
-    report = json.loads(lookalike("index", "add", index, trained.corpus, "--json", env=env).stdout)
+    report = json.loads(lookalike("index", "add", index, trained.corpus, "--json", env=env, code=3).stdout)
     assert report["added"] == 0
     assert_every_case_skipped(report["skipped"])
     with ImageIndex.open(index, writable=True) as ix:  # the writer lock is free again
@@ -116,7 +117,7 @@ def test_dedup_skips_every_hostile_file(trained, env, tmp_path):
 
 def test_featurize_dir_skips_every_hostile_file(trained, env, tmp_path):
     out = tmp_path / "feats.npy"
-    proc = lookalike("featurize-dir", trained.corpus, "--out", out, "--run", trained.run, env=env)
+    proc = lookalike("featurize-dir", trained.corpus, "--out", out, "--run", trained.run, env=env, code=3)
     assert f"skipped {len(EXPECTED) - len(WALKED)}" in proc.stdout
     reasons = [line.removeprefix("skipped ").split(": ", 1) for line in proc.stderr.splitlines() if line.startswith("skipped ")]
     assert_every_case_skipped([{"path": p, "reason": r} for p, r in reasons])
