@@ -65,8 +65,8 @@ def test_run_two_splits_writes_the_contract(real_subset, tmp_path, small_config)
     # retrieval (tutorial A1) against the run's test images
     query = next((real_subset / "striped").iterdir())
     res = json.loads(lookalike("retrieve", query, "--run", run, "--top", "5", "--json").stdout)
-    assert len(res["results"]) == 5 and res["picture"] is None, "--json draws no picture unless asked"
-    assert not (run / "retrieval").exists()
+    assert len(res["results"]) == 5 and res["query"]["path"] == str(query)
+    assert not (run / "retrieval").exists(), "--json draws no picture unless asked"
     dists = [r["distance"] for r in res["results"]]
     assert dists == sorted(dists) and all(0 < r["probability"] < 1 for r in res["results"])
     probs = [r["probability"] for r in res["results"]]

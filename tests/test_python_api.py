@@ -97,6 +97,11 @@ def test_fit_makes_a_self_contained_model_folder_that_every_command_takes(worksp
     assert compared["probability"] > apart["probability"], "two dotted photos are likelier to share the attribute than dotted and striped"
     retrieved = json.loads(lookalike("retrieve", workspace / "query.jpg", "--model", model_dir, "--gallery", workspace / "catalog", "--top", "3", "--json").stdout)
     assert [r["path"] for r in retrieved["results"]] == [m["path"] for m in found["results"][:3]], "retrieve and index search agree"
+    assert set(retrieved) == set(found) and set(retrieved["results"][0]) == set(found["results"][0]), "one answer shape"
+    assert all(m["distance"] >= 0 for m in found["results"] + retrieved["results"])
+    sure = json.loads(lookalike("index", "search", index, workspace / "query.jpg", "--json", "--min-probability", "0.5").stdout)
+    assert sure["min_probability"] == 0.5 and all(m["probability"] >= 0.5 for m in sure["results"])
+    assert [m["id"] for m in sure["results"]] == [m["id"] for m in found["results"] if m["probability"] >= 0.5][: len(sure["results"])]
     vectors = tmp_path / "catalog.npy"
     lookalike("featurize-dir", workspace / "catalog", "--out", vectors, "--model", model_dir)
     assert np.load(vectors).shape == (18, card["backbone"]["embedding_dim"])
@@ -109,8 +114,12 @@ def test_fit_makes_a_self_contained_model_folder_that_every_command_takes(worksp
     with TestClient(create_app(Engine(ServeSettings(index_dir=index)))) as client:
         with open(workspace / "query.jpg", "rb") as f:
             answer = client.post("/search", files={"image": ("query.jpg", f, "image/jpeg")}, data={"top": "5"})
+        first = found["results"][0]["id"]
+        floor = client.get(f"/images/{first}/similar", params={"top": 15, "min_probability": 0.5}).json()
     assert answer.status_code == 200, answer.text
     assert [r["id"] for r in answer.json()["results"]] == [m["id"] for m in found["results"]]
+    assert set(answer.json()) == set(found) and set(answer.json()["results"][0]) == set(found["results"][0]), "REST answers in the CLI's shape"
+    assert floor["min_probability"] == 0.5 and floor["results"] and all(m["probability"] >= 0.5 for m in floor["results"])
 
 
 def test_fit_refuses_to_overwrite_a_folder_that_is_not_a_model(workspace, tmp_path):
@@ -166,7 +175,7 @@ def _imports(path: Path) -> set[str]:
 
 #: docs/ARCHITECTURE.md's layers, bottom first: a module may import its own layer and those below, never above.
 LAYERS = [
-    {"errors", "fileio", "config", "images", "hashing", "progress", "prefetch", "version"},
+    {"errors", "fileio", "config", "images", "hashing", "progress", "prefetch", "version", "results"},
     {"data", "backbones", "features", "metric", "evaluation", "visualize"},
     {"refine", "rundir", "pipeline", "report"},
     {"model", "api", "retrieval"},

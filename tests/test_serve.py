@@ -500,6 +500,21 @@ def test_browser_upload_see_results_click_one_and_a_rejected_upload(served, engi
             expect(page.locator("#results li .score", has_text="striped")).to_have_count(8, timeout=30_000)
             page.screenshot(path=str(ARTIFACTS / "serve-click.png"), full_page=True)
 
+            # the probability slider keeps only matches at least that likely to share the query's attribute
+            page.fill("#top", "20")  # past the 13 other leopards, so some matches are unlikely to share the attribute
+            page.select_option("#attribute", "")
+            expect(items).to_have_count(20, timeout=30_000)
+            shown = [float(t.rstrip("%")) for t in page.locator("#results li .score span:first-of-type").all_inner_texts()]
+            floor = int(min(shown) // 5 * 5 + 5)
+            assert floor <= 100 and any(p < floor for p in shown), shown
+            slide = "(el, v) => { el.value = v; el.dispatchEvent(new Event('input')); el.dispatchEvent(new Event('change')); }"
+            page.eval_on_selector("#floor", slide, str(floor))
+            expect(page.locator("#floor-value")).to_have_text(f"{floor}%")
+            page.wait_for_function(
+                "t => [...document.querySelectorAll('#results li .score span:first-of-type')].every(s => parseFloat(s.textContent) >= t)", arg=floor, timeout=30_000
+            )
+            page.eval_on_selector("#floor", slide, "0")
+
             page.set_input_files("#file", files=[{"name": "notes.jpg", "mimeType": "image/jpeg", "buffer": b"a shopping list, not a photo"}])
             expect(page.locator("#status.error")).to_contain_text("notes.jpg", timeout=30_000)
             expect(items).to_have_count(0)

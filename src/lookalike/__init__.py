@@ -20,7 +20,7 @@ _LAZY = {
     "SimilarityModel": "lookalike.model",
     "Comparison": "lookalike.model",
     "ImageIndex": "lookalike.index.api",
-    "Match": "lookalike.index.search",
+    "Match": "lookalike.results",
     "IngestReport": "lookalike.index.ingest",
     "evaluate": "lookalike.api",
     "Evaluation": "lookalike.api",

@@ -13,6 +13,7 @@ from .errors import LookalikeError
 from .fileio import atomic_path, save_npy, write_json
 from .images import iter_image_files
 from .model import ImageEmbedder, SimilarityModel
+from .results import Match
 from .rundir import RunDir
 
 
@@ -23,11 +24,13 @@ def retrieve(
     split: int = 0,
     picture: str | os.PathLike | None = None,
     gallery: str | os.PathLike | None = None,
-) -> dict:
-    """The `top` gallery images most alike to `image` under the learned distance, with probabilities.
+    min_probability: float | None = None,
+) -> list[Match]:
+    """The `top` gallery images most alike to `image` under the learned distance, nearest first, with probabilities.
 
     The gallery is a folder of images (a top-level sub-folder name is taken as the attribute), or by default
-    the test images of split `split` when `model_dir` is a run folder. A grid picture is drawn when `picture` is given.
+    the test images of split `split` when `model_dir` is a run folder. Matches less likely than `min_probability`
+    to share the query's attribute are left out. A grid picture is drawn when `picture` is given.
     """
     model = SimilarityModel.load(model_dir, split)
     query = model.embed(image)[0]
@@ -44,14 +47,11 @@ def retrieve(
         raise LookalikeError(f"{model_dir} is a model folder, which holds no images to search; give a gallery folder of images", param="gallery")
     d = model.distance(query, features)
     p = model.probability(d)
-    order = np.argsort(d, kind="stable")[:top]
-    results = [
-        {"rank": r + 1, "path": paths[i], "attribute": attributes[i], "distance": float(d[i]), "probability": float(p[i])}
-        for r, i in enumerate(order)
-    ]
+    order = [i for i in np.argsort(d, kind="stable") if min_probability is None or p[i] >= min_probability][:top]
+    matches = [Match(None, paths[i], attributes[i], float(d[i]), float(p[i])) for i in order]
     if picture is not None:
-        visualize.retrieval_grid(str(image), [(r["path"], r["distance"], r["attribute"] or "") for r in results], picture)
-    return {"query": str(image), "split": split, "picture": None if picture is None else str(picture), "results": results}
+        visualize.retrieval_grid(str(image), [(m.path, m.distance, m.attribute or "") for m in matches], picture)
+    return matches
 
 
 def _gallery_folder(model: SimilarityModel, folder: Path) -> tuple[np.ndarray, list[str], list[str | None]]:

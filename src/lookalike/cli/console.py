@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
 
 from ..errors import LookalikeError
 from ..progress import external_write_mode
+from ..results import MatchOut, QueryOut, SearchOut
 
 #: Exit codes: 0 success, 1 a runtime failure, 2 a usage error (a bad flag, argument or config value),
 #: 3 a partial success (some inputs failed; the command's report lists them).
@@ -54,3 +56,18 @@ def error_message(e: LookalikeError) -> str:
     """The error as the CLI shows it: prefixed with the flag that sets the parameter at fault, when it names one."""
     flag = PARAM_FLAGS.get(getattr(e, "param", None) or "")
     return f"{flag}: {e}" if flag else str(e)
+
+
+def search_answer(path: Path, own: int | None, matches, took_ms: float, attribute: str | None = None, min_probability: float | None = None) -> SearchOut:
+    """One query's answer in the shape of REST /search (`lookalike.results`), with the query's and the matches' paths."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        width, height, fmt = img.width, img.height, (img.format or "").lower() or None
+    return SearchOut(
+        query=QueryOut(width=width, height=height, format=fmt, id=own, path=str(path)),
+        attribute=attribute,
+        min_probability=min_probability,
+        results=[MatchOut.from_match(m.to_dict(), with_path=True) for m in matches],
+        took_ms=took_ms,
+    )

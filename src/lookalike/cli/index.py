@@ -12,8 +12,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import ConfigError, LookalikeError
-from .console import EXIT_PARTIAL, out
-from ..serve.schemas import MatchOut, QueryOut, SearchOut
+from .console import EXIT_PARTIAL, out, search_answer
+from ..results import format_distance, format_probability
 from ..index.build import absolute, build_index, load_model
 from ..index.api import ImageIndex as CatalogIndex
 from ..index.ingest import image_sources, ingest
@@ -152,6 +152,8 @@ def search(
     rerank: Optional[int] = typer.Option(None, help=f"Approximate kinds: shortlist size re-ranked exactly (default {DEFAULT_PARAMS['rerank']})."),
     ef_search: Optional[int] = typer.Option(None, help=f"HNSW: search breadth (default {DEFAULT_PARAMS['ef_search']})."),
     nprobe: Optional[int] = typer.Option(None, help=f"IVF-PQ: cells visited (default {DEFAULT_PARAMS['nprobe']})."),
+    attribute: Optional[str] = typer.Option(None, "--attribute", "-a", help="Only matches of this attribute."),
+    min_probability: Optional[float] = typer.Option(None, "--min-probability", "-p", min=0, max=1, help="Only matches at least this likely (0-1) to share the query's attribute."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per query and line, with the keys of REST /search."),
 ):
     """The images most alike to each query, by the learned distance (lower = more alike) and P(same attribute).
@@ -167,7 +169,7 @@ def search(
     with CatalogIndex.open(index_dir, model=run) as index:
         start = time.perf_counter()
         vectors, own_ids = index.query_vectors(paths)
-        results = index.search_vectors(vectors, top, leave_out=None if keep_self else own_ids, params=params)
+        results = index.search_vectors(vectors, top, attribute, min_probability, leave_out=None if keep_self else own_ids, params=params)
         took_ms = (time.perf_counter() - start) * 1000 / len(paths)
         description = index.store.metric.describe()
     if grid is not None:
@@ -175,34 +177,20 @@ def search(
 
         if grid.suffix.lower() not in (".png", ".jpg", ".jpeg"):
             raise ConfigError(f"--grid {grid}: use a .png or .jpg file name")
-        labels = [f"{m.attribute or ''}" + (f" p={m.probability:.2f}" if m.probability is not None else "") for m in results[0]]
+        labels = [f"{m.attribute or ''} p={format_probability(m.probability)}" for m in results[0]]
         retrieval_grid(str(paths[0]), [(m.path, m.distance, label) for m, label in zip(results[0], labels)], grid)
     for path, own, matches in zip(paths, own_ids, results):
         if as_json:
-            print(search_out(path, own, matches, took_ms).model_dump_json())
+            print(search_answer(path, own, matches, took_ms, attribute, min_probability).model_dump_json())
             continue
         table = Table(title=f"{len(matches)} closest to {path.name} ({description})")
         for col in ("#", "distance", "P(same)", "attribute", "path"):
             table.add_column(col, justify="right" if col in ("#", "distance", "P(same)") else "left")
         for rank, m in enumerate(matches, 1):
-            table.add_row(str(rank), f"{m.distance:.4f}", "-" if m.probability is None else f"{m.probability:.2f}", m.attribute or "", escape(m.path))
+            table.add_row(str(rank), format_distance(m.distance), format_probability(m.probability), m.attribute or "", escape(m.path))
         out.print(table)
     if grid is not None and not as_json:
         out.print(f"grid: {grid}")
-
-
-def search_out(path: Path, own: Optional[int], matches, took_ms: float) -> SearchOut:
-    """One query's answer in the shape of REST /search."""
-    from PIL import Image
-
-    with Image.open(path) as img:
-        width, height, fmt = img.width, img.height, (img.format or "").lower() or None
-    return SearchOut(
-        query=QueryOut(width=width, height=height, format=fmt, id=own, path=str(path)),
-        attribute=None,
-        results=[MatchOut.from_match(m.to_dict(), with_path=True) for m in matches],
-        took_ms=took_ms,
-    )
 
 
 @index_app.command()

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -14,7 +15,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import ConfigError, LookalikeError
-from .console import EXIT_FAILURE, EXIT_PARTIAL, EXIT_USAGE, attach_log, err, error_message, out
+from ..results import format_distance, format_probability
+from .console import EXIT_FAILURE, EXIT_PARTIAL, EXIT_USAGE, attach_log, err, error_message, out, search_answer
 
 app = typer.Typer(
     name="lookalike",
@@ -147,8 +149,9 @@ def retrieve(
     run: Path = ModelOpt,
     gallery: Optional[Path] = typer.Option(None, "--gallery", "-g", help="Folder of images to search (default: the run's test images; needed with a model folder)."),
     top: int = typer.Option(15, "--top", "-n", min=1, help="How many matches to list."),
+    min_probability: Optional[float] = typer.Option(None, "--min-probability", "-p", min=0, max=1, help="Only matches at least this likely (0-1) to share the query's attribute."),
     split: int = SplitOpt,
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object with the keys of REST /search (and `index search --json`)."),
     picture: Optional[Path] = typer.Option(None, help="Where to write the grid picture (default RUN_DIR/retrieval/ or the current folder; none with --json unless given)."),
 ):
     """List the images most alike to IMAGE under the learned distance, and draw them as a grid.
@@ -160,17 +163,18 @@ def retrieve(
     if picture is None and not as_json:
         base = Path(run) / "retrieval" if (Path(run) / "config.json").is_file() else Path.cwd()
         picture = base / f"{image.stem}-top{top}.jpg"
-    result = _retrieve(run, image, top=top, split=split, picture=picture, gallery=gallery)
+    start = time.perf_counter()
+    matches = _retrieve(run, image, top=top, split=split, picture=picture, gallery=gallery, min_probability=min_probability)
     if as_json:
-        print(json.dumps(result, indent=2))
+        print(search_answer(image, None, matches, (time.perf_counter() - start) * 1000, None, min_probability).model_dump_json())
         return
     table = Table(title=f"Most alike to {image}")
-    for col in ("#", "image", "attribute", "distance", "P(same)"):
+    for col in ("#", "distance", "P(same)", "attribute", "path"):
         table.add_column(col, justify="right" if col in ("#", "distance", "P(same)") else "left")
-    for r in result["results"]:
-        table.add_row(str(r["rank"]), r["path"], r["attribute"] or "", f"{r['distance']:.3f}", f"{r['probability']:.1%}")
+    for rank, m in enumerate(matches, 1):
+        table.add_row(str(rank), format_distance(m.distance), format_probability(m.probability), m.attribute or "", escape(m.path))
     out.print(table)
-    out.print(f"grid picture: {result['picture']}")
+    out.print(f"grid picture: {picture}")
 
 
 @app.command()

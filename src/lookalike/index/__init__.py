@@ -3,7 +3,8 @@
 from .catalog import ImageEntry, NewImage
 from .ingest import Embedder, IngestReport, ingest, scan_images
 from .metric import IndexMetric
-from .search import Match, search_vectors
+from ..results import Match
+from .search import search_vectors
 from .store import ImageIndex
 
 __all__ = ["Embedder", "ImageEntry", "ImageIndex", "IndexMetric", "IngestReport", "Match", "NewImage", "ingest", "scan_images", "search_vectors"]

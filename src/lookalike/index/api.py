@@ -17,7 +17,8 @@ from ..errors import LookalikeError
 from .build import ModelEmbedder, absolute, check_model
 from .ingest import IngestReport, ingest
 from .metric import IndexMetric
-from .search import Match, search_vectors
+from ..results import Match
+from .search import search_vectors
 from .store import ImageIndex as IndexStore
 
 if TYPE_CHECKING:

@@ -9,24 +9,12 @@ never report a wrong distance, and removed images (HNSW tombstones) are filtered
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from ..errors import LookalikeError
+from ..results import Match
 from .store import ImageIndex
-
-
-@dataclass(frozen=True)
-class Match:
-    id: int
-    path: str
-    attribute: str | None
-    distance: float
-    probability: float | None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def candidate_ids(index: ImageIndex, queries: np.ndarray, k: int, params: dict | None = None) -> list[np.ndarray]:

@@ -22,12 +22,13 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..version import __version__
 from ..errors import BadImageError, LookalikeError
+from ..results import MatchOut, QueryOut, SearchOut
+from ..version import __version__
 from .engine import Engine, Upload, indexed_bytes
 from .errors import ApiError, ErrorBody
 from .middleware import Metrics, RequestGuard
-from .schemas import AddOut, CatalogOut, CompareOut, HealthOut, MatchOut, QueryOut, RemoveOut, SearchOut
+from .schemas import AddOut, CatalogOut, CompareOut, HealthOut, RemoveOut
 from .uploads import sniff_format
 
 log = logging.getLogger("lookalike.serve")
@@ -64,6 +65,8 @@ def create_app(engine: Engine) -> FastAPI:
     TopQuery = Annotated[int, Query(ge=1, le=settings.max_top, description="How many matches to return.")]
     AttributeForm = Annotated[str | None, Form(max_length=200, description="Only return catalog images with this attribute.")]
     AttributeQuery = Annotated[str | None, Query(max_length=200, description="Only return catalog images with this attribute.")]
+    FloorForm = Annotated[float | None, Form(ge=0, le=1, description="Only return matches at least this likely to share the query's attribute.")]
+    FloorQuery = Annotated[float | None, Query(ge=0, le=1, description="Only return matches at least this likely to share the query's attribute.")]
     ImageId = Annotated[int, PathParam(ge=0, le=MAX_ID, description="Catalog id.")]
 
     async def read_upload(file: UploadFile, label: str) -> Upload:
@@ -87,28 +90,35 @@ def create_app(engine: Engine) -> FastAPI:
         image: Annotated[UploadFile, File(description="The query image (JPEG, PNG, WebP, BMP or TIFF).")],
         top: TopForm = 15,
         attribute: AttributeForm = None,
+        min_probability: FloorForm = None,
     ) -> SearchOut:
         """Upload an image; get the most similar catalog images, nearest first."""
         start = time.perf_counter()
         upload = await read_upload(image, "image")
         vector = await engine.embed(upload)
-        matches = await engine.on_index(engine.search, vector, top, attribute, [])
+        matches = await engine.on_index(engine.search, vector, top, attribute, [], min_probability)
         took = (time.perf_counter() - start) * 1000
         w, h = upload.size
-        return SearchOut(query=QueryOut(width=w, height=h, format=upload.format), attribute=attribute, results=[MatchOut.from_match(m) for m in matches], took_ms=took)
+        return SearchOut(
+            query=QueryOut(width=w, height=h, format=upload.format), attribute=attribute, min_probability=min_probability,
+            results=[MatchOut.from_match(m) for m in matches], took_ms=took,
+        )
 
     @app.get("/images/{image_id}/similar", response_model=SearchOut, responses=_errors(404, 422, 503), tags=["search"])
-    async def similar(image_id: ImageId, top: TopQuery = 15, attribute: AttributeQuery = None) -> SearchOut:
+    async def similar(image_id: ImageId, top: TopQuery = 15, attribute: AttributeQuery = None, min_probability: FloorQuery = None) -> SearchOut:
         """Search with a catalog image as the query (its stored vector; the image itself is left out)."""
         start = time.perf_counter()
 
         def by_id(index):
             vector = engine.vector_of(index, image_id)
-            return engine.search(index, vector, top, attribute, [image_id])
+            return engine.search(index, vector, top, attribute, [image_id], min_probability)
 
         matches = await engine.on_index(by_id)
         took = (time.perf_counter() - start) * 1000
-        return SearchOut(query=QueryOut(width=0, height=0, format=None, id=image_id), attribute=attribute, results=[MatchOut.from_match(m) for m in matches], took_ms=took)
+        return SearchOut(
+            query=QueryOut(width=0, height=0, format=None, id=image_id), attribute=attribute, min_probability=min_probability,
+            results=[MatchOut.from_match(m) for m in matches], took_ms=took,
+        )
 
     @app.post("/compare", response_model=CompareOut, responses=common | _errors(415), tags=["search"])
     async def compare(

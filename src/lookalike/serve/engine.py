@@ -37,7 +37,8 @@ from ..fileio import open_regular, write_bytes
 from ..images import open_image_bytes
 from ..index.catalog import ImageEntry, NewImage
 from ..index.build import check_model
-from ..index.search import Match, search_vectors
+from ..index.api import filtered_search
+from ..results import Match
 from ..index.store import MANIFEST, ImageIndex
 from ..model import SimilarityModel
 from .batching import MicroBatcher
@@ -266,21 +267,15 @@ class Engine:
 
     # ---- index work (index thread) -------------------------------------------------------------
 
-    def search(self, index: ImageIndex, vector: np.ndarray, top: int, attribute: str | None, exclude: list[int]) -> list[dict]:
-        """Top matches, optionally of one attribute: the shortlist grows until it holds `top` of them or the whole catalog."""
+    def search(
+        self, index: ImageIndex, vector: np.ndarray, top: int, attribute: str | None, exclude: list[int], min_probability: float | None = None
+    ) -> list[dict]:
+        """Top matches, optionally of one attribute and at least `min_probability` likely to share the query's."""
         if attribute is not None and attribute not in self.index.attributes:
             known = ", ".join(self.index.attributes) or "none"
             raise ApiError(422, "unknown_attribute", f"no catalog image has the attribute {attribute!r}; known attributes: {known}")
-        wanted = None if attribute == "(none)" else attribute
-        k = top if attribute is None else min(4 * top, max(index.size, 1))
-        while True:
-            matches = search_vectors(index, vector, k, exclude_ids=exclude)[0] if index.size else []
-            if attribute is not None:
-                matches = [m for m in matches if m.attribute == wanted]
-            if len(matches) >= top or attribute is None or k >= index.size:
-                break
-            k = min(4 * k, index.size)
-        return self._with_probability(vector, matches[:top])
+        rows = self._with_probability(vector, filtered_search(index, vector, top, attribute, exclude=exclude))
+        return [r for r in rows if min_probability is None or r["probability"] >= min_probability]
 
     def _with_probability(self, vector: np.ndarray, matches: list[Match]) -> list[dict]:
         """Matches as dicts; an index ranked by a plain distance still reports the run's calibrated probability."""

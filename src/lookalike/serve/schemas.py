@@ -1,51 +1,13 @@
-"""Response bodies: precise pydantic models, so the OpenAPI schema at /docs says exactly what comes back."""
+"""Response bodies: precise pydantic models, so the OpenAPI schema at /docs says exactly what comes back.
+
+Search answers share one shape with the CLI: `lookalike.results`.
+"""
 
 from __future__ import annotations
 
-import os
 from typing import Literal
 
 from pydantic import BaseModel, Field
-
-
-class MatchOut(BaseModel):
-    id: int = Field(description="Catalog id; fetch the picture with GET /images/{id}.")
-    name: str = Field(description="File name of the catalog image (no folders).")
-    path: str | None = Field(None, description="The catalog file's full path: given by the CLI and the Python API, never by the service.")
-    attribute: str | None
-    distance: float = Field(description="The index's distance to the query; lower means more alike.")
-    probability: float | None = Field(ge=0, le=1, description="Calibrated probability that the image shares the query's attribute (null for an uncalibrated distance).")
-    image_url: str
-    thumbnail_url: str
-
-    @classmethod
-    def from_match(cls, m: dict, with_path: bool = False) -> "MatchOut":
-        """A match as `index.search.Match.to_dict()` or the service's engine gives it; the path only when asked for."""
-        return cls(
-            id=m["id"],
-            name=os.path.basename(m["path"]),
-            path=m["path"] if with_path else None,
-            attribute=m["attribute"],
-            distance=m["distance"],
-            probability=m["probability"],
-            image_url=f"/images/{m['id']}",
-            thumbnail_url=f"/images/{m['id']}/thumbnail",
-        )
-
-
-class QueryOut(BaseModel):
-    width: int
-    height: int
-    format: str | None = Field(description="Image format sniffed from the upload's content; null for a search by catalog id.")
-    id: int | None = Field(None, description="Catalog id when the query is a catalog image.")
-    path: str | None = Field(None, description="The query file's path: given by the CLI, never by the service.")
-
-
-class SearchOut(BaseModel):
-    query: QueryOut
-    attribute: str | None = Field(description="The attribute filter applied, if any.")
-    results: list[MatchOut]
-    took_ms: float
 
 
 class RankerScoreOut(BaseModel):

@@ -36,7 +36,8 @@ function clearQuery(text = DROP_PROMPT) {
 
 function params() {
   const top = Math.max(1, Math.min(100, parseInt($("top").value, 10) || 15));
-  return { top, attribute: $("attribute").value };
+  const floor = Math.max(0, Math.min(100, parseInt($("floor").value, 10) || 0));
+  return { top, attribute: $("attribute").value, minProbability: floor / 100 };
 }
 
 async function answer(response) {
@@ -50,11 +51,12 @@ async function searchFile(file) {
   showQuery(url);
   state.objectUrl = url;
   state.last = { file };
-  const { top, attribute } = params();
+  const { top, attribute, minProbability } = params();
   const form = new FormData();
   form.append("image", file);
   form.append("top", String(top));
   if (attribute) form.append("attribute", attribute);
+  if (minProbability > 0) form.append("min_probability", String(minProbability));
   if ((await run((signal) => fetch("/search", { method: "POST", body: form, signal }))) === false) {
     clearQuery();
     state.last = null;
@@ -64,9 +66,10 @@ async function searchFile(file) {
 async function searchById(id) {
   showQuery(`/images/${id}`);
   state.last = { id };
-  const { top, attribute } = params();
+  const { top, attribute, minProbability } = params();
   const query = new URLSearchParams({ top: String(top) });
   if (attribute) query.set("attribute", attribute);
+  if (minProbability > 0) query.set("min_probability", String(minProbability));
   await run((signal) => fetch(`/images/${id}/similar?${query}`, { signal }));
 }
 
@@ -169,6 +172,8 @@ function init() {
   });
   $("attribute").addEventListener("change", rerun);
   $("top").addEventListener("change", rerun);
+  $("floor").addEventListener("input", () => { $("floor-value").textContent = `${$("floor").value}%`; });
+  $("floor").addEventListener("change", rerun);
   loadCatalog();
 }
 
