@@ -78,6 +78,15 @@ class Catalog:
             self.db.execute("UPDATE images SET removed_gen = NULL WHERE removed_gen > ?", (generation,))
         return dropped
 
+    def pin(self) -> None:
+        """Hold a read snapshot from the next query on (readers only): rows deleted later stay visible to this connection."""
+        self.db.execute("BEGIN")
+
+    def purge(self, generation: int) -> int:
+        """Delete the rows of images removed at or before `generation` (a compaction dropped their vectors)."""
+        with self.db:
+            return self.db.execute("DELETE FROM images WHERE removed_gen <= ?", (generation,)).rowcount
+
     def insert(self, first_id: int, generation: int, images: list[NewImage], replaced_ids: list[int]) -> None:
         """Add `images` with ids first_id.. and retire `replaced_ids`, in one transaction."""
         with self.db:
