@@ -3,7 +3,9 @@
 Every row carries the generation that added it and, once removed, the generation that removed it.
 A reader pinned to generation G (the one named by the manifest) sees exactly the rows with
 added_gen <= G and (removed_gen is null or > G): a half-finished update, whose rows carry G + 1,
-stays invisible, and recovery deletes or restores those rows. Row id = raw vector row = FAISS id.
+stays invisible, and recovery deletes or restores those rows. Row id = FAISS id = the id its raw
+vector is looked up by. A compaction deletes the rows of removed images; a reader keeps seeing them
+through the read snapshot it pinned when it opened.
 """
 
 from __future__ import annotations

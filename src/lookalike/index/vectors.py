@@ -1,9 +1,10 @@
 """Vector storage: the raw embeddings on disk, and the FAISS index kinds that search them.
 
 Raw embeddings live in one append-only float32 file, memory-mapped, so exact re-ranking and the
-un-indexed tail are read from the page cache rather than held in RAM. Row r of that file is the
-FAISS id and the catalog id of the same image. The FAISS index is derived data: it searches the
-metric's L2 search space (see metric.py) and can always be rebuilt from the raw rows.
+un-indexed tail are read from the page cache rather than held in RAM. Rows are in image-id order
+and looked up by id (the FAISS id and the catalog id of the same image), which a compaction keeps
+while it drops removed images' rows. The FAISS index is derived data: it searches the metric's L2
+search space (see metric.py) and can always be rebuilt from the raw rows.
 """
 
 from __future__ import annotations
