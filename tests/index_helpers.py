@@ -6,6 +6,7 @@ import numpy as np
 from PIL import Image
 
 from lookalike.images import open_image
+from lookalike.index import IndexMetric, NewImage
 
 
 class PixelEmbedder:
@@ -49,3 +50,17 @@ def mixed_weights(dim: int, seed: int = 0) -> np.ndarray:
     w[rng.random(dim) < 0.25] *= -0.6
     w[rng.random(dim) < 0.05] = 0.0
     return w
+
+
+def images(n: int, start: int = 0) -> list[NewImage]:
+    """Catalog entries for ids start.. (path /img/<i>.jpg, attributes a, b, c in turn)."""
+    return [NewImage(f"/img/{i}.jpg", ("a", "b", "c")[i % 3], f"{i:064x}", 100 + i, 1.5) for i in range(start, start + n)]
+
+
+def brute_force(metric: IndexMetric, q: np.ndarray, X: np.ndarray, k: int, alive=None) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of the k nearest rows of X (ties by row) and their distances; rows not `alive` are left out."""
+    d = metric.distance(q, X)
+    if alive is not None:
+        d = np.where(alive, d, np.inf)
+    order = np.lexsort((np.arange(len(d)), d))[:k]
+    return order, d[order]

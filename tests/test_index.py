@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from index_helpers import clustered_vectors, mixed_weights
+from index_helpers import brute_force, clustered_vectors, images, mixed_weights
 from lookalike.errors import LookalikeError
-from lookalike.index import ImageIndex, IndexMetric, NewImage, search_vectors
+from lookalike.index import ImageIndex, IndexMetric, search_vectors
 from lookalike.index.ingest import check_embedder
 
 DIM = 48
@@ -22,18 +22,6 @@ SMALL = {"pca_dim": 48, "pq_m": 24, "hnsw_m": 16, "ef_construction": 40, "train_
 def metrics() -> list[IndexMetric]:
     w = mixed_weights(DIM)
     return [IndexMetric("learned", w, 0.7, 3.0, -2.0), IndexMetric("l2"), IndexMetric("cosine")]
-
-
-def images(n: int, start: int = 0) -> list[NewImage]:
-    return [NewImage(f"/img/{i}.jpg", ("a", "b", "c")[i % 3], f"{i:064x}", 100 + i, 1.5) for i in range(start, start + n)]
-
-
-def brute_force(metric: IndexMetric, q: np.ndarray, X: np.ndarray, k: int, alive=None) -> tuple[np.ndarray, np.ndarray]:
-    d = metric.distance(q, X)
-    if alive is not None:
-        d = np.where(alive, d, np.inf)
-    order = np.lexsort((np.arange(len(d)), d))[:k]
-    return order, d[order]
 
 
 @pytest.mark.parametrize("signs", ["mixed", "all_alike_negative", "all_positive"])
@@ -226,3 +214,25 @@ def test_removed_neighbours_do_not_cut_results_short(tmp_path, kind):
     assert len(got) == 15 and not set(got) & set(nearest[:60])
     if kind == "flat":
         assert got == list(truth)
+
+
+def test_ivfpq_chooses_nprobe_and_shortlist_for_the_recall_target_at_build_time(tmp_path):
+    metric = metrics()[0]
+    X = clustered_vectors(12_000, DIM, seed=13)
+    Q = clustered_vectors(40, DIM, seed=14)
+    # a shortlist of 20 is far too short for 0.97: the build must find a longer one, and enough cells
+    with ImageIndex.create(tmp_path / "ix", DIM, metric, kind="ivfpq", params={**SMALL, "nprobe": 0, "rerank": 20, "target_recall": 0.97}) as ix:
+        ix.add(images(12_000), X)
+        ix.merge()
+        tuned = ix.stats()["tuned"]
+        assert tuned["recall"] >= 0.97 and tuned["rerank"] > 20 and tuned["nprobe"] >= 1
+        assert (ix.search_params["nprobe"], ix.search_params["rerank"]) == (tuned["nprobe"], tuned["rerank"])
+        found = search_vectors(ix, Q, 15)
+        ix.add(images(1500, start=12_000), clustered_vectors(1500, DIM, seed=15))
+        assert ix.merge() and ix.stats()["tuned"] == tuned  # kept when the tail is merged, redone by a rebuild
+    recall = np.mean([len({m.id for m in got} & set(brute_force(metric, q, X, 15)[0])) / 15 for q, got in zip(Q, found)])
+    assert recall >= 0.93, recall  # fresh queries, not the catalog images the choice was measured on
+    with ImageIndex.create(tmp_path / "fixed", DIM, metric, kind="ivfpq", params=SMALL) as ix:  # nprobe given: nothing to choose
+        ix.add(images(12_000), X)
+        ix.merge()
+        assert ix.stats()["tuned"] == {} and ix.search_params["nprobe"] == SMALL["nprobe"]

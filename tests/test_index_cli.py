@@ -83,6 +83,12 @@ def test_build_search_add_remove_stats_on_real_photos(trained):
     stats = json.loads(lookalike("index", "stats", index, "--json", env=env).stdout)
     assert stats["images"] == 44 and stats["attributes"] == {"dotted": 16, "leopard": 16, "striped": 12}
     assert stats["distance"].startswith("learned weighted L2")
+    assert (stats["dead_rows"], stats["vector_rows"]) == (4, 48)
+    # the removed photos come back (their stored vectors reused by content), and 4 dead rows of 52 > 5 % compacts
+    back = json.loads(lookalike("index", "add", index, root / "later", "--compact-above", "0.05", "--json", env=env).stdout)
+    assert (back["added"], back["reused_vectors"], back["embedded"], back["compacted"], back["images"]) == (4, 4, 0, True, 48)
+    again = json.loads(lookalike("index", "search", index, new_photo, "--top", "3", "--keep-self", "--json", env=env).stdout)
+    assert again["results"][0]["path"] == str(new_photo) and again["results"][0]["distance"] == found["results"][0]["distance"]
 
     manifest = json.loads((index / "manifest.json").read_text())
     manifest["backbone_fingerprint"] = "some-other-backbone"

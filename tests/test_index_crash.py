@@ -18,16 +18,15 @@ from lookalike.index import ImageIndex, IndexMetric, ingest, scan_images, search
 
 TESTS = Path(__file__).resolve().parent
 
-# Runs one ingest in a fresh process and SIGKILLs it at a chosen step: before/after the Nth call of a function.
+# Runs one update in a fresh process and SIGKILLs it at a chosen step: before/after the Nth call of a function.
 CRASHER = """
-import os, signal, sys
+import importlib, os, signal, sys
 sys.path.insert(0, {tests!r})
 from index_helpers import PixelEmbedder
-import lookalike.index.store as store
 from lookalike.index import ImageIndex, IndexMetric, ingest
 
-owner, name, when, nth = {owner!r}, {name!r}, {when!r}, {nth}
-target = getattr(store, owner) if owner else store
+module, owner, name, when, nth = importlib.import_module({module!r}), {owner!r}, {name!r}, {when!r}, {nth}
+target = getattr(module, owner) if owner else module
 original = getattr(target, name)
 calls = [0]
 
@@ -41,10 +40,14 @@ def crashing(*args, **kwargs):
     return result
 
 setattr(target, name, crashing)
+{action}
+"""
+BUILD = """
 index = ImageIndex.create({index!r}, PixelEmbedder.dim, IndexMetric("l2"), PixelEmbedder.fingerprint, kind="flat")
 ingest(index, {images!r}, PixelEmbedder(), chunk_size=6, progress=False)
 index.finish_build()
 """
+COMPACT = "ImageIndex.open({index!r}, writable=True).compact()"
 
 # (object in lookalike.index.store, function, before/after, which call): every step of the update protocol
 CRASH_POINTS = [
@@ -57,19 +60,26 @@ CRASH_POINTS = [
 ]
 
 
+def kill_during(action: str, module: str, owner: str, name: str, when: str, nth: int) -> None:
+    """Run `action` in a subprocess that SIGKILLs itself before/after the nth call of module[.owner].name."""
+    script = CRASHER.format(tests=str(TESTS), module=module, owner=owner, name=name, when=when, nth=nth, action=action)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+
+
 def check_consistent(index_dir: Path, embedder: PixelEmbedder) -> dict[str, int]:
     """Every visible entry's stored vector is its file's embedding; paths unique; FAISS and catalog agree."""
     with ImageIndex.open(index_dir) as ix:
         entries = ix.entries_by_path()
         ids = sorted(e.id for e in entries.values())
         assert ids == list(np.flatnonzero(ix.alive))
-        assert ix.vectors().shape[0] == ix.rows
+        assert len(ix.vectors()) == ix.raw.stored(ix.rows)
         if entries:
             feats, ok, _ = embedder.embed(sorted(entries))
             stored = ix.vectors()[[entries[p].id for p in ok]]
             np.testing.assert_allclose(stored, feats, rtol=1e-6)
         if ix.ann is not None:
-            assert ix.ann.size == ix.ann_rows - ix.manifest["ann"]["tombstones"]
+            assert ix.ann.size - ix.manifest["ann"]["tombstones"] == ix.alive[: ix.ann_rows].sum()
         return {p: e.id for p, e in entries.items()}
 
 
@@ -77,9 +87,7 @@ def check_consistent(index_dir: Path, embedder: PixelEmbedder) -> dict[str, int]
 def test_killed_writer_leaves_a_consistent_index_and_rerun_completes(tmp_path, owner, name, when, nth):
     images = make_dataset(tmp_path / "photos", per_attribute=6, size=24)
     index_dir = tmp_path / "ix"
-    script = CRASHER.format(tests=str(TESTS), owner=owner, name=name, when=when, nth=nth, index=str(index_dir), images=str(images))
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    kill_during(BUILD.format(index=str(index_dir), images=str(images)), "lookalike.index.store", owner, name, when, nth)
 
     embedder = PixelEmbedder()
     before = check_consistent(index_dir, embedder)
@@ -100,6 +108,46 @@ def test_killed_writer_leaves_a_consistent_index_and_rerun_completes(tmp_path, o
     with ImageIndex.open(index_dir) as ix:
         for path, i in list(after.items())[::5]:
             assert search_vectors(ix, ix.vectors()[i], 1)[0][0].path == path
+
+
+# every step of a compaction: (module, object in it, function, before/after, which call)
+COMPACTION_CRASH_POINTS = [
+    ("lookalike.index.vectors", "", "save_npy", "before", 1),  # new vectors file written, its ids not yet
+    ("lookalike.index.store", "", "write_json", "before", 1),  # new files complete, manifest not yet
+    ("lookalike.index.store", "", "write_json", "after", 1),  # committed; old file and removed rows still there
+    ("lookalike.index.store", "Catalog", "purge", "before", 2),  # old file deleted, removed images' rows not yet (call 1: opening)
+]
+
+
+@pytest.mark.parametrize("module,owner,name,when,nth", COMPACTION_CRASH_POINTS)
+def test_killed_compaction_leaves_a_consistent_index_and_rerun_completes(tmp_path, module, owner, name, when, nth):
+    images = make_dataset(tmp_path / "photos", per_attribute=6, size=24)
+    index_dir = tmp_path / "ix"
+    embedder = PixelEmbedder()
+    with ImageIndex.create(index_dir, PixelEmbedder.dim, IndexMetric("l2"), PixelEmbedder.fingerprint, kind="flat") as ix:
+        ingest(ix, images, embedder, chunk_size=6, progress=False)
+        ix.remove(range(0, 18, 3))
+        ix.merge(force=True)
+        queries = ix.vectors()[range(1, 18, 3)]
+        results = [[(m.id, m.path, m.distance) for m in found] for found in search_vectors(ix, queries, 10)]
+    live = check_consistent(index_dir, embedder)
+
+    kill_during(COMPACT.format(index=str(index_dir)), module, owner, name, when, nth)
+
+    def unchanged():
+        assert check_consistent(index_dir, embedder) == live
+        with ImageIndex.open(index_dir) as ix:
+            assert [[(m.id, m.path, m.distance) for m in found] for found in search_vectors(ix, queries, 10)] == results
+
+    unchanged()
+    with ImageIndex.open(index_dir, writable=True) as ix:  # the next writer finishes a committed compaction's clean-up
+        committed = (name, when) in (("write_json", "after"), ("purge", "before"))  # killed once the manifest named the new file
+        assert (ix.stats()["dead_rows"] == 0) == committed
+        assert ix.compact() == (not committed)
+        assert ix.stats()["dead_rows"] == 0 and ix.catalog.db.execute("SELECT COUNT(*) FROM images").fetchone()[0] == 12
+        expected = {"manifest.json", "catalog.sqlite", "writer.lock", ix.manifest["ann"]["file"], *ix.raw.files}
+    unchanged()
+    assert {p.name for p in index_dir.iterdir()} - {"catalog.sqlite-wal", "catalog.sqlite-shm"} == expected
 
 
 def test_second_writer_is_refused_while_readers_carry_on(tmp_path):

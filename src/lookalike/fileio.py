@@ -88,13 +88,14 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.load(f)
 
 
-def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
-    with atomic_path(path, suffix=".npy") as tmp:
+def save_npy(path: str | os.PathLike, array: np.ndarray, durable: bool = False) -> None:
+    with atomic_path(path, suffix=".npy", durable=durable) as tmp:
         np.save(tmp, np.ascontiguousarray(array), allow_pickle=False)
 
 
-def load_npy(path: str | os.PathLike) -> np.ndarray:
-    return np.load(path, allow_pickle=False)
+def load_npy(path: str | os.PathLike, mmap: bool = False) -> np.ndarray:
+    """The array in a .npy file; with `mmap`, memory-mapped read-only (it stays readable if the file is deleted meanwhile)."""
+    return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
 
 
 def open_regular(path: str | os.PathLike) -> IO[bytes]:

@@ -29,6 +29,7 @@ index_app = typer.Typer(
         "  lookalike index search photos.index query.jpg --top 15 --grid matches.png\n\n"
         "  lookalike index add photos.index new_photos/      (embeds only new or changed files)\n\n"
         "  lookalike index remove photos.index photos/old/\n\n"
+        "  lookalike index compact photos.index              (drops removed images' stored vectors)\n\n"
         "Images are embedded with the model's backbone (refined if present) and ranked by its learned "
         "weighted L2 distance, with the calibrated probability that a match shares the query's attribute. "
         f"Catalogs under {EXACT_BELOW:,} images are searched exactly; larger ones approximately "
@@ -59,6 +60,8 @@ def _print_report(action: str, report, index: ImageIndex, as_json: bool) -> None
         f"({report.embedded} embedded, {report.reused_vectors} reused by content hash); "
         f"index now holds {stats['images']:,} images ({stats['kind'] or 'empty'})"
     )
+    if report.compacted:
+        out.print("  compacted the stored vectors (removed and replaced images' rows dropped)")
     for s in report.skipped:
         out.print(f"  [yellow]skipped[/yellow] {escape(s['path'])}: {escape(s['reason'])}")
     if report.skipped:
@@ -107,12 +110,16 @@ def add(
     images: Path = typer.Argument(..., help="Folder of images to add or refresh."),
     run: Optional[Path] = typer.Option(None, "--model", "-m", "--run", "-r", help="Model or run folder to embed with (default: the one the index was built with)."),
     chunk: int = typer.Option(1024, "--chunk", min=1, help="Images committed per step."),
+    compact_above: Optional[float] = typer.Option(
+        None, "--compact-above", min=0.0, max=1.0,
+        help=f"Compact when removed or replaced images hold more than this share of the stored vectors (default: the index's compact_above, {DEFAULT_PARAMS['compact_above']}; 1 = never).",
+    ),
     as_json: bool = JsonOpt,
 ):
     """Add new images and re-embed changed ones; unchanged files (same size and time, or same content) cost nothing."""
     with ImageIndex.open(index_dir, writable=True) as index:
         _, embedder = load_model(run, index)
-        report = ingest(index, images, embedder, chunk_size=chunk)
+        report = ingest(index, images, embedder, chunk_size=chunk, compact_above=compact_above)
         _print_report("add", report, index, as_json)
 
 
@@ -202,11 +209,26 @@ def stats(index_dir: Path = IndexDirArg, as_json: bool = JsonOpt):
         print(json.dumps(s, indent=2))
         return
     table = Table(show_header=False, title=f"index {s['directory']}")
-    for key in ("images", "distance", "kind", "kind_requested", "dim", "indexed_rows", "tail_rows", "tombstones", "vector_rows", "generation", "run_dir", "backbone_fingerprint", "updated"):
+    for key in ("images", "distance", "kind", "kind_requested", "dim", "indexed_rows", "tail_rows", "tombstones", "vector_rows", "dead_rows", "dead_share", "tuned", "generation", "run_dir", "backbone_fingerprint", "updated"):
         table.add_row(key, str(s[key]))
     table.add_row("attributes", ", ".join(f"{a}: {n}" for a, n in s["attributes"].items()))
     table.add_row("files", ", ".join(f"{n} {b / 2**20:.1f} MB" for n, b in s["files_bytes"].items()))
     out.print(table)
+
+
+@index_app.command()
+def compact(index_dir: Path = IndexDirArg, as_json: bool = JsonOpt):
+    """Rewrite the stored vectors without removed images' rows; ids and search results stay the same, and searches go on meanwhile."""
+    with ImageIndex.open(index_dir, writable=True) as index:
+        dropped = index.stats()["dead_rows"]
+        done = index.compact()
+        s = index.stats()
+    if as_json:
+        print(json.dumps({"compacted": done, "dropped_rows": dropped if done else 0, "vector_rows": s["vector_rows"], "images": s["images"]}, indent=2))
+    elif done:
+        out.print(f"compacted: dropped {dropped:,} removed images' vectors; {s['vector_rows']:,} stored for {s['images']:,} images")
+    else:
+        out.print("nothing to compact: every stored vector belongs to an image in the index")
 
 
 @index_app.command()

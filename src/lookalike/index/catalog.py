@@ -3,7 +3,9 @@
 Every row carries the generation that added it and, once removed, the generation that removed it.
 A reader pinned to generation G (the one named by the manifest) sees exactly the rows with
 added_gen <= G and (removed_gen is null or > G): a half-finished update, whose rows carry G + 1,
-stays invisible, and recovery deletes or restores those rows. Row id = raw vector row = FAISS id.
+stays invisible, and recovery deletes or restores those rows. Row id = FAISS id = the id its raw
+vector is looked up by. A compaction deletes the rows of removed images; a reader keeps seeing them
+through the read snapshot it pinned when it opened.
 """
 
 from __future__ import annotations
@@ -77,6 +79,15 @@ class Catalog:
             dropped = self.db.execute("DELETE FROM images WHERE added_gen > ?", (generation,)).rowcount
             self.db.execute("UPDATE images SET removed_gen = NULL WHERE removed_gen > ?", (generation,))
         return dropped
+
+    def pin(self) -> None:
+        """Hold a read snapshot from the next query on (readers only): rows deleted later stay visible to this connection."""
+        self.db.execute("BEGIN")
+
+    def purge(self, generation: int) -> int:
+        """Delete the rows of images removed at or before `generation` (a compaction dropped their vectors)."""
+        with self.db:
+            return self.db.execute("DELETE FROM images WHERE removed_gen <= ?", (generation,)).rowcount
 
     def insert(self, first_id: int, generation: int, images: list[NewImage], replaced_ids: list[int]) -> None:
         """Add `images` with ids first_id.. and retire `replaced_ids`, in one transaction."""

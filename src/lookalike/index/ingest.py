@@ -40,6 +40,7 @@ class IngestReport:
     unchanged: int = 0
     reused_vectors: int = 0
     embedded: int = 0
+    compacted: bool = False
     skipped: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -82,8 +83,11 @@ def ingest(
     chunk_size: int = 1024,
     progress: bool = True,
     attribute: str | None = None,
+    compact_above: float | None = None,
 ) -> IngestReport:
-    """Add or refresh the images of `sources` (see `image_sources`); then merge the FAISS index if the tail grew enough."""
+    """Add or refresh the images of `sources` (see `image_sources`); then merge the FAISS index if the tail grew enough,
+    and compact the stored vectors once removed or replaced images hold more than `compact_above` of them (default:
+    the index's parameter)."""
     check_embedder(index, embedder)
     report = IngestReport()
     known = index.entries_by_path()
@@ -105,6 +109,7 @@ def ingest(
         bar.update(min(chunk_size, len(candidates) - start))
     bar.close()
     index.merge(progress=progress)
+    report.compacted = index.compact(index.params["compact_above"] if compact_above is None else compact_above)
     return report
 
 

@@ -19,7 +19,7 @@ from .store import ImageIndex
 
 def candidate_ids(index: ImageIndex, queries: np.ndarray, k: int, params: dict | None = None) -> list[np.ndarray]:
     """Per query, the live rows worth scoring exactly: FAISS's shortlist plus the whole tail."""
-    p = {**index.manifest["params"], **(params or {})}
+    p = {**index.search_params, **(params or {})}
     alive = index.alive
     tail = index.ann_rows + np.flatnonzero(alive[index.ann_rows :])
     ann = index.ann

@@ -1,10 +1,11 @@
 """An image index on disk: manifest + SQLite catalog + raw vectors + FAISS index, kept consistent.
 
 Layout of INDEX_DIR:
-    manifest.json          the commit point: generation, committed vector rows, FAISS file, metric
+    manifest.json          the commit point: generation, ids handed out, vectors and FAISS files, metric
     catalog.sqlite         images, versioned by generation (catalog.py)
-    vectors.f32            raw embeddings, append-only (vectors.py)
-    ann-<generation>.faiss the FAISS index over rows [0, ann.rows); newer rows are the "tail"
+    vectors.f32            raw embeddings, append-only (vectors.py); after a compaction
+                           vectors-<generation>.f32 + ids-<generation>.npy (the ids of its compacted rows)
+    ann-<generation>.faiss the FAISS index over ids [0, ann.rows); newer ids are the "tail"
     writer.lock            flock'ed by the one process allowed to change the index
 
 An update writes, in this order: new raw rows (fsync'ed), catalog rows tagged with generation G+1
@@ -14,6 +15,11 @@ survives a power loss). A process that dies before the manifest is renamed leave
 state; the next writer truncates the raw rows, drops the G+1 catalog rows and deletes stray files. Readers pin the generation they opened and never
 see a half-made update. Small additions go to the tail, searched exactly, so adding a few images
 never rewrites a large FAISS file; the tail is merged into FAISS once it grows.
+
+A compaction copies the live rows to a new vectors file (ids unchanged), commits it with the
+manifest, then deletes the old file and the removed images' catalog rows. A reader keeps what it
+pinned: its memory map of the old file outlives the deletion, and its catalog connection holds a
+read snapshot (SQLite WAL) taken before it mapped the vectors, so it never loses a row it can see.
 """
 
 from __future__ import annotations
@@ -29,11 +35,18 @@ from ..fileio import read_json, write_json
 from ..progress import tqdm
 from .catalog import Catalog, ImageEntry, NewImage, WriterLock
 from .metric import IndexMetric
-from .vectors import DEFAULT_PARAMS, KINDS, AnnIndex, RawVectors, choose_kind
+from .vectors import DEFAULT_PARAMS, KINDS, PLAIN_LAYOUT, TUNE_K, AnnIndex, IdRows, RawVectors, choose_kind, exact_neighbours
 
-FORMAT = "lookalike.index/1"
-MANIFEST, CATALOG, VECTORS = "manifest.json", "catalog.sqlite", "vectors.f32"
-OWN_FILES = (MANIFEST, CATALOG, CATALOG + "-wal", CATALOG + "-shm", CATALOG + "-journal", VECTORS)
+FORMAT = "lookalike.index/2"
+#: Formats this version opens: /1 is /2 before any compaction (no "vectors" layout in the manifest).
+READABLE = ("lookalike.index/1", FORMAT)
+MANIFEST, CATALOG = "manifest.json", "catalog.sqlite"
+OWN_FILES = (MANIFEST, CATALOG, CATALOG + "-wal", CATALOG + "-shm", CATALOG + "-journal")
+VECTOR_FILE_PREFIXES = ("vectors", "ids-")
+
+
+#: What the build-time tuning stores in the manifest's "ann" entry (kept across merges, redone by a rebuild).
+TUNED = ("nprobe", "rerank", "recall")
 
 
 def merge_threshold(ann_rows: int) -> int:
@@ -48,7 +61,7 @@ class ImageIndex:
         self.directory = directory
         self.manifest = manifest
         self.metric = IndexMetric.from_dict(manifest["metric"])
-        self.raw = RawVectors(directory / VECTORS, manifest["dim"])
+        self.raw = RawVectors(directory, manifest["dim"], manifest.get("vectors"))
         self.catalog = Catalog(directory / CATALOG)
         self._lock = lock
         self._ann: AnnIndex | None = None
@@ -110,6 +123,7 @@ class ImageIndex:
                 "metric_fingerprint": metric.fingerprint(),
                 "backbone_fingerprint": backbone_fingerprint,
                 "run_dir": run_dir,
+                "vectors": PLAIN_LAYOUT,
                 "ann": None,
                 "building": True,
                 "created": now,
@@ -135,7 +149,7 @@ class ImageIndex:
                     index._load_state()
                     return index
                 except FileNotFoundError:
-                    index.catalog.close()  # a writer replaced the FAISS file meanwhile: read the new manifest
+                    index.catalog.close()  # a writer replaced the vectors or FAISS file meanwhile: read the new manifest
             raise LookalikeError(f"{directory} keeps changing under this reader; try again")
         except BaseException:
             if lock is not None:
@@ -180,25 +194,46 @@ class ImageIndex:
     def size(self) -> int:
         return int(self.alive.sum())
 
-    def vectors(self) -> np.ndarray:
-        """The committed raw vectors (memory-mapped; rows of removed images included)."""
+    @property
+    def params(self) -> dict:
+        """The index parameters (defaults for keys an older manifest lacks)."""
+        return {**DEFAULT_PARAMS, **self.manifest["params"]}
+
+    @property
+    def search_params(self) -> dict:
+        """The parameters a search uses by default: the index's, with the nprobe and shortlist chosen at build time."""
+        ann = self.manifest["ann"]
+        return {**self.params, **{key: ann[key] for key in ("nprobe", "rerank") if ann and key in ann}}
+
+    def vectors(self) -> IdRows:
+        """The committed raw vectors, looked up by image id: `vectors()[ids]` (memory-mapped; removed images' rows
+        stay until a compaction)."""
         return self.raw.view(self.rows)
 
     def _load_state(self) -> None:
+        if self._lock is None:
+            self.catalog.pin()  # before mapping the vectors: a compaction deletes the file before the catalog rows
         self.alive = np.zeros(self.rows, dtype=bool)
         self.alive[self.catalog.live_ids(self.generation)] = True
+        self.vectors()
         ann = self.manifest["ann"]
         if ann and ann["file"] != self._ann_file:
             self._ann = AnnIndex.load(self.directory / ann["file"], ann["kind"])
             self._ann_file = ann["file"]
 
     def _recover(self) -> None:
-        """Roll back anything newer than the manifest, and delete files it does not name."""
+        """Roll back anything newer than the manifest, delete files it does not name, finish a compaction's clean-up."""
         self.catalog.rollback_to(self.generation)
         self.raw.truncate(self.rows)
-        keep = self.manifest["ann"]["file"] if self.manifest["ann"] else None
+        self._delete_unnamed_files()
+        self.catalog.purge(self.manifest.get("compacted_gen", -1))
+
+    def _delete_unnamed_files(self) -> None:
+        """FAISS, vectors and temporary files the manifest does not name: a crashed update's, or superseded ones."""
+        keep = self.raw.files | ({self.manifest["ann"]["file"]} if self.manifest["ann"] else set())
         for p in self.directory.iterdir():
-            if (p.name.startswith("ann-") and p.name != keep) or (p.name.startswith(".") and ".tmp" in p.name):
+            ours = p.name.startswith(("ann-", *VECTOR_FILE_PREFIXES)) or (p.name.startswith(".") and ".tmp" in p.name)
+            if ours and p.name not in keep:
                 p.unlink()
 
     def _require_writer(self) -> None:
@@ -207,7 +242,7 @@ class ImageIndex:
 
     def _publish(self, **changes) -> None:
         """Write the next manifest: the single step that makes an update visible."""
-        manifest = {**self.manifest, **changes, "generation": self.generation + 1, "updated": time.time()}
+        manifest = {**self.manifest, "format": FORMAT, "vectors": self.raw.layout, **changes, "generation": self.generation + 1, "updated": time.time()}
         write_json(self.directory / MANIFEST, manifest, durable=True)
         self.manifest = manifest
 
@@ -271,19 +306,42 @@ class ImageIndex:
         if rebuild:
             self._ann = self._train(kind, progress)
             self._add_rows(np.flatnonzero(self.alive), progress)
+            tuned = self._tune(progress) if kind == "ivfpq" and not int(self.params["nprobe"]) else {}
         else:
             self._add_rows(self.ann_rows + np.flatnonzero(self.alive[self.ann_rows :]), progress)
             if self._ann.supports_removal:
                 self._ann.remove(np.flatnonzero(~self.alive[: self.ann_rows]))
+            tuned = {key: ann[key] for key in TUNED if key in ann}
         gen = self.generation + 1
         name = f"ann-{gen:06d}.faiss"
         self._ann.save(self.directory / name)
         tombstones = 0 if rebuild or self._ann.supports_removal else ann["tombstones"]
         old = ann["file"] if ann else None
-        self._publish(ann={"kind": kind, "file": name, "rows": self.rows, "tombstones": tombstones})
+        self._publish(ann={"kind": kind, "file": name, "rows": self.rows, "tombstones": tombstones, **tuned})
         self._ann_file = name
         if old:
             (self.directory / old).unlink(missing_ok=True)
+        return True
+
+    def compact(self, above: float = 0.0) -> bool:
+        """Rewrite the stored vectors without removed images' rows when they are more than `above` of them.
+
+        Ids, paths, attributes and search results stay the same. Crash-safe like any update: the new
+        vectors file is written durably under a name the current manifest does not use, the next
+        manifest adopts it, and only then are the old file and the removed images' catalog rows deleted
+        (a writer that finds them later deletes them too).
+        """
+        self._require_writer()
+        stored = self.raw.stored(self.rows)
+        dead = stored - self.size
+        if dead == 0 or dead <= above * stored:
+            return False
+        gen = self.generation + 1
+        compacted = self.raw.compacted(gen, self.vectors(), np.flatnonzero(self.alive), self.rows)
+        self._publish(vectors=compacted.layout, compacted_gen=gen)
+        self.raw = compacted
+        self._delete_unnamed_files()
+        self.catalog.purge(gen)
         return True
 
     def reindex(self, kind: str | None = None, params: dict | None = None, progress: bool = False) -> None:
@@ -307,6 +365,21 @@ class ImageIndex:
             tqdm.write(f"Training the {kind} index on {n_sample:,} vectors")
         return AnnIndex.train(kind, sample.shape[1], sample, len(live), self.manifest["params"])
 
+    def _tune(self, progress: bool) -> dict:
+        """nprobe and shortlist chosen at build time (IVF-PQ): the cheapest whose exact re-ranked results reach
+        `target_recall` at recall@TUNE_K, measured on catalog images searched as queries, each left out of its own results."""
+        p = self.params
+        live = np.flatnonzero(self.alive)
+        own = np.sort(np.random.default_rng(1).choice(live, min(len(live), int(p["tune_queries"])), replace=False))
+        X = self.vectors()
+        queries = self.metric.query_space(X[own])
+        chunks = ((ids, self.metric.data_space(X[ids])) for ids in np.array_split(live, max(1, len(live) // 50_000)))
+        truth = exact_neighbours(queries, chunks, TUNE_K + 1)
+        tuned = self._ann.tune(queries, truth, own, max(int(p["rerank"]), TUNE_K), float(p["target_recall"]))
+        if progress:
+            tqdm.write(f"nprobe {tuned['nprobe']}, shortlist {tuned['rerank']}: recall@{TUNE_K} {tuned['recall']:.3f} on {len(own)} catalog images (target {p['target_recall']})")
+        return {**tuned, "recall": round(tuned["recall"], 4)}
+
     def _add_rows(self, rows: np.ndarray, progress: bool, chunk: int = 50_000) -> None:
         X = self.vectors()
         for start in tqdm(range(0, len(rows), chunk), desc=f"Indexing ({self._ann.kind})", unit="chunk", disable=not progress or len(rows) <= chunk):
@@ -324,6 +397,7 @@ class ImageIndex:
     def stats(self) -> dict:
         """What the index holds and how it is laid out, for `lookalike index stats`."""
         ann = self.manifest["ann"]
+        stored = self.raw.stored(self.rows)
         files = {p.name: p.stat().st_size for p in sorted(self.directory.iterdir()) if p.is_file() and not p.name.startswith(".")}
         return {
             "directory": str(self.directory),
@@ -336,7 +410,10 @@ class ImageIndex:
             "indexed_rows": self.ann_rows,
             "tail_rows": self.rows - self.ann_rows,
             "tombstones": ann["tombstones"] if ann else 0,
-            "vector_rows": self.rows,
+            "vector_rows": stored,
+            "dead_rows": stored - self.size,
+            "dead_share": round((stored - self.size) / stored, 4) if stored else 0.0,
+            "tuned": {key: ann[key] for key in TUNED if key in ann} if ann else {},
             "generation": self.generation,
             "backbone_fingerprint": self.manifest["backbone_fingerprint"],
             "run_dir": self.manifest["run_dir"],
@@ -347,7 +424,7 @@ class ImageIndex:
 
 
 def _is_own_file(name: str) -> bool:
-    return name in OWN_FILES or name == "writer.lock" or name.startswith("ann-") or (name.startswith(".") and ".tmp" in name)
+    return name in OWN_FILES or name == "writer.lock" or name.startswith(("ann-", *VECTOR_FILE_PREFIXES)) or (name.startswith(".") and ".tmp" in name)
 
 
 def _read_manifest(directory: Path) -> dict:
@@ -359,6 +436,6 @@ def _read_manifest(directory: Path) -> dict:
         manifest = read_json(path)
     except (OSError, ValueError) as e:
         raise LookalikeError(f"cannot read {path}: {e}") from None
-    if manifest.get("format") != FORMAT:
-        raise LookalikeError(f"{path} has format {manifest.get('format')!r}, this version of lookalike reads {FORMAT}")
+    if manifest.get("format") not in READABLE:
+        raise LookalikeError(f"{path} has format {manifest.get('format')!r}, this version of lookalike reads {' and '.join(READABLE)}")
     return manifest
