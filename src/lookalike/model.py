@@ -168,7 +168,9 @@ class SimilarityModel:
 
     @classmethod
     def from_config(cls, cfg: LookalikeConfig) -> "SimilarityModel":
-        return cls(**cfg.model_dump(exclude={"features": {"backbone"}}), backbone=cfg.features.backbone)
+        """The model these settings describe; only the values that differ from the defaults become parameters."""
+        sections = cfg.model_dump(exclude_defaults=True, exclude={"features": {"backbone"}})
+        return cls(backbone=cfg.features.backbone, **{name: keys for name, keys in sections.items() if keys})
 
     # ---- training ------------------------------------------------------------------------------
 
