@@ -45,6 +45,7 @@ def test_milvus_answers_like_faiss_through_add_change_and_remove(tmp_path, kind)
         index.finish_build()
     faiss_index, milvus_index = indexes
     assert milvus_index.stats()["kind"] == "flat" and milvus_index.size == 30
+    assert milvus_index.state["unflushed"] == 0  # a build ends with every row sealed into indexed segments
     rng = np.random.default_rng(0)
     fresh = np.abs(rng.normal(size=(4, PixelEmbedder.dim))).astype(np.float32)
     queries = np.r_[faiss_index.vectors(), fresh / np.linalg.norm(fresh, axis=1, keepdims=True)]
@@ -55,6 +56,7 @@ def test_milvus_answers_like_faiss_through_add_change_and_remove(tmp_path, kind)
     more = make_dataset(tmp_path / "more", per_attribute=13)
     reports = [ingest(index, more, PixelEmbedder(), progress=False).to_dict() for index in indexes]
     assert reports[0] == reports[1] and (reports[1]["added"], reports[1]["embedded"], reports[1]["reused_vectors"]) == (39, 9, 30)
+    assert milvus_index.state["unflushed"] == 39  # sealed only once max(1,000, 2 %) rows piled up, like the FAISS tail
     # change: a catalogued file gets other content, so its entry is replaced under a new id
     texture("stripes", seed=77).save(photos / "dots" / "000.png")
     reports = [ingest(index, photos, PixelEmbedder(), progress=False).to_dict() for index in indexes]

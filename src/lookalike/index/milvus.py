@@ -36,6 +36,7 @@ import numpy as np
 from ..errors import ConfigError, LookalikeError
 from .catalog import ImageEntry, NewImage
 from .metric import IndexMetric
+from .store import merge_threshold
 from .vectors import DEFAULT_PARAMS, EXACT_BELOW
 
 FORMAT = "lookalike.milvus/1"
@@ -185,7 +186,7 @@ class MilvusIndex:
             "run_dir": run_dir,
             "created": time.time(),
         }
-        state = {"generation": 0, "next_id": 0, "images": 0, "attributes": {}, "index_kind": None, "building": True, "pending": None, "updated": time.time()}
+        state = {"generation": 0, "next_id": 0, "images": 0, "attributes": {}, "index_kind": None, "unflushed": 0, "building": True, "pending": None, "updated": time.time()}
         client.create_collection(name, schema=_schema(client, dim, dim + metric.search_dim_extra), consistency_level="Strong")
         client.alter_collection_properties(name, properties={SETTINGS: json.dumps(settings), STATE: json.dumps(state)})
         index = cls(uri, name, writable=True)
@@ -303,7 +304,7 @@ class MilvusIndex:
         if replaced:
             self.client.delete(self.name, ids=replaced)
         counts = _counted(self.state["attributes"], [im.attribute for im in images], [e.attribute for e in old.values()])
-        self._commit(images=self.size + len(images) - len(old), attributes=counts)
+        self._commit(images=self.size + len(images) - len(old), attributes=counts, unflushed=self.state["unflushed"] + len(images) + len(old))
         return np.arange(first, first + len(images), dtype=np.int64)
 
     def remove(self, ids) -> int:
@@ -313,7 +314,7 @@ class MilvusIndex:
         if live:
             self.client.delete(self.name, ids=list(live))
             counts = _counted(self.state["attributes"], [], [e.attribute for e in live.values()])
-            self._commit(images=self.size - len(live), attributes=counts)
+            self._commit(images=self.size - len(live), attributes=counts, unflushed=self.state["unflushed"] + len(live))
         return len(live)
 
     def touch(self, entry_id: int, size: int, mtime: float) -> None:
@@ -327,16 +328,25 @@ class MilvusIndex:
         """Mark a build complete: from now on `build` refuses to touch it and `add` updates it."""
         self._require_writer()
         if self.state["building"]:
+            self.merge(force=True)
             self._commit(building=False)
 
     def merge(self, force: bool = False, rebuild: bool = False, progress: bool = False) -> bool:
-        """Milvus folds new rows into its index itself; this only switches the index type when `auto` calls for another."""
+        """Seal new rows into indexed segments once enough piled up, and switch the index type when `auto` calls for another.
+
+        Milvus searches rows it has not sealed yet by brute force (slowly, in Milvus Lite), as the
+        FAISS backend scans its tail; sealing (flush) is rate-limited on a cluster, so it waits as long.
+        """
         self._require_writer()
         kind = self.settings["kind"]
         wanted = _kind_for(self.size) if kind == "auto" else kind
-        if not rebuild and wanted == self.state["index_kind"]:
+        if rebuild or wanted != self.state["index_kind"]:
+            self._build_search_index(wanted)
+        elif force or self.state["unflushed"] > merge_threshold(self.size):
+            self.client.flush(self.name)
+            self._commit(unflushed=0)
+        else:
             return False
-        self._build_search_index(wanted)
         return True
 
     def reindex(self, kind: str | None = None, params: dict | None = None, progress: bool = False) -> None:
@@ -358,6 +368,7 @@ class MilvusIndex:
         if "embedding" not in existing:
             index_params.add_index(field_name="embedding", index_type="FLAT", metric_type="L2")
         try:
+            self.client.flush(self.name)
             if "search" in existing:
                 self.client.release_collection(self.name)
                 self.client.drop_index(self.name, "search")
@@ -365,7 +376,7 @@ class MilvusIndex:
         except Exception as e:  # noqa: BLE001 - e.g. DiskANN on Milvus Lite
             raise LookalikeError(f"Milvus at {self.uri} cannot build a {INDEX_TYPES[kind]} index ({_reason(e)}); choose another --kind") from None
         self.client.load_collection(self.name)
-        self._commit(index_kind=kind)
+        self._commit(index_kind=kind, unflushed=0)
 
     # ---- reading -------------------------------------------------------------------------------
 
