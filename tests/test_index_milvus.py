@@ -117,8 +117,8 @@ def test_pymilvus_is_imported_only_when_the_milvus_backend_is_chosen(tmp_path):
         f"""
         import sys
         import numpy as np
-        import lookalike.cli, lookalike.serve.app, lookalike.index.cli
-        from lookalike.cli import _register_plugins
+        import lookalike.serve.app
+        from lookalike.cli.main import _register_plugins
         from lookalike.index import IndexMetric, NewImage, search_vectors
         from lookalike.index.backends import IndexLocation
 
