@@ -97,3 +97,56 @@ def test_build_search_add_remove_stats_on_real_photos(trained):
     assert wrong.returncode == 1 and "is not the one the index" in " ".join(wrong.stderr.split()) and "Traceback" not in wrong.stderr
     missing = lookalike("index", "search", root / "nowhere", new_photo, env=env, check=False)
     assert missing.returncode == 1 and "is not a lookalike index" in " ".join(missing.stderr.split())
+
+
+def test_milvus_backend_gives_the_faiss_answers_for_a_trained_run(trained, tmp_path, monkeypatch):
+    """The same run and photos in both backends: identical top-15 from the CLI, the library and the service, add and remove included."""
+    from fastapi.testclient import TestClient
+
+    from lookalike.index.api import ImageIndex
+    from lookalike.index.backends import IndexLocation
+    from lookalike.index.build import build_index
+    from lookalike.index.milvus import disconnect
+    from lookalike.serve.app import create_app
+    from lookalike.serve.engine import Engine
+    from lookalike.serve.settings import ServeSettings
+
+    root, env = trained
+    monkeypatch.setenv("LOOKALIKE_CACHE_DIR", env["LOOKALIKE_CACHE_DIR"])
+    uri, milvus_args = tmp_path / "catalog.db", ("--backend", "milvus", "--uri", tmp_path / "catalog.db")
+    built = json.loads(lookalike("index", "build", "--model", root / "run", "--images", root / "photos", "--out", "photos", *milvus_args, "--json", env=env).stdout)
+    assert (built["added"], built["images"], built["kind"]) == (36, 36, "flat")
+    queries = [sorted((root / "photos" / "dotted").iterdir())[0], sorted((root / "later" / "leopard").iterdir())[0]]
+    by_cli = [json.loads(line)["results"] for line in lookalike("index", "search", "photos", *queries, *milvus_args, "--json", env=env).stdout.splitlines()]
+
+    build_index(root / "run", root / "photos", tmp_path / "faiss", progress=False)
+    faiss = ImageIndex.open(tmp_path / "faiss", writable=True)
+    milvus = ImageIndex.open(IndexLocation.parse("photos", "milvus", str(uri)), model=faiss.model, writable=True)
+    vectors, own = faiss.query_vectors(queries)
+    assert own[0] is not None and own[1] is None  # the first query is catalogued: left out of its own results
+
+    def assert_same(found, expected):
+        assert [m["id"] for m in found] == [m.id for m in expected] and len(expected) == 15
+        np.testing.assert_allclose([m["distance"] for m in found], [m.distance for m in expected], rtol=0, atol=1e-5)
+        np.testing.assert_allclose([m["probability"] for m in found], [m.probability for m in expected], rtol=0, atol=1e-5)
+
+    for found, expected in zip(by_cli, faiss.search_vectors(vectors, 15, leave_out=own)):
+        assert_same(found, expected)
+
+    for index in (faiss, milvus):
+        index.add(root / "later")
+        assert index.remove([root / "photos" / "striped"]) == 12
+    assert faiss.store.entries_by_path() == milvus.store.entries_by_path() and milvus.stats()["attributes"] == {"dotted": 16, "leopard": 16, "striped": 4}
+    assert (len(milvus), milvus.stats()["milvus_index"]) == (36, "FLAT")
+    for expected, found in zip(faiss.search_vectors(vectors, 15), milvus.search_vectors(vectors, 15)):
+        assert_same([m.to_dict() for m in found], expected)
+
+    engine = Engine(ServeSettings(index_dir="photos", index_backend="milvus", index_uri=str(uri)))
+    try:
+        with TestClient(create_app(engine)) as client, open(queries[1], "rb") as f:
+            assert_same(client.post("/search", files={"image": (queries[1].name, f, "image/jpeg")}).json()["results"], faiss.search_vectors(vectors[1:], 15)[0])
+            assert_same(client.get(f"/images/{own[0]}/similar").json()["results"], faiss.search_vectors(vectors[:1], 15, leave_out=own[:1])[0])
+    finally:
+        engine.close()
+        faiss.close()
+        disconnect(str(uri))

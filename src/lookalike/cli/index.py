@@ -12,14 +12,14 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import ConfigError, LookalikeError
-from .console import EXIT_PARTIAL, out, search_answer
-from ..results import format_distance, format_probability
-from ..index.build import absolute, build_index, load_model
 from ..index.api import ImageIndex as CatalogIndex
+from ..index.backends import BACKENDS, IndexLocation, IndexStore
+from ..index.build import absolute, build_index, load_model
 from ..index.ingest import image_sources, ingest
 from ..index.metric import METRICS, IndexMetric
-from ..index.store import ImageIndex
 from ..index.vectors import DEFAULT_PARAMS, EXACT_BELOW, HNSW_BELOW
+from ..results import format_distance, format_probability
+from .console import EXIT_PARTIAL, out, search_answer
 
 index_app = typer.Typer(
     name="index",
@@ -38,16 +38,18 @@ index_app = typer.Typer(
     no_args_is_help=True,
 )
 
-IndexDirArg = typer.Argument(..., help="The index folder (made by `lookalike index build`).")
+IndexDirArg = typer.Argument(..., help="The index folder (made by `lookalike index build`); with --backend milvus, the collection's name.")
+BackendOpt = typer.Option("faiss", "--backend", help=f"Where the index lives: {' or '.join(BACKENDS)} (a collection in Milvus at --uri; needs `pip install 'lookalike[milvus]'`).")
+UriOpt = typer.Option(None, "--uri", help="With --backend milvus: a Milvus Lite file (catalog.db, no server) or a Milvus server (http://host:19530).")
 JsonOpt = typer.Option(False, "--json", help="Print JSON instead of tables.")
-KindOpt = typer.Option("auto", "--kind", help="auto (by size), flat (exact), hnsw (graph) or ivfpq (compressed, for catalogs past RAM).")
+KindOpt = typer.Option("auto", "--kind", help="auto (by size), flat (exact), hnsw (graph) or ivfpq (compressed, for catalogs past RAM); in Milvus: auto, flat, hnsw or diskann (servers only).")
 
 
 def register(app: typer.Typer) -> None:
     app.add_typer(index_app, name="index")
 
 
-def _print_report(action: str, report, index: ImageIndex, as_json: bool) -> None:
+def _print_report(action: str, report, index: IndexStore, as_json: bool) -> None:
     """The ingest report; images that could not be indexed make it a partial success (exit code 3)."""
     stats = index.stats()
     if as_json:
@@ -72,16 +74,21 @@ def _print_report(action: str, report, index: ImageIndex, as_json: bool) -> None
 def build(
     run: Path = typer.Option(..., "--model", "-m", "--run", "-r", help="Model folder (`lookalike fit`) or run folder (`lookalike run`): what embeds and ranks the images."),
     images: str = typer.Option(..., "--images", "-i", help="Folder of images; a top-level sub-folder name becomes the image's attribute. With --engine ray also s3://bucket/prefix."),
-    out_dir: Path = typer.Option(..., "--out", "-o", help="Index folder to create."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Index folder to create; with --backend milvus, the collection's name."),
     kind: str = KindOpt,
     distance: str = typer.Option("learned", "--distance", help=f"Rank by: {', '.join(METRICS)}."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing index in --out."),
     chunk: int = typer.Option(1024, "--chunk", min=1, help="Images committed per step; an interrupted build resumes from the last step."),
     engine: str = typer.Option("local", help="local (this process) or ray (embed on a Ray cluster into Parquet shards, then index them; see docs/scale-out.md)."),
     address: Optional[str] = typer.Option(None, help="With --engine ray: the cluster (auto, or ray://HOST:10001); default a private local instance."),
+    backend: str = BackendOpt,
+    uri: Optional[str] = UriOpt,
     as_json: bool = JsonOpt,
 ):
     """Embed every image under --images into a new index (rerun the same command to resume an interrupted build)."""
+    location = IndexLocation.parse(out_dir, backend, uri)
+    if engine == "ray" and location.backend != "faiss":
+        raise ConfigError("--engine ray builds a FAISS index for now; build the Milvus collection with --engine local (see docs/scale-out.md)")
     if engine == "ray":
         from ..distributed import ModelSpec, featurize_and_index
 
@@ -99,8 +106,8 @@ def build(
         raise ConfigError("--engine is local or ray, and --address goes with --engine ray")
     if "://" in images:
         raise ConfigError(f"--images {images}: remote folders need --engine ray")
-    report, _ = build_index(run, images, out_dir, kind, distance, overwrite, chunk)
-    with ImageIndex.open(out_dir) as index:
+    report, _ = build_index(run, images, location, kind, distance, overwrite, chunk)
+    with location.open() as index:
         _print_report("build", report, index, as_json)
 
 
@@ -114,10 +121,12 @@ def add(
         None, "--compact-above", min=0.0, max=1.0,
         help=f"Compact when removed or replaced images hold more than this share of the stored vectors (default: the index's compact_above, {DEFAULT_PARAMS['compact_above']}; 1 = never).",
     ),
+    backend: str = BackendOpt,
+    uri: Optional[str] = UriOpt,
     as_json: bool = JsonOpt,
 ):
     """Add new images and re-embed changed ones; unchanged files (same size and time, or same content) cost nothing."""
-    with ImageIndex.open(index_dir, writable=True) as index:
+    with IndexLocation.parse(index_dir, backend, uri).open(writable=True) as index:
         _, embedder = load_model(run, index)
         report = ingest(index, images, embedder, chunk_size=chunk, compact_above=compact_above)
         _print_report("add", report, index, as_json)
@@ -127,10 +136,12 @@ def add(
 def remove(
     index_dir: Path = IndexDirArg,
     paths: List[Path] = typer.Argument(..., help="Image files or folders to take out of the index (the files themselves are not touched)."),
+    backend: str = BackendOpt,
+    uri: Optional[str] = UriOpt,
     as_json: bool = JsonOpt,
 ):
     """Take images out of the index by path; a folder removes everything below it."""
-    with ImageIndex.open(index_dir, writable=True) as index:
+    with IndexLocation.parse(index_dir, backend, uri).open(writable=True) as index:
         ids, missing = [], []
         for p in paths:
             entries = index.entries_by_path(absolute(p))
@@ -161,6 +172,8 @@ def search(
     nprobe: Optional[int] = typer.Option(None, help=f"IVF-PQ: cells visited (default {DEFAULT_PARAMS['nprobe']})."),
     attribute: Optional[str] = typer.Option(None, "--attribute", "-a", help="Only matches of this attribute."),
     min_probability: Optional[float] = typer.Option(None, "--min-probability", "-p", min=0, max=1, help="Only matches at least this likely (0-1) to share the query's attribute."),
+    backend: str = BackendOpt,
+    uri: Optional[str] = UriOpt,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per query and line, with the keys of REST /search."),
 ):
     """The images most alike to each query, by the learned distance (lower = more alike) and P(same attribute).
@@ -173,7 +186,7 @@ def search(
     if grid is not None and len(paths) != 1:
         raise ConfigError(f"--grid draws one query's matches; {len(paths)} queries were given (leave out --grid or pass one image)")
     params = {k: v for k, v in {"rerank": rerank, "ef_search": ef_search, "nprobe": nprobe}.items() if v is not None}
-    with CatalogIndex.open(index_dir, model=run) as index:
+    with CatalogIndex.open(IndexLocation.parse(index_dir, backend, uri), model=run) as index:
         start = time.perf_counter()
         vectors, own_ids = index.query_vectors(paths)
         results = index.search_vectors(vectors, top, attribute, min_probability, leave_out=None if keep_self else own_ids, params=params)
@@ -201,25 +214,30 @@ def search(
 
 
 @index_app.command()
-def stats(index_dir: Path = IndexDirArg, as_json: bool = JsonOpt):
+def stats(index_dir: Path = IndexDirArg, backend: str = BackendOpt, uri: Optional[str] = UriOpt, as_json: bool = JsonOpt):
     """What the index holds: images per attribute, index kind, un-merged tail, tombstones, files and sizes."""
-    with ImageIndex.open(index_dir) as index:
-        s = index.stats()
+    with IndexLocation.parse(index_dir, backend, uri).open() as index:
+        s, location = index.stats(), index.location
     if as_json:
         print(json.dumps(s, indent=2))
         return
-    table = Table(show_header=False, title=f"index {s['directory']}")
-    for key in ("images", "distance", "kind", "kind_requested", "dim", "indexed_rows", "tail_rows", "tombstones", "vector_rows", "dead_rows", "dead_share", "tuned", "generation", "run_dir", "backbone_fingerprint", "updated"):
-        table.add_row(key, str(s[key]))
+    table = Table(show_header=False, title=escape(location))
+    for key, value in s.items():
+        if key not in ("directory", "location", "attributes", "params", "files_bytes"):
+            table.add_row(key, escape(str(value)))
     table.add_row("attributes", ", ".join(f"{a}: {n}" for a, n in s["attributes"].items()))
-    table.add_row("files", ", ".join(f"{n} {b / 2**20:.1f} MB" for n, b in s["files_bytes"].items()))
+    if "files_bytes" in s:
+        table.add_row("files", ", ".join(f"{n} {b / 2**20:.1f} MB" for n, b in s["files_bytes"].items()))
     out.print(table)
 
 
 @index_app.command()
 def compact(index_dir: Path = IndexDirArg, as_json: bool = JsonOpt):
-    """Rewrite the stored vectors without removed images' rows; ids and search results stay the same, and searches go on meanwhile."""
-    with ImageIndex.open(index_dir, writable=True) as index:
+    """Rewrite the stored vectors without removed images' rows; ids and search results stay the same, and searches go on meanwhile.
+
+    For a FAISS index folder; a Milvus collection compacts itself.
+    """
+    with IndexLocation.parse(index_dir).open(writable=True) as index:
         dropped = index.stats()["dead_rows"]
         done = index.compact()
         s = index.stats()
@@ -235,10 +253,12 @@ def compact(index_dir: Path = IndexDirArg, as_json: bool = JsonOpt):
 def reindex(
     index_dir: Path = IndexDirArg,
     kind: str = KindOpt,
+    backend: str = BackendOpt,
+    uri: Optional[str] = UriOpt,
     as_json: bool = JsonOpt,
 ):
-    """Rebuild the FAISS index from the stored vectors (no re-embedding): switch kind, or drop removed images' leftovers."""
-    with ImageIndex.open(index_dir, writable=True) as index:
+    """Rebuild the vector index from the stored vectors (no re-embedding): switch kind, or drop removed images' leftovers."""
+    with IndexLocation.parse(index_dir, backend, uri).open(writable=True) as index:
         index.reindex(kind, progress=not as_json)
         s = index.stats()
     if as_json:

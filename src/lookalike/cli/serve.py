@@ -43,7 +43,9 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def serve(
-        index: Path = typer.Option(..., "--index", "-i", help="Index directory built by `lookalike index build`."),
+        index: Path = typer.Option(..., "--index", "-i", help="Index directory built by `lookalike index build`; with --backend milvus, the collection's name."),
+        backend: str = typer.Option("faiss", "--backend", help="Where the index lives: faiss (the --index folder) or milvus (a collection in Milvus at --uri)."),
+        uri: Optional[str] = typer.Option(None, "--uri", help="With --backend milvus: a Milvus Lite file (catalog.db) or a server (http://host:19530)."),
         run: Optional[Path] = typer.Option(None, "--model", "-m", "--run", "-r", help="Model folder (`lookalike fit`) or run folder that embeds queries; default: the one the index was built with."),
         host: str = typer.Option("127.0.0.1", help="Address to listen on. Loopback by default; use 0.0.0.0 only behind a proxy or firewall."),
         port: int = typer.Option(8000, help="TCP port."),
@@ -68,6 +70,8 @@ def register(app: typer.Typer) -> None:
 
         settings = settings_from_options(
             index_dir=index,
+            index_backend=backend,
+            index_uri=uri,
             run_dir=run,
             host=host,
             port=port,
@@ -86,7 +90,7 @@ def register(app: typer.Typer) -> None:
             typer.secho(f"listening on {host}: the service is reachable from other machines", fg="yellow", err=True)
         engine = Engine(settings, parse_rankers(ranker))
         try:
-            typer.echo(f"lookalike serving {engine.index.directory} on http://{host}:{port}/ (API docs at /docs)")
+            typer.echo(f"lookalike serving {engine.index.location} on http://{host}:{port}/ (API docs at /docs)")
             uvicorn.run(
                 create_app(engine),
                 host=host,

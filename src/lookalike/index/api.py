@@ -1,7 +1,7 @@
 """`ImageIndex`: a searchable, growing catalog of images together with the model that embeds them.
 
-The library's front door to the index. It pairs the crash-safe store (store.py: manifest, SQLite
-catalog, raw vectors, FAISS) with a SimilarityModel, so callers hand it images, not vectors:
+The library's front door to the index. It pairs a store (the crash-safe folder of store.py:
+manifest, SQLite catalog, raw vectors, FAISS; or a Milvus collection, milvus.py) with a SimilarityModel, so callers hand it images, not vectors:
 build from a folder, search by photo, vector or catalog id, add and remove by path.
 """
 
@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from ..errors import LookalikeError
+from ..results import Match
+from .backends import IndexLocation, IndexStore, as_location
 from .build import ModelEmbedder, absolute, check_model
 from .ingest import IngestReport, ingest
 from .metric import IndexMetric
-from ..results import Match
 from .search import search_vectors
-from .store import ImageIndex as IndexStore
 
 if TYPE_CHECKING:
     from ..model import SimilarityModel
@@ -31,7 +31,7 @@ class ImageIndex:
     Parameters
     ----------
     store : IndexStore
-        The opened index folder.
+        The opened index: a folder (FAISS) or a Milvus collection.
     model : SimilarityModel, optional
         Embeds query images and new catalog images; loaded from the folder the index records when omitted.
 
@@ -53,7 +53,7 @@ class ImageIndex:
         cls,
         images: str | os.PathLike | Sequence[str | os.PathLike],
         model: "SimilarityModel | str | os.PathLike",
-        path: str | os.PathLike,
+        path: str | os.PathLike | IndexLocation,
         kind: str = "auto",
         distance: str = "learned",
         overwrite: bool = False,
@@ -65,10 +65,11 @@ class ImageIndex:
         ----------
         images : folder, file, or list of them
         model : SimilarityModel, or the path of a model or run folder
-        path : path
-            The index folder to create; rerunning resumes an interrupted build.
-        kind : {"auto", "flat", "hnsw", "ivfpq"}
-            FAISS index kind; "auto" picks by catalog size.
+        path : path or IndexLocation
+            The index folder to create, or ``IndexLocation.parse(name, "milvus", uri)`` for a Milvus
+            collection; rerunning resumes an interrupted build.
+        kind : {"auto", "flat", "hnsw", "ivfpq"}, or for Milvus {"auto", "flat", "hnsw", "diskann"}
+            Index kind; "auto" picks by catalog size.
         distance : str
             "learned" (the model's distance) or a plain one ("l2", "cosine").
         overwrite : bool
@@ -81,7 +82,7 @@ class ImageIndex:
         """
         model = _as_model(model)
         metric = IndexMetric.from_ranker(model.ranker_, distance)
-        store = IndexStore.create(path, model.embedding_dim, metric, model.backbone_fingerprint, kind, run_dir=getattr(model, "source_", None), overwrite=overwrite)
+        store = as_location(path).create(model.embedding_dim, metric, model.backbone_fingerprint, kind, run_dir=getattr(model, "source_", None), overwrite=overwrite)
         try:
             ingest(store, images, ModelEmbedder(model, progress), progress=progress)
             store.finish_build()
@@ -91,9 +92,9 @@ class ImageIndex:
         return cls(store, model)
 
     @classmethod
-    def open(cls, path: str | os.PathLike, model: "SimilarityModel | str | os.PathLike | None" = None, writable: bool = False) -> "ImageIndex":
-        """An existing index; `writable` takes the writer lock (one writer at a time), needed by `add` and `remove`."""
-        store = IndexStore.open(path, writable=writable)
+    def open(cls, path: str | os.PathLike | IndexLocation, model: "SimilarityModel | str | os.PathLike | None" = None, writable: bool = False) -> "ImageIndex":
+        """An existing index (a folder, or an IndexLocation); `writable` takes the writer lock (one writer at a time), needed by `add` and `remove`."""
+        store = as_location(path).open(writable=writable)
         return cls(store, _as_model(model) if model is not None else None)
 
     def close(self) -> None:
@@ -109,7 +110,7 @@ class ImageIndex:
         return self.store.size
 
     def __repr__(self) -> str:
-        return f"ImageIndex({str(self.store.directory)!r}, {len(self)} images)"
+        return f"ImageIndex({self.store.location!r}, {len(self)} images)"
 
     @property
     def model(self) -> "SimilarityModel":
@@ -120,7 +121,7 @@ class ImageIndex:
             recorded = self.store.manifest.get("run_dir")
             if not recorded or not Path(recorded).is_dir():
                 raise LookalikeError(
-                    f"the index at {self.store.directory} does not record a model folder that exists here ({recorded}); "
+                    f"{self.store.location} does not record a model folder that exists here ({recorded}); "
                     "open it with the model it was built with: ImageIndex.open(path, model=...)"
                 )
             self._model = SimilarityModel.load(recorded)
@@ -159,9 +160,9 @@ class ImageIndex:
     ) -> list[list[Match]]:
         """`search` for many queries; images among them are embedded in one batch."""
         if k < 1:
-            raise LookalikeError(f"k = {k}: ask for at least 1 match")
+            raise LookalikeError(f"k = {k}: ask for at least 1 match", param="k")
         if min_probability is not None and not 0 <= min_probability <= 1:
-            raise LookalikeError(f"min_probability = {min_probability}: give a probability between 0 and 1")
+            raise LookalikeError(f"min_probability = {min_probability}: give a probability between 0 and 1", param="min_probability")
         vectors, own = self.query_vectors(queries)
         return self.search_vectors(vectors, k, attribute, min_probability, None if keep_self else own, params)
 
@@ -185,7 +186,7 @@ class ImageIndex:
         to_embed = []
         for n, q in enumerate(queries):
             if isinstance(q, (int, np.integer)) and not isinstance(q, bool):
-                if not (0 <= q < store.rows and store.alive[q]):
+                if not store.entries([q]):
                     raise LookalikeError(f"no image with id {q} in the index")
                 own[n] = int(q)
             elif isinstance(q, np.ndarray) and q.ndim == 1:
@@ -204,7 +205,7 @@ class ImageIndex:
                 to_embed.append(n)
         stored = [n for n in range(len(queries)) if own[n] is not None]
         if stored:
-            vectors[stored] = store.vectors()[[own[n] for n in stored]]
+            vectors[stored] = store.vectors_of([own[n] for n in stored])
         if to_embed:
             vectors[to_embed] = self.model.embed([queries[n] for n in to_embed])
         return vectors, own

@@ -6,9 +6,9 @@ import os
 from pathlib import Path
 
 from ..errors import LookalikeError
+from .backends import IndexLocation, IndexStore, as_location
 from .ingest import IngestReport, check_embedder, ingest
 from .metric import IndexMetric
-from .store import ImageIndex
 
 
 class ModelEmbedder:
@@ -29,7 +29,7 @@ def absolute(path: str | os.PathLike) -> str:
     return os.path.abspath(Path(path).expanduser())
 
 
-def load_model(run: str | os.PathLike | None, index: ImageIndex | None = None, progress: bool = True):
+def load_model(run: str | os.PathLike | None, index: IndexStore | None = None, progress: bool = True):
     """The SimilarityModel of a model or run folder and its embedder, checked against `index` when one is given."""
     from ..model import SimilarityModel
 
@@ -45,12 +45,12 @@ def load_model(run: str | os.PathLike | None, index: ImageIndex | None = None, p
     return model, embedder
 
 
-def check_model(index: ImageIndex, model, run_dir: str | os.PathLike) -> None:
+def check_model(index: IndexStore, model, run_dir: str | os.PathLike) -> None:
     """Refuse a model whose vectors or learned distance are not those the index was built with."""
     check_embedder(index, ModelEmbedder(model, progress=False))
     if index.metric.kind == "learned" and IndexMetric.from_ranker(model.ranker_).fingerprint() != index.manifest["metric_fingerprint"]:
         raise LookalikeError(
-            f"the learned distance of {run_dir} is not the one the index at {index.directory} was built with "
+            f"the learned distance of {run_dir} is not the one {index.location} was built with "
             "(was the metric retrained?); build the index again with `lookalike index build --overwrite`"
         )
 
@@ -58,17 +58,17 @@ def check_model(index: ImageIndex, model, run_dir: str | os.PathLike) -> None:
 def build_index(
     run: str | os.PathLike,
     images: str | os.PathLike,
-    out_dir: str | os.PathLike,
+    out_dir: str | os.PathLike | IndexLocation,
     kind: str = "auto",
     distance: str = "learned",
     overwrite: bool = False,
     chunk: int = 1024,
     progress: bool = True,
 ) -> tuple[IngestReport, dict]:
-    """Embed every image below `images` into a new index at `out_dir`; rerunning resumes an interrupted build."""
+    """Embed every image below `images` into a new index at `out_dir` (a folder, or any backend's location); rerunning resumes an interrupted build."""
     model, embedder = load_model(run, progress=progress)
     metric = IndexMetric.from_ranker(model.ranker_, distance)
-    with ImageIndex.create(out_dir, embedder.dim, metric, embedder.fingerprint, kind, run_dir=absolute(run), overwrite=overwrite) as index:
+    with as_location(out_dir).create(embedder.dim, metric, embedder.fingerprint, kind, run_dir=absolute(run), overwrite=overwrite) as index:
         report = ingest(index, images, embedder, chunk_size=chunk)
         index.finish_build()
         return report, index.stats()

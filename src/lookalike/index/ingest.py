@@ -19,8 +19,8 @@ from ..errors import LookalikeError
 from ..fileio import sha256_file
 from ..images import iter_image_files, unreadable_reason
 from ..progress import tqdm
+from .backends import IndexStore
 from .catalog import ImageEntry, NewImage
-from .store import ImageIndex
 
 
 class Embedder(Protocol):
@@ -77,7 +77,7 @@ def image_sources(sources: str | os.PathLike | Sequence[str | os.PathLike], attr
 
 
 def ingest(
-    index: ImageIndex,
+    index: IndexStore,
     sources: str | os.PathLike | Sequence[str | os.PathLike],
     embedder: Embedder,
     chunk_size: int = 1024,
@@ -113,7 +113,7 @@ def ingest(
     return report
 
 
-def _ingest_chunk(index: ImageIndex, chunk: list, known: dict, embedder: Embedder, report: IngestReport) -> None:
+def _ingest_chunk(index: IndexStore, chunk: list, known: dict, embedder: Embedder, report: IngestReport) -> None:
     pending: list[tuple[NewImage, np.ndarray | None]] = []
     for path, attribute, size, mtime in chunk:
         try:
@@ -123,7 +123,7 @@ def _ingest_chunk(index: ImageIndex, chunk: list, known: dict, embedder: Embedde
             continue
         entry = known.get(path)
         if entry is not None and entry.sha256 == digest:
-            index.catalog.touch(entry.id, size, mtime)
+            index.touch(entry.id, size, mtime)
             report.unchanged += 1
             continue
         pending.append((NewImage(path, attribute, digest, size, mtime), index.reuse_vector(digest)))
@@ -161,16 +161,16 @@ def _ingest_chunk(index: ImageIndex, chunk: list, known: dict, embedder: Embedde
             known[im.path] = ImageEntry(int(i), im.path, im.attribute, im.sha256, im.size, im.mtime)
 
 
-def check_embedder(index: ImageIndex, embedder: Embedder) -> None:
+def check_embedder(index: IndexStore, embedder: Embedder) -> None:
     """Refuse to mix vectors from another backbone or dimension into an index."""
     if embedder.dim != index.dim:
         raise LookalikeError(
-            f"the run embeds images as {embedder.dim}-d vectors but the index at {index.directory} holds {index.dim}-d vectors; "
+            f"the run embeds images as {embedder.dim}-d vectors but {index.location} holds {index.dim}-d vectors; "
             "use the run the index was built with, or build a new index"
         )
     expected = index.manifest["backbone_fingerprint"]
     if expected and embedder.fingerprint != expected:
         raise LookalikeError(
-            f"the run's backbone (fingerprint {embedder.fingerprint}) is not the one the index at {index.directory} was built with "
+            f"the run's backbone (fingerprint {embedder.fingerprint}) is not the one {index.location} was built with "
             f"({expected}); its distances would be meaningless. Use the run given by `lookalike index stats`, or build a new index"
         )

@@ -1,7 +1,8 @@
 """Query -> top-k catalogue matches, ranked by the exact distance.
 
 FAISS proposes candidates (all of them exact for the flat kind, an over-fetched shortlist for HNSW
-and IVF-PQ); the un-merged tail is scanned by brute force; every candidate is then scored with
+and IVF-PQ); the un-merged tail is scanned by brute force (a Milvus index proposes its own
+shortlist with the raw vectors, see milvus.py); every candidate is then scored with
 the exact distance in float64 from the raw vectors, so approximate kinds only ever lose recall,
 never report a wrong distance, and removed images (HNSW tombstones) are filtered out.
 """
@@ -14,6 +15,7 @@ import numpy as np
 
 from ..errors import LookalikeError
 from ..results import Match
+from .backends import IndexStore
 from .store import ImageIndex
 
 
@@ -40,21 +42,25 @@ def candidate_ids(index: ImageIndex, queries: np.ndarray, k: int, params: dict |
     return [np.concatenate([ids, tail]) if len(tail) else ids for ids in found]
 
 
-def search_vectors(index: ImageIndex, queries, k: int = 15, params: dict | None = None, exclude_ids=None) -> list[list[Match]]:
+def search_vectors(index: IndexStore, queries, k: int = 15, params: dict | None = None, exclude_ids=None) -> list[list[Match]]:
     """Top-k matches for each query vector (rows of `queries`), nearest first."""
     queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
     if queries.shape[1] != index.dim:
         raise LookalikeError(f"query vectors have dimension {queries.shape[1]}, this index stores {index.dim}-d vectors (built with another backbone?)")
     if k < 1:
-        raise LookalikeError("--top must be at least 1")
+        raise LookalikeError(f"k = {k}: ask for at least 1 match", param="k")
     exclude = set() if exclude_ids is None else {int(i) for i in exclude_ids}
-    X = index.vectors()
+    if isinstance(index, ImageIndex):
+        X = index.vectors()
+        shortlists = ((ids, X[ids]) for ids in map(np.unique, candidate_ids(index, queries, k + len(exclude), params)))
+    else:
+        shortlists = index.shortlists(queries, k + len(exclude), params)
     results = []
-    for q, cands in zip(queries, candidate_ids(index, queries, k + len(exclude), params)):
-        cands = np.unique(cands)
+    for q, (cands, vectors) in zip(queries, shortlists):
         if exclude:
-            cands = cands[~np.isin(cands, list(exclude))]
-        dist = index.metric.distance(q, X[cands])
+            keep = ~np.isin(cands, list(exclude))
+            cands, vectors = cands[keep], vectors[keep]
+        dist = index.metric.distance(q, vectors)
         order = np.lexsort((cands, dist))[:k]
         top_ids, top_dist = cands[order], dist[order]
         prob = index.metric.probability(top_dist)

@@ -67,6 +67,7 @@ class ImageIndex:
         self._ann: AnnIndex | None = None
         self._ann_file: str | None = None
         self.alive = np.zeros(self.rows, dtype=bool)
+        self._mapped = np.zeros((0, self.dim), dtype=np.float32)
 
     # ---- opening -------------------------------------------------------------------------------
 
@@ -210,6 +211,21 @@ class ImageIndex:
         stay until a compaction)."""
         return self.raw.view(self.rows)
 
+    def vectors_of(self, ids) -> np.ndarray:
+        """The raw vectors of these rows, in order (a copy; the file is mapped once per committed size, not per call)."""
+        if self._mapped.shape[0] != self.rows:
+            self._mapped = self.vectors()
+        return np.array(self._mapped[np.asarray(ids, dtype=np.int64)])
+
+    def is_live(self, image_id: int) -> bool:
+        """Whether the id is a catalogued image of this generation (read from the mask, no catalog query)."""
+        return 0 <= image_id < len(self.alive) and bool(self.alive[image_id])
+
+    @property
+    def location(self) -> str:
+        """Where the index is, as messages name it."""
+        return f"the index at {self.directory}"
+
     def _load_state(self) -> None:
         if self._lock is None:
             self.catalog.pin()  # before mapping the vectors: a compaction deletes the file before the catalog rows
@@ -279,6 +295,10 @@ class ImageIndex:
             return None
         stale = sum(1 for i in ids if i < ann["rows"])
         return {**ann, "tombstones": ann["tombstones"] + stale}
+
+    def touch(self, entry_id: int, size: int, mtime: float) -> None:
+        """Record a new size/mtime for a file whose content is unchanged."""
+        self.catalog.touch(entry_id, size, mtime)
 
     def finish_build(self) -> None:
         """Mark a build complete: from now on `build` refuses to touch it and `add` updates it."""

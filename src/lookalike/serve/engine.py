@@ -35,12 +35,12 @@ from ..errors import BadImageError, LookalikeError
 from ..features.extract import l2_normalize
 from ..fileio import open_regular, write_bytes
 from ..images import open_image_bytes
-from ..index.catalog import ImageEntry, NewImage
-from ..index.build import check_model
 from ..index.api import filtered_search
-from ..results import Match
-from ..index.store import MANIFEST, ImageIndex
+from ..index.backends import IndexLocation, IndexStore
+from ..index.build import check_model
+from ..index.catalog import ImageEntry, NewImage
 from ..model import SimilarityModel
+from ..results import Match
 from .batching import MicroBatcher
 from .errors import ApiError
 from .settings import ServeSettings
@@ -88,29 +88,24 @@ def resolve_run_dir(index_dir: Path, recorded: str | None, override: Path | None
 
 
 class IndexAccess:
-    """The index, used only from its own thread; reopened when the manifest on disk changes."""
+    """The index, used only from its own thread; reopened when an update commits (a new manifest, or Milvus state)."""
 
-    def __init__(self, directory: Path):
-        self.directory = Path(directory).expanduser().resolve()
+    def __init__(self, location: IndexLocation):
+        self.location = location
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="lookalike-index")
-        self._index: ImageIndex | None = None
-        self._stamp: tuple[int, int] | None = None
+        self._index: IndexStore | None = None
+        self._stamp: tuple | None = None
         self.attributes: dict[str, int] = {}
-        self.vectors = np.zeros((0, 0), np.float32)  # the open index's raw vectors, mapped once per generation rather than per search
-        self.check: Callable[[ImageIndex], None] | None = None  # raises LookalikeError for an index the service's model cannot search
+        self.check: Callable[[IndexStore], None] | None = None  # raises LookalikeError for an index the service's model cannot search
 
     def submit(self, fn: Callable, *args) -> Future:
         """Run fn(index, *args) on the index thread."""
         return self._thread.submit(lambda: fn(self._current(), *args))
 
-    def _current(self) -> ImageIndex:
-        try:
-            st = os.stat(self.directory / MANIFEST)
-        except OSError:
-            raise LookalikeError(f"the index at {self.directory} has gone away; restart the service with a valid --index") from None
-        stamp = (st.st_ino, st.st_mtime_ns)
+    def _current(self) -> IndexStore:
+        stamp = self.location.version()
         if stamp != self._stamp:
-            fresh = ImageIndex.open(self.directory)
+            fresh = self.location.open()
             try:
                 self._check(fresh)
             except ApiError:
@@ -119,13 +114,12 @@ class IndexAccess:
             if self._index is not None:
                 self._index.close()
             self._index, self._stamp = fresh, stamp
-            self.attributes = fresh.catalog.attribute_counts(fresh.generation)
-            self.vectors = fresh.vectors()
+            self.attributes = fresh.stats()["attributes"]
         return self._index
 
-    def _check(self, index: ImageIndex) -> None:
+    def _check(self, index: IndexStore) -> None:
         if index.manifest.get("building"):
-            raise ApiError(503, "index_rebuilding", f"the index at {self.directory} is being rebuilt; retry when the build has finished", {"Retry-After": "30"})
+            raise ApiError(503, "index_rebuilding", f"{index.location} is being rebuilt; retry when the build has finished", {"Retry-After": "30"})
         if self.check is not None:
             try:
                 self.check(index)
@@ -149,12 +143,12 @@ class Engine:
 
     def __init__(self, settings: ServeSettings, extra_rankers: dict[str, Path] | None = None):
         self.settings = settings
-        self.index = IndexAccess(settings.index_dir)
+        self.index = IndexAccess(settings.index_location)
         try:
             manifest = self.index.submit(lambda ix: ix.manifest).result()
         except ApiError as e:
             raise LookalikeError(e.detail) from None
-        run_dir = resolve_run_dir(self.index.directory, manifest.get("run_dir"), settings.run_dir)
+        run_dir = resolve_run_dir(Path(self.index.location.name), manifest.get("run_dir"), settings.run_dir)
         model = SimilarityModel.load(run_dir)
         self.index.submit(check_model, model, run_dir).result()
         self.index.check = lambda index: check_model(index, model, run_dir)
@@ -268,43 +262,43 @@ class Engine:
     # ---- index work (index thread) -------------------------------------------------------------
 
     def search(
-        self, index: ImageIndex, vector: np.ndarray, top: int, attribute: str | None, exclude: list[int], min_probability: float | None = None
+        self, index: IndexStore, vector: np.ndarray, top: int, attribute: str | None, exclude: list[int], min_probability: float | None = None
     ) -> list[dict]:
         """Top matches, optionally of one attribute and at least `min_probability` likely to share the query's."""
         if attribute is not None and attribute not in self.index.attributes:
             known = ", ".join(self.index.attributes) or "none"
             raise ApiError(422, "unknown_attribute", f"no catalog image has the attribute {attribute!r}; known attributes: {known}")
-        rows = self._with_probability(vector, filtered_search(index, vector, top, attribute, exclude=exclude))
+        rows = self._with_probability(index, vector, filtered_search(index, vector, top, attribute, exclude=exclude))
         return [r for r in rows if min_probability is None or r["probability"] >= min_probability]
 
-    def _with_probability(self, vector: np.ndarray, matches: list[Match]) -> list[dict]:
+    def _with_probability(self, index: IndexStore, vector: np.ndarray, matches: list[Match]) -> list[dict]:
         """Matches as dicts; an index ranked by a plain distance still reports the run's calibrated probability."""
         rows = [dict(vars(m)) for m in matches]  # Match's fields are flat: asdict's deep copy cost a tenth of a /similar answer
         missing = [r for r in rows if r["probability"] is None]
         if missing:
-            X = self.index.vectors[[r["id"] for r in missing]]
+            X = index.vectors_of([r["id"] for r in missing])
             probs = self.model.probability(self.model.distance(vector, X))
             for r, p in zip(missing, probs):
                 r["probability"] = float(p)
         return rows
 
     @staticmethod
-    def entry(index: ImageIndex, image_id: int) -> ImageEntry:
+    def entry(index: IndexStore, image_id: int) -> ImageEntry:
         found = index.entries([image_id]).get(image_id)
         if found is None:
             raise not_found(image_id)
         return found
 
-    def vector_of(self, index: ImageIndex, image_id: int) -> np.ndarray:
-        """The stored vector of a catalog image; its liveness is read from the index's mask, not from a catalog query."""
-        if not (0 <= image_id < len(index.alive) and index.alive[image_id]):
+    def vector_of(self, index: IndexStore, image_id: int) -> np.ndarray:
+        """The stored vector of a catalog image; a FAISS index reads its liveness from its mask, not from a catalog query."""
+        if not index.is_live(image_id):
             raise not_found(image_id)
-        return np.array(self.index.vectors[image_id])
+        return index.vectors_of([image_id])[0]
 
-    def stats(self, index: ImageIndex) -> dict:
+    def stats(self, index: IndexStore) -> dict:
         return {"images": index.size, "attributes": dict(self.index.attributes), "distance": index.metric.describe(), "generation": index.generation}
 
-    def add(self, _reader: ImageIndex, uploads: list[Upload], vectors: np.ndarray, attribute: str | None) -> list[dict]:
+    def add(self, _reader: IndexStore, uploads: list[Upload], vectors: np.ndarray, attribute: str | None) -> list[dict]:
         """Store the uploads (named by content hash) and catalogue the new ones in one committed update."""
         folder = self.settings.resolved_upload_dir()
         folder.mkdir(parents=True, exist_ok=True)
@@ -335,7 +329,7 @@ class Engine:
         finally:
             writer.close()
 
-    def remove(self, _reader: ImageIndex, image_id: int) -> None:
+    def remove(self, _reader: IndexStore, image_id: int) -> None:
         writer = self._open_writer()
         try:
             if not writer.remove([image_id]):
@@ -343,9 +337,9 @@ class Engine:
         finally:
             writer.close()
 
-    def _open_writer(self) -> ImageIndex:
+    def _open_writer(self) -> IndexStore:
         try:
-            return ImageIndex.open(self.index.directory, writable=True)
+            return self.index.location.open(writable=True)
         except LookalikeError:
             raise ApiError(409, "index_busy", "the index is being updated by another process; retry when it has finished", {"Retry-After": "5"}) from None
 

@@ -6,13 +6,17 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ..index.backends import IndexLocation
+
 
 class ServeSettings(BaseModel):
     """Service limits and switches; every one has a safe default (loopback, read-only, 20 MB uploads)."""
 
     model_config = ConfigDict(frozen=True)
 
-    index_dir: Path
+    index_dir: Path = Field(description="The index folder; with index_backend milvus, the collection's name.")
+    index_backend: str = Field("faiss", description="faiss (a folder) or milvus (a collection in the Milvus at index_uri).")
+    index_uri: str | None = Field(None, description="With index_backend milvus: a Milvus Lite file (*.db) or a server (http://host:19530).")
     run_dir: Path | None = Field(None, description="Model run to embed queries with; default: the run recorded in the index.")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -39,6 +43,10 @@ class ServeSettings(BaseModel):
         if len(v) < 16:
             raise ValueError("the API key must be at least 16 characters (e.g. `python -c 'import secrets; print(secrets.token_urlsafe())'`)")
         return v
+
+    @property
+    def index_location(self) -> IndexLocation:
+        return IndexLocation.parse(self.index_dir, self.index_backend, self.index_uri)
 
     @property
     def max_upload_bytes(self) -> int:
