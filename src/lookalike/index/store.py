@@ -67,7 +67,7 @@ class ImageIndex:
         self._ann: AnnIndex | None = None
         self._ann_file: str | None = None
         self.alive = np.zeros(self.rows, dtype=bool)
-        self._mapped = np.zeros((0, self.dim), dtype=np.float32)
+        self._mapped: tuple[tuple[RawVectors, int], IdRows] | None = None  # ((file, rows), its id lookup) for vectors_of
 
     # ---- opening -------------------------------------------------------------------------------
 
@@ -212,10 +212,10 @@ class ImageIndex:
         return self.raw.view(self.rows)
 
     def vectors_of(self, ids) -> np.ndarray:
-        """The raw vectors of these rows, in order (a copy; the file is mapped once per committed size, not per call)."""
-        if self._mapped.shape[0] != self.rows:
-            self._mapped = self.vectors()
-        return np.array(self._mapped[np.asarray(ids, dtype=np.int64)])
+        """The raw vectors of these image ids, in order (a copy; the file is mapped once per file and size, not per call)."""
+        if self._mapped is None or self._mapped[0][0] is not self.raw or self._mapped[0][1] != self.rows:
+            self._mapped = ((self.raw, self.rows), self.vectors())
+        return np.array(self._mapped[1][np.asarray(ids, dtype=np.int64)])
 
     def is_live(self, image_id: int) -> bool:
         """Whether the id is a catalogued image of this generation (read from the mask, no catalog query)."""
