@@ -190,7 +190,7 @@ def catalog_ids(index: Path) -> list[int]:
 
 def run_benchmark(args, index: Path, log) -> dict:
     from lookalike.model import SimilarityModel
-    from lookalike.serve.engine import resolve_run_dir
+    from lookalike.serve.service import resolve_run_dir
 
     photos = sorted(args.data.rglob("*.jpg"))[:64]
     manifest = json.loads((index / "manifest.json").read_text())

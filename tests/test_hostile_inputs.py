@@ -32,7 +32,7 @@ from hostile import EXPECTED, upload_cases, write_corpus
 from lookalike.index import ImageIndex
 from lookalike.index.build import build_index
 from lookalike.serve.app import create_app
-from lookalike.serve.engine import Engine
+from lookalike.serve.service import Service
 from lookalike.serve.settings import ServeSettings
 
 KEY = "hostile-key-0123456789"
@@ -147,7 +147,7 @@ def service(trained, tmp_path_factory, env):
     shutil.copytree(trained.index, index)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LOOKALIKE_CACHE_DIR", env["LOOKALIKE_CACHE_DIR"])
-        engine = Engine(ServeSettings(index_dir=index, allow_writes=True, api_key=KEY, max_upload_mb=2))
+        engine = Service(ServeSettings(index_dir=index, allow_writes=True, api_key=KEY, max_upload_mb=2))
     with TestClient(create_app(engine)) as client:
         yield SimpleNamespace(client=client, engine=engine, index=index, uploads=engine.settings.resolved_upload_dir())
     engine.close()
@@ -183,7 +183,7 @@ def test_service_refuses_to_search_an_index_rebuilt_with_another_model(trained, 
     shutil.copytree(trained.index, index)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LOOKALIKE_CACHE_DIR", env["LOOKALIKE_CACHE_DIR"])
-        engine = Engine(ServeSettings(index_dir=index))
+        engine = Service(ServeSettings(index_dir=index))
     try:
         with TestClient(create_app(engine)) as client:
             assert client.get("/healthz").status_code == 200

@@ -108,7 +108,7 @@ def test_milvus_backend_gives_the_faiss_answers_for_a_trained_run(trained, tmp_p
     from lookalike.index.build import build_index
     from lookalike.index.milvus import disconnect
     from lookalike.serve.app import create_app
-    from lookalike.serve.engine import Engine
+    from lookalike.serve.service import Service
     from lookalike.serve.settings import ServeSettings
 
     root, env = trained
@@ -141,7 +141,7 @@ def test_milvus_backend_gives_the_faiss_answers_for_a_trained_run(trained, tmp_p
     for expected, found in zip(faiss.search_vectors(vectors, 15), milvus.search_vectors(vectors, 15)):
         assert_same([m.to_dict() for m in found], expected)
 
-    engine = Engine(ServeSettings(index_dir="photos", index_backend="milvus", index_uri=str(uri)))
+    engine = Service(ServeSettings(index_dir="photos", index_backend="milvus", index_uri=str(uri)))
     try:
         with TestClient(create_app(engine)) as client, open(queries[1], "rb") as f:
             assert_same(client.post("/search", files={"image": (queries[1].name, f, "image/jpeg")}).json()["results"], faiss.search_vectors(vectors[1:], 15)[0])

@@ -108,10 +108,10 @@ def test_fit_makes_a_self_contained_model_folder_that_every_command_takes(worksp
 
     # serve answers searches with the model the index records
     from lookalike.serve.app import create_app
-    from lookalike.serve.engine import Engine
+    from lookalike.serve.service import Service
     from lookalike.serve.settings import ServeSettings
 
-    with TestClient(create_app(Engine(ServeSettings(index_dir=index)))) as client:
+    with TestClient(create_app(Service(ServeSettings(index_dir=index)))) as client:
         with open(workspace / "query.jpg", "rb") as f:
             answer = client.post("/search", files={"image": ("query.jpg", f, "image/jpeg")}, data={"top": "5"})
         first = found["results"][0]["id"]

@@ -31,7 +31,7 @@ from schemathesis.specs.openapi.checks import content_type_conformance, response
 
 from conftest import launch_chromium, require_playwright
 from lookalike.serve.app import create_app
-from lookalike.serve.engine import Engine
+from lookalike.serve.service import Service
 from lookalike.index.build import build_index
 from lookalike.serve.settings import ServeSettings
 
@@ -53,7 +53,7 @@ def served(small_run):
 
 @pytest.fixture(scope="session")
 def engine(served):
-    eng = Engine(ServeSettings(index_dir=served.index))
+    eng = Service(ServeSettings(index_dir=served.index))
     yield eng
     eng.close()
 
@@ -68,7 +68,7 @@ def writable_app(served, name: str, extra_rankers=None):
     """A copy of the index served with writes on and a key (each copy is changed by one group of tests only)."""
     index = served.root / name
     shutil.copytree(served.index, index)
-    eng = Engine(ServeSettings(index_dir=index, allow_writes=True, api_key=KEY, upload_dir=served.root / f"{name}-uploads"), extra_rankers)
+    eng = Service(ServeSettings(index_dir=index, allow_writes=True, api_key=KEY, upload_dir=served.root / f"{name}-uploads"), extra_rankers)
     return eng, index
 
 
@@ -200,7 +200,7 @@ def counted_engine(served, seconds: float = 0.0, **settings):
     """An engine of its own over the shared index, with `settings` and a CountingModel in place of its model's engine."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LOOKALIKE_CACHE_DIR", str(served.root / "cache"))
-        eng = Engine(ServeSettings(index_dir=served.index, **settings))
+        eng = Service(ServeSettings(index_dir=served.index, **settings))
         counting = CountingModel(eng.model.engine(), seconds)
         mp.setattr(eng.model, "engine", lambda *args, **kwargs: counting)
         try:

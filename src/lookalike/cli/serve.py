@@ -66,7 +66,7 @@ def register(app: typer.Typer) -> None:
 
         from ..serve.app import create_app
         from ..serve.connections import header_deadline_protocol
-        from ..serve.engine import Engine
+        from ..serve.service import Service
 
         settings = settings_from_options(
             index_dir=index,
@@ -88,7 +88,7 @@ def register(app: typer.Typer) -> None:
         )
         if host not in LOOPBACK:
             typer.secho(f"listening on {host}: the service is reachable from other machines", fg="yellow", err=True)
-        engine = Engine(settings, parse_rankers(ranker))
+        engine = Service(settings, parse_rankers(ranker))
         try:
             typer.echo(f"lookalike serving {engine.index.location} on http://{host}:{port}/ (API docs at /docs)")
             uvicorn.run(

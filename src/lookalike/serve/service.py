@@ -138,7 +138,7 @@ class IndexAccess:
         self._thread.shutdown(wait=True)
 
 
-class Engine:
+class Service:
     """Everything a request needs besides HTTP: embedding, searching, scoring, thumbnails, catalog writes."""
 
     def __init__(self, settings: ServeSettings, extra_rankers: dict[str, Path] | None = None):

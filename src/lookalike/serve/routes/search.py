@@ -1,0 +1,66 @@
+"""Search routes: by upload, by catalog id, and comparing two uploads."""
+
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Query, UploadFile
+
+from ...results import MatchOut, QueryOut, SearchOut
+from ..schemas import CompareOut
+from ..service import Service
+from .common import COMMON_ERRORS as common
+from .common import AttributeForm, AttributeQuery, FloorForm, FloorQuery, ImageFile, ImageId, read_upload
+from .common import errors as _errors
+
+
+def search_router(service: Service) -> APIRouter:
+    router = APIRouter(tags=["search"])
+    TopForm = Annotated[int, Form(ge=1, le=service.settings.max_top, description="How many matches to return.")]
+    TopQuery = Annotated[int, Query(ge=1, le=service.settings.max_top, description="How many matches to return.")]
+
+    @router.post("/search", response_model=SearchOut, responses=_errors(400, 408, 413, 415, 422, 503), tags=["search"])
+    async def search(
+        image: ImageFile,
+        top: TopForm = 15,
+        attribute: AttributeForm = None,
+        min_probability: FloorForm = None,
+    ) -> SearchOut:
+        """Upload an image; get the most similar catalog images, nearest first."""
+        start = time.perf_counter()
+        upload = await read_upload(image, "image")
+        vector = await service.embed(upload)
+        matches = await service.on_index(service.search, vector, top, attribute, [], min_probability)
+        took = (time.perf_counter() - start) * 1000
+        w, h = upload.size
+        return SearchOut(
+            query=QueryOut(width=w, height=h, format=upload.format), attribute=attribute, min_probability=min_probability,
+            results=[MatchOut.from_match(m) for m in matches], took_ms=took,
+        )
+
+    @router.get("/images/{image_id}/similar", response_model=SearchOut, responses=_errors(404, 422, 503), tags=["search"])
+    async def similar(image_id: ImageId, top: TopQuery = 15, attribute: AttributeQuery = None, min_probability: FloorQuery = None) -> SearchOut:
+        """Search with a catalog image as the query (its stored vector; the image itself is left out)."""
+        start = time.perf_counter()
+
+        def by_id(index):
+            vector = service.vector_of(index, image_id)
+            return service.search(index, vector, top, attribute, [image_id], min_probability)
+
+        matches = await service.on_index(by_id)
+        took = (time.perf_counter() - start) * 1000
+        return SearchOut(
+            query=QueryOut(width=0, height=0, format=None, id=image_id), attribute=attribute, min_probability=min_probability,
+            results=[MatchOut.from_match(m) for m in matches], took_ms=took,
+        )
+
+    @router.post("/compare", response_model=CompareOut, responses=common | _errors(415), tags=["search"])
+    async def compare(
+        first: Annotated[UploadFile, File(description="First image.")],
+        second: Annotated[UploadFile, File(description="Second image.")],
+    ) -> CompareOut:
+        """How alike two uploaded images are: distance and calibrated probability per ranker, and fused."""
+        a = await read_upload(first, "first")
+        b = await read_upload(second, "second")
+        return CompareOut(**await service.cpu(service.compare, a, b))
+
+    return router
