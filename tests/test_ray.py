@@ -95,7 +95,7 @@ def copy_of_shards(ray_shards: Path, out: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def on_ray(ray_shards, photos, backbone, tmp_path_factory):
-    """`featurize-dir --engine ray --out emb.parquet`, made from the Ray run's shards."""
+    """`featurize-dir --executor ray --out emb.parquet`, made from the Ray run's shards."""
     out = tmp_path_factory.mktemp("ray-parquet") / "emb.parquet"
     copy_of_shards(ray_shards, out)
     return out, featurize_on_ray(photos, out, backbone)
@@ -170,7 +170,7 @@ def test_rerun_resumes_from_shards(ray_shards, photos):
     expected = _embeddings_in(ray_shards)
     parts[1].unlink()
     (ray_shards / f".{parts[2].name}.abc.tmp.parquet").write_bytes(b"half")
-    result = CliRunner().invoke(app, ["featurize-dir", str(photos), "--out", str(ray_shards), "--engine", "ray", "--shard-size", str(SHARD_SIZE)])
+    result = CliRunner().invoke(app, ["featurize-dir", str(photos), "--out", str(ray_shards), "--executor", "ray", "--shard-size", str(SHARD_SIZE)])
     assert result.exit_code == 3 and "skipped 2" in result.output, result.output  # partial success: the two broken photos
     manifest = json.loads((ray_shards / "manifest.json").read_text())
     assert (manifest["blocks_embedded"], manifest["blocks_resumed"]) == (1, len(parts) - 1)
@@ -219,7 +219,7 @@ def test_cli_prints_nothing_of_rays_own(model_cache, tmp_path):
         for src in sorted((REAL_DATA / attribute).glob("*.jpg"))[:2]:
             os.symlink(src, photos / attribute / src.name)
     out = tmp_path / "emb.parquet"
-    proc = lookalike_cli("featurize-dir", photos, "--out", out, "--engine", "ray", "--shard-size", 2, env=os.environ | {"LOOKALIKE_CACHE_DIR": str(model_cache), "COLUMNS": "200"})
+    proc = lookalike_cli("featurize-dir", photos, "--out", out, "--executor", "ray", "--shard-size", 2, env=os.environ | {"LOOKALIKE_CACHE_DIR": str(model_cache), "COLUMNS": "200"})
     progress_bar = r"Embedding on Ray \(.*?\):\s+\d+%\|[^|]*\| \d+/\d+ \[[^\]]*\]"
     assert not re.sub(progress_bar, "", proc.stderr).strip(), proc.stderr
     assert out.is_file() and not Path(f"{out}.shards").exists()

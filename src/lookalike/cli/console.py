@@ -29,7 +29,7 @@ PARAM_FLAGS = {
     "data": "--data", "out": "--out", "weights": "--weights", "backbone": "--backbone", "config": "--config",
     "directory": "DIRECTORY", "gallery": "--gallery", "attributes": "--attributes", "key": "BING_SEARCH_KEY (or --list-queries)",
     "model": "--model", "k": "--top", "kind": "--kind", "overwrite": "--overwrite", "images": "--images",
-    "shard_size": "--shard-size", "address": "--address", "engine": "--engine", "index": "--index",
+    "shard_size": "--shard-size", "address": "--address", "executor": "--executor", "index": "--index",
 }
 
 

@@ -73,23 +73,23 @@ def _print_report(action: str, report, index: IndexStore, as_json: bool) -> None
 @index_app.command()
 def build(
     run: Path = typer.Option(..., "--model", "-m", "--run", "-r", help="Model folder (`lookalike fit`) or run folder (`lookalike run`): what embeds and ranks the images."),
-    images: str = typer.Option(..., "--images", "-i", help="Folder of images; a top-level sub-folder name becomes the image's attribute. With --engine ray also s3://bucket/prefix."),
+    images: str = typer.Option(..., "--images", "-i", help="Folder of images; a top-level sub-folder name becomes the image's attribute. With --executor ray also s3://bucket/prefix."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Index folder to create; with --backend milvus, the collection's name."),
     kind: str = KindOpt,
     distance: str = typer.Option("learned", "--distance", help=f"Rank by: {', '.join(METRICS)}."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing index in --out."),
     chunk: int = typer.Option(1024, "--chunk", min=1, help="Images committed per step; an interrupted build resumes from the last step."),
-    engine: str = typer.Option("local", help="local (this process) or ray (embed on a Ray cluster into Parquet shards, then index them; see docs/scale-out.md)."),
-    address: Optional[str] = typer.Option(None, help="With --engine ray: the cluster (auto, or ray://HOST:10001); default a private local instance."),
+    executor: str = typer.Option("local", "--executor", help="local (this process) or ray (embed on a Ray cluster into Parquet shards, then index them; see docs/scale-out.md)."),
+    address: Optional[str] = typer.Option(None, help="With --executor ray: the cluster (auto, or ray://HOST:10001); default a private local instance."),
     backend: str = BackendOpt,
     uri: Optional[str] = UriOpt,
     as_json: bool = JsonOpt,
 ):
     """Embed every image under --images into a new index (rerun the same command to resume an interrupted build)."""
     location = IndexLocation.parse(out_dir, backend, uri)
-    if engine == "ray" and location.backend != "faiss":
-        raise ConfigError("--engine ray builds a FAISS index for now; build the Milvus collection with --engine local (see docs/scale-out.md)")
-    if engine == "ray":
+    if executor == "ray" and location.backend != "faiss":
+        raise ConfigError("--executor ray builds a FAISS index for now; build the Milvus collection with --executor local (see docs/scale-out.md)")
+    if executor == "ray":
         from ..distributed import ModelSpec, featurize_and_index
 
         model, _ = load_model(run)
@@ -102,10 +102,10 @@ def build(
         else:
             out.print(f"build (ray): {escape(str(result))}")
         return
-    if engine != "local" or address is not None:
-        raise ConfigError("--engine is local or ray, and --address goes with --engine ray")
+    if executor != "local" or address is not None:
+        raise ConfigError("--executor is local or ray, and --address goes with --executor ray")
     if "://" in images:
-        raise ConfigError(f"--images {images}: remote folders need --engine ray")
+        raise ConfigError(f"--images {images}: remote folders need --executor ray")
     report, _ = build_index(run, images, location, kind, distance, overwrite, chunk)
     with location.open() as index:
         _print_report("build", report, index, as_json)

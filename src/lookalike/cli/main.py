@@ -233,14 +233,14 @@ def compare(
 
 @app.command("featurize-dir")
 def featurize_dir(
-    directory: str = typer.Argument(..., help="Folder of images (searched recursively); with --engine ray also s3://bucket/prefix or another fsspec URI."),
-    out_file: str = typer.Option(..., "--out", "-o", help="Output: FILE.npy (+ FILE.json with the paths) or FILE.parquet; with --engine ray also a folder for the Parquet shards alone."),
+    directory: str = typer.Argument(..., help="Folder of images (searched recursively); with --executor ray also s3://bucket/prefix or another fsspec URI."),
+    out_file: str = typer.Option(..., "--out", "-o", help="Output: FILE.npy (+ FILE.json with the paths) or FILE.parquet; with --executor ray also a folder for the Parquet shards alone."),
     backbone: Optional[str] = typer.Option(None, help="Embed with this pretrained backbone (default efficientnet-lite0)."),
     run: Optional[Path] = typer.Option(None, "--model", "-m", "--run", "-r", help="Embed with this model folder's or run's (refined) backbone instead."),
     weights: Optional[Path] = typer.Option(None, help="Weights file for --backbone."),
-    engine: str = typer.Option("local", help="local (this process) or ray (a Ray cluster; pip install 'lookalike\\[ray]'). See docs/scale-out.md."),
-    address: Optional[str] = typer.Option(None, help="With --engine ray: the cluster to use (auto, or ray://HOST:10001); default a private local instance."),
-    shard_size: int = typer.Option(256, min=1, help="With --engine ray: images per Parquet shard (the unit of work and of resuming)."),
+    executor: str = typer.Option("local", "--executor", help="local (this process) or ray (a Ray cluster; pip install 'lookalike\\[ray]'). See docs/scale-out.md."),
+    address: Optional[str] = typer.Option(None, help="With --executor ray: the cluster to use (auto, or ray://HOST:10001); default a private local instance."),
+    shard_size: int = typer.Option(256, min=1, help="With --executor ray: images per Parquet shard (the unit of work and of resuming)."),
 ):
     """Embed every image below DIRECTORY into unit-length vectors (tutorial script A2)."""
     from ..backbones import create_backbone
@@ -249,15 +249,15 @@ def featurize_dir(
 
     if run is not None and backbone is not None:
         raise ConfigError("pass either --backbone or --model, not both")
-    if engine not in ("local", "ray"):
-        raise ConfigError(f"--engine {engine}: choose local or ray")
-    if engine == "ray":
+    if executor not in ("local", "ray"):
+        raise ConfigError(f"--executor {executor}: choose local or ray")
+    if executor == "ray":
         from ..distributed import ModelSpec, featurize_dir_ray
 
         spec = ModelSpec.of(backbone, weights, run)
         info = featurize_dir_ray(directory, out_file, spec, spec.load(), address=address, shard_size=shard_size)
     elif address is not None:
-        raise ConfigError("--address needs --engine ray")
+        raise ConfigError("--address needs --executor ray")
     else:
         model = SimilarityModel.load(run).embedder_ if run is not None else ImageEmbedder(create_backbone(backbone or "efficientnet-lite0", weights))
         info = _featurize_dir(directory, out_file, model)

@@ -78,7 +78,7 @@ def featurize_and_index(
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
-    """`lookalike index build --engine ray`: embed on Ray into shards, then index them.
+    """`lookalike index build --executor ray`: embed on Ray into shards, then index them.
 
     Shards asked for with `shards_dir` are kept; the default ones (INDEX_DIR.shards beside the index)
     are removed once the index is built, and kept after a failure so that a re-run resumes.

@@ -107,7 +107,7 @@ def connect(address: str | None = None, **init_kwargs):
     try:
         import ray
     except ImportError:
-        raise LookalikeError("--engine ray needs Ray; install it with: pip install 'lookalike[ray]'") from None
+        raise LookalikeError("running on Ray needs Ray; install it with: pip install 'lookalike[ray]'", param="executor") from None
     if ray.is_initialized():
         return ray, False
     # Workers' output stays in Ray's log files; the driver shows Ray's errors, not its warnings and notes.
@@ -309,7 +309,7 @@ def _run(ray, plan: sh.Plan, spec: ModelSpec, backbone, shards_dir: str, batch_s
 
 
 def featurize_dir_ray(directory, out, spec: ModelSpec, backbone=None, address: str | None = None, shard_size: int = 256, progress: bool = True, **options) -> dict:
-    """`lookalike featurize-dir --engine ray`: the same output as the single-process path, computed on Ray.
+    """`lookalike featurize-dir --executor ray`: the same output as the single-process path, computed on Ray.
 
     OUT.npy (+ OUT.json) or OUT.parquet hold what the single-process path writes; they are made from
     shards in OUT.npy.shards/ (or OUT.parquet.shards/), removed once OUT is written and kept after a

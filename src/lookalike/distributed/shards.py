@@ -175,7 +175,7 @@ def read_manifest(shards_dir: str) -> dict:
         with fs.open_input_stream(f"{base}/{MANIFEST}") as f:
             info = json.loads(f.read())
     except (OSError, ValueError) as e:
-        raise LookalikeError(f"{shards_dir} holds no finished set of shards ({e}); run `lookalike featurize-dir DIR --engine ray --out {shards_dir}` first") from None
+        raise LookalikeError(f"{shards_dir} holds no finished set of shards ({e}); run `lookalike featurize-dir DIR --executor ray --out {shards_dir}` first") from None
     if info.get("format") != FORMAT:
         raise LookalikeError(f"{shards_dir}/{MANIFEST} has format {info.get('format')!r}; this version of lookalike reads {FORMAT}")
     return info
