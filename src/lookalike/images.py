@@ -6,7 +6,7 @@ import io
 import os
 import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, TypedDict
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -54,6 +54,24 @@ def iter_image_files(root: str | os.PathLike, passed_over: list[tuple[Path, str]
                 yield Path(dirpath) / name
             elif passed_over is not None and not name.startswith("."):
                 passed_over.append((Path(dirpath) / name, "not an image file (unsupported extension)"))
+
+
+class Skipped(TypedDict):
+    """A file left out of the work, and why: how every report, log and JSON output lists one."""
+
+    path: str
+    reason: str
+
+
+def skipped_file(path: str | os.PathLike, why: str | OSError | BadImageError) -> Skipped:
+    """The Skipped entry of a file that could not be used: `why` is a BadImageError, another OSError, or the reason."""
+    if isinstance(why, BadImageError):
+        reason = why.reason
+    elif isinstance(why, OSError):
+        reason = unreadable_reason(why)
+    else:
+        reason = str(why)
+    return {"path": str(path), "reason": reason}
 
 
 def unreadable_reason(error: OSError) -> str:

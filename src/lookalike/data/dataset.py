@@ -11,7 +11,7 @@ from typing import Sequence
 from ..errors import BadImageError, LookalikeError
 from ..fileio import sha256_file
 from ..hashing import dhash_bits
-from ..images import is_image_file, iter_image_files, unreadable_reason
+from ..images import Skipped, is_image_file, iter_image_files, skipped_file
 from ..progress import tqdm
 
 
@@ -28,7 +28,7 @@ class ImageRecord:
 class Dataset:
     root: str
     images: list[ImageRecord]
-    skipped: list[dict] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
 
     @property
     def attributes(self) -> list[str]:
@@ -68,14 +68,14 @@ def scan_dataset(root: str | os.PathLike, min_images_per_attribute: int = 4, pro
     except PermissionError:
         raise LookalikeError(f"cannot read dataset folder {root} (permission denied); fix its permissions") from None
     root = root.resolve()
-    skipped: list[dict] = []
+    skipped: list[Skipped] = []
     candidates: list[tuple[str, str, str]] = []  # (relative path, attribute, group)
     for entry in entries:
         if entry.name.startswith("."):
             continue
         if entry.is_file():
             if is_image_file(entry.name):
-                skipped.append({"path": entry.name, "reason": "not inside an attribute folder"})
+                skipped.append(skipped_file(entry.name, "not inside an attribute folder"))
             continue
         if not entry.is_dir():
             continue
@@ -83,7 +83,7 @@ def scan_dataset(root: str | os.PathLike, min_images_per_attribute: int = 4, pro
         for path in iter_image_files(entry.path, passed_over):
             rel_dir = path.parent.relative_to(root / entry.name).as_posix()
             candidates.append((_rel(root, str(path)), entry.name, "" if rel_dir == "." else rel_dir))
-        skipped += [{"path": _rel(root, str(path)), "reason": reason} for path, reason in passed_over]
+        skipped += [skipped_file(_rel(root, str(path)), reason) for path, reason in passed_over]
     if not candidates and not any(e.is_dir() and not e.name.startswith(".") for e in entries):
         raise LookalikeError(f"{root} has no attribute sub-folders; expected e.g. {root}/striped/*.jpg, {root}/dotted/*.jpg")
 
@@ -106,7 +106,7 @@ def dataset_from_files(
 
 
 def _checked_dataset(
-    root: Path, candidates: list[tuple[str, str, str]], attributes: set[str], skipped: list[dict], min_images_per_attribute: int, progress: bool
+    root: Path, candidates: list[tuple[str, str, str]], attributes: set[str], skipped: list[Skipped], min_images_per_attribute: int, progress: bool
 ) -> Dataset:
     """Decode and hash each candidate (relative path, attribute, group); skip unusable files, duplicates and small attributes."""
     images: list[ImageRecord] = []
@@ -116,16 +116,13 @@ def _checked_dataset(
         try:
             near_hash = dhash_bits(path).tobytes().hex()  # decodes the image, so unusable files fail here
             digest = sha256_file(path)
-        except BadImageError as e:
-            skipped.append({"path": rel, "reason": e.reason})
-            continue
-        except OSError as e:
-            skipped.append({"path": rel, "reason": unreadable_reason(e)})
+        except (BadImageError, OSError) as e:
+            skipped.append(skipped_file(rel, e))
             continue
         if digest in seen:
             first = seen[digest]
             also = f" (labelled {first.attribute} there)" if first.attribute != attribute else ""
-            skipped.append({"path": rel, "reason": f"identical content to {first.path}{also}"})
+            skipped.append(skipped_file(rel, f"identical content to {first.path}{also}"))
             continue
         record = ImageRecord(rel, attribute, group, digest, near_hash)
         seen[digest] = record
@@ -136,7 +133,7 @@ def _checked_dataset(
         counts[im.attribute] += 1
     too_small = {a for a, n in counts.items() if n < min_images_per_attribute}
     for a in sorted(too_small):
-        skipped.append({"path": a + "/", "reason": f"attribute has {counts[a]} usable image(s); at least {min_images_per_attribute} are needed, so it is left out"})
+        skipped.append(skipped_file(a + "/", f"attribute has {counts[a]} usable image(s); at least {min_images_per_attribute} are needed, so it is left out"))
     images = [im for im in images if im.attribute not in too_small]
     kept = sorted(set(counts) - too_small)
     if len(kept) < 2:

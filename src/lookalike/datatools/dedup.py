@@ -22,7 +22,7 @@ from PIL import Image
 from ..errors import LookalikeError
 from ..fileio import sha256_file, write_json
 from ..hashing import DEFAULT_HASH_SIZE, default_max_distance, hamming, hash_images, near_pairs
-from ..images import iter_image_files, unreadable_reason
+from ..images import Skipped, iter_image_files, skipped_file
 from ..progress import tqdm
 
 REPORT_NAME = "dedup_report.json"
@@ -100,7 +100,7 @@ class DedupResult:
     max_distance: int
     n_images: int
     groups: list[DuplicateGroup]
-    unreadable: list[dict] = field(default_factory=list)
+    unreadable: list[Skipped] = field(default_factory=list)
     moves: list[dict] = field(default_factory=list)  # filled by quarantine()
     dry_run: bool = True
 
@@ -143,7 +143,7 @@ def find_duplicates(
         raise LookalikeError(f"{root} is not a folder; pass the dataset folder (one sub-folder per attribute)")
     max_distance = default_max_distance(hash_size) if max_distance is None else _check_distance(max_distance, hash_size)
     rel_paths = list_images(root)
-    unreadable: list[dict] = []
+    unreadable: list[Skipped] = []
 
     # 1. exact duplicates: identical bytes
     by_digest: dict[str, list[int]] = {}
@@ -151,7 +151,7 @@ def find_duplicates(
         try:
             by_digest.setdefault(sha256_file(root / rel), []).append(i)
         except OSError as e:
-            unreadable.append({"path": rel, "reason": unreadable_reason(e)})
+            unreadable.append(skipped_file(rel, e))
     digest_of = {i: dg for dg, members in by_digest.items() for i in members}
 
     # 2. near duplicates among one representative per distinct content
@@ -159,7 +159,7 @@ def find_duplicates(
     hashes, problems = hash_images([root / rel_paths[r] for r in reps], hash_size, skip_unreadable=True, progress=progress)
     for k, reason in sorted(problems.items()):
         for i in by_digest[digest_of[reps[k]]]:
-            unreadable.append({"path": rel_paths[i], "reason": reason})
+            unreadable.append(skipped_file(rel_paths[i], reason))
     good = np.array([k for k in range(len(reps)) if k not in problems], dtype=np.int64)
     parent = list(range(len(reps)))
 

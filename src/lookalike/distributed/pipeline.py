@@ -131,7 +131,7 @@ def decode_block(row: dict, config: dict) -> dict:
     import hashlib
 
     from ..backbones import BackboneConfig, Preprocessor
-    from ..images import open_image_bytes, unreadable_reason
+    from ..images import open_image_bytes, skipped_file
 
     pre = Preprocessor(BackboneConfig(**config))
     keep, digests, pixels, failed = [], [], [], []
@@ -139,11 +139,8 @@ def decode_block(row: dict, config: dict) -> dict:
         try:
             data = read_bytes(uri)
             img = pre.resize(open_image_bytes(data, uri, draft_size=pre.size))
-        except BadImageError as e:
-            failed.append({"path": uri, "reason": e.reason})
-            continue
-        except OSError as e:
-            failed.append({"path": uri, "reason": unreadable_reason(e)})
+        except (BadImageError, OSError) as e:
+            failed.append(skipped_file(uri, e))
             continue
         keep.append(i)
         digests.append(hashlib.sha256(data).hexdigest())

@@ -12,7 +12,7 @@ from PIL import Image
 from ..backbones import Backbone, Preprocessor
 from ..errors import BadImageError, LookalikeError
 from ..fileio import sha256_file
-from ..images import unreadable_reason
+from ..images import Skipped, skipped_file
 from ..prefetch import prefetch_map
 from ..progress import tqdm
 from .cache import FeatureCache
@@ -26,7 +26,7 @@ class EmbeddingResult:
     features: np.ndarray
     paths: list[str]
     digests: list[str]
-    skipped: list[dict] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
 
 
 def batch_for(batch_size: int, input_size: int) -> int:
@@ -50,7 +50,7 @@ def embed_paths(
     ("auto": ONNX Runtime when available, else PyTorch; both give the same vectors).
     """
     paths = [str(p) for p in paths]
-    skipped: list[dict] = []
+    skipped: list[Skipped] = []
     if digests is None:
         digests = []
         readable = []
@@ -59,7 +59,7 @@ def embed_paths(
                 digests.append(sha256_file(p))
                 readable.append(p)
             except OSError as e:
-                skipped.append({"path": p, "reason": unreadable_reason(e)})
+                skipped.append(skipped_file(p, e))
         paths = readable
     digests = list(digests)
     fingerprint = model.fingerprint
@@ -109,7 +109,7 @@ def _decoded_batches(pre: Preprocessor, paths: list[str], batch_size: int, worke
         try:
             return i, pre.load(paths[i]), None
         except BadImageError as e:
-            return i, None, {"path": paths[i], "reason": e.reason}
+            return i, None, skipped_file(paths[i], e)
 
     batches = [range(s, min(s + batch_size, len(paths))) for s in range(0, len(paths), batch_size)]
     for results in prefetch_map(decode, batches, workers or cpu_threads()):

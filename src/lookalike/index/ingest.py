@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import LookalikeError
 from ..fileio import sha256_file
-from ..images import iter_image_files, unreadable_reason
+from ..images import Skipped, iter_image_files, skipped_file
 from ..progress import tqdm
 from .backends import IndexStore
 from .catalog import ImageEntry, NewImage
@@ -41,7 +41,7 @@ class IngestReport:
     reused_vectors: int = 0
     embedded: int = 0
     compacted: bool = False
-    skipped: list[dict] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {**self.__dict__}
@@ -96,7 +96,7 @@ def ingest(
         try:
             st = os.stat(path)
         except OSError as e:
-            report.skipped.append({"path": path, "reason": unreadable_reason(e)})
+            report.skipped.append(skipped_file(path, e))
             continue
         entry = known.get(path)
         if entry is not None and entry.size == st.st_size and entry.mtime == st.st_mtime:
@@ -119,7 +119,7 @@ def _ingest_chunk(index: IndexStore, chunk: list, known: dict, embedder: Embedde
         try:
             digest = sha256_file(path)
         except OSError as e:
-            report.skipped.append({"path": path, "reason": unreadable_reason(e)})
+            report.skipped.append(skipped_file(path, e))
             continue
         entry = known.get(path)
         if entry is not None and entry.sha256 == digest:
