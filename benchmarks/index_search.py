@@ -67,10 +67,11 @@ def real_embeddings(run: Path, data: Path) -> tuple[np.ndarray, IndexMetric]:
     from lookalike.model import SimilarityModel
 
     model = SimilarityModel.load(run)
-    feats, ok, skipped = model.embed_paths([str(p) for p in iter_image_files(data)], progress=False)
+    result = model.embedder_.embed([str(p) for p in iter_image_files(data)], progress=False)
+    feats, ok, skipped = result.features, result.paths, result.skipped
     if not ok:
         raise SystemExit(f"no photo of {data} could be embedded ({len(skipped)} skipped)")
-    return feats.astype(np.float32), IndexMetric.from_ranker(model.ranker)
+    return feats.astype(np.float32), IndexMetric.from_ranker(model.ranker_)
 
 
 class Synthesizer:

@@ -66,7 +66,7 @@ def test_build_search_add_remove_stats_on_real_photos(trained):
     d = model.ranker_.distance(q, X)
     assert [m["path"] for m in matches] == [paths[i] for i in np.argsort(d, kind="stable")[:15]]
     np.testing.assert_allclose(distances, np.sort(d)[:15], rtol=1e-6)
-    feats, _, _ = model.embed_paths([str(query)], progress=False)
+    feats = model.embed([str(query)])
     np.testing.assert_allclose(q, feats[0], rtol=1e-5, atol=1e-6)
 
     added = json.loads(lookalike("index", "add", index, root / "later", "--json", env=env).stdout)

@@ -89,11 +89,6 @@ class ImageEmbedder:
             result = embed_paths(engine, paths, batch_size, cache=cache, progress=progress)
         return replace(result, features=l2_normalize(result.features))
 
-    def embed_paths(self, paths: Sequence[str | os.PathLike], progress: bool = True, batch_size: int = 32) -> tuple[np.ndarray, list[str], list[dict]]:
-        """Unit-length embeddings of the readable files, their paths, and the skipped files with reasons."""
-        result = self.embed(paths, progress, batch_size)
-        return result.features, result.paths, result.skipped
-
     def embed_image(self, img: Image.Image) -> np.ndarray:
         """Unit-length embedding of an image already in memory (e.g. an upload)."""
         return self.embed_images([img])[0]
@@ -375,9 +370,6 @@ class SimilarityModel:
 
     def engine(self, calibration_paths: Sequence[str | os.PathLike] = ()) -> Engine:
         return self.embedder_.engine(calibration_paths)
-
-    def embed_paths(self, paths: Sequence[str | os.PathLike], progress: bool = True, batch_size: int = 32) -> tuple[np.ndarray, list[str], list[dict]]:
-        return self.embedder_.embed_paths(paths, progress, batch_size)
 
     def embed_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
         return self.embedder_.embed_images(images, batch_size)

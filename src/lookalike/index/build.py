@@ -21,7 +21,8 @@ class ModelEmbedder:
         self.progress = progress
 
     def embed(self, paths: list[str]):
-        return self.model.embed_paths(paths, progress=self.progress)
+        result = self.model.embedder_.embed(paths, progress=self.progress)
+        return result.features, result.paths, result.skipped
 
 
 def absolute(path: str | os.PathLike) -> str:
