@@ -109,7 +109,7 @@ def ingest(
         bar.update(min(chunk_size, len(candidates) - start))
     bar.close()
     index.merge(progress=progress)
-    report.compacted = index.compact(index.params["compact_above"] if compact_above is None else compact_above)
+    report.compacted = index.compact(compact_above)
     return report
 
 

@@ -349,6 +349,10 @@ class MilvusIndex:
             return False
         return True
 
+    def compact(self, above: float | None = None) -> bool:
+        """Nothing to do: Milvus compacts its own segments, dropping deleted rows in the background."""
+        return False
+
     def reindex(self, kind: str | None = None, params: dict | None = None, progress: bool = False) -> None:
         """Rebuild Milvus's index over the search vectors as another kind or with other parameters."""
         self._require_writer()

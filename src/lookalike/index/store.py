@@ -343,8 +343,9 @@ class ImageIndex:
             (self.directory / old).unlink(missing_ok=True)
         return True
 
-    def compact(self, above: float = 0.0) -> bool:
-        """Rewrite the stored vectors without removed images' rows when they are more than `above` of them.
+    def compact(self, above: float | None = 0.0) -> bool:
+        """Rewrite the stored vectors without removed images' rows when they are more than `above` of them
+        (None: the index's `compact_above`).
 
         Ids, paths, attributes and search results stay the same. Crash-safe like any update: the new
         vectors file is written durably under a name the current manifest does not use, the next
@@ -352,6 +353,7 @@ class ImageIndex:
         (a writer that finds them later deletes them too).
         """
         self._require_writer()
+        above = self.params["compact_above"] if above is None else above
         stored = self.raw.stored(self.rows)
         dead = stored - self.size
         if dead == 0 or dead <= above * stored:
