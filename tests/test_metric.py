@@ -112,3 +112,16 @@ def test_fixed_distances_matrix_matches_rows(dist):
     Q, X = rng.normal(size=(4, 8)), rng.normal(size=(7, 8))
     assert np.allclose(dist.matrix(Q, X), np.stack([dist(q, X) for q in Q]))
     assert np.allclose(np.diag(dist.matrix(X, X)), 0, atol=1e-6)
+
+
+def test_comparative_sets_flatten_into_labelled_row_pairs():
+    from lookalike.data.splits import ComparativeSet
+    from lookalike.metric import pairs_from_sets
+
+    sets = [ComparativeSet(10, 11, (20, 21)), ComparativeSet(20, 21, (10,))]
+    first, second, labels = pairs_from_sets(sets, {10: 0, 11: 1, 20: 2, 21: 3})
+    assert first.tolist() == [0, 0, 0, 2, 2] and second.tolist() == [1, 2, 3, 3, 0] and labels.tolist() == [1, 0, 0, 1, 0]
+    assert first.dtype == second.dtype == labels.dtype == np.int64
+    assert [a.size for a in pairs_from_sets([], {})] == [0, 0, 0]
+    np.testing.assert_array_equal(pair_features(np.array([[1.0, 0.0]]), np.array([[0.5, 2.0]])), [[0.25, 4.0]])
+    assert pair_features(np.zeros((1, 2), np.float64), np.zeros((1, 2))).dtype == np.float32
