@@ -208,6 +208,16 @@ def test_ivfpq_add_remove_and_reindex_stay_close_to_brute_force(tmp_path, monkey
         assert ix.stats()["kind"] == "flat" and ix.ann.size == 3000 - len(removed)
 
 
+def test_a_catalog_smaller_than_the_pca_reindexes_as_hnsw(tmp_path):
+    X = clustered_vectors(20, DIM, seed=13)
+    with ImageIndex.create(tmp_path / "ix", DIM, IndexMetric("l2"), kind="flat", params={"pca_dim": 32}) as ix:
+        ix.add(images(20), X)
+        ix.merge()
+        ix.reindex("hnsw")  # 20 vectors cannot train a 32-d PCA: it keeps 20
+        assert ix.stats()["kind"] == "hnsw"
+        assert [m.id for m in search_vectors(ix, X[7], 20)[0]] == list(brute_force(IndexMetric("l2"), X[7], X, 20)[0])
+
+
 def test_index_persists_across_processes(tmp_path):
     metric = metrics()[0]
     X = clustered_vectors(1000, DIM, seed=9)

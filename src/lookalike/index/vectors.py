@@ -90,7 +90,8 @@ class AnnIndex:
         if kind not in KINDS:
             raise LookalikeError(f"unknown index kind '{kind}'; choose one of: auto, {', '.join(KINDS)}")
         p = {**DEFAULT_PARAMS, **params}
-        reduced = min(dim, int(p["pca_dim"])) if p["pca_dim"] else dim
+        # a PCA cannot output more dimensions than it has training vectors (a small catalog reindexed as hnsw)
+        reduced = min(dim, int(p["pca_dim"]), max(len(sample), 1)) if p["pca_dim"] else dim
         if kind == "flat":
             index = faiss.IndexIDMap2(faiss.IndexFlatL2(dim))
         elif kind == "hnsw":
