@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from lookalike.metric import Cosine, HardNegativeMiner, L1, L2, LearnedWeightedL2, WeightedL2Ranker, pair_features
+from lookalike.metric import Cosine, HardNegativeMiner, L1, L2, LearnedWeightedL2, RandomDistance, WeightedL2Ranker, pair_features, standard_distances
 
 
 def toy_pairs(seed=0, n=400, d=16, separation=2.0):
@@ -125,3 +125,16 @@ def test_comparative_sets_flatten_into_labelled_row_pairs():
     assert [a.size for a in pairs_from_sets([], {})] == [0, 0, 0]
     np.testing.assert_array_equal(pair_features(np.array([[1.0, 0.0]]), np.array([[0.5, 2.0]])), [[0.25, 4.0]])
     assert pair_features(np.zeros((1, 2), np.float64), np.zeros((1, 2))).dtype == np.float32
+
+
+def test_standard_distances_and_chance_level():
+    x, labels, X, y = toy_pairs()
+    ranker = WeightedL2Ranker().fit(X, y)
+    assert [d.name for d in standard_distances(None)] == ["random", "l1", "l2", "cosine"]
+    learned = standard_distances(ranker, seed=3)
+    assert [d.name for d in learned] == ["random", "l1", "l2", "cosine", "weighted_l2"]
+    np.testing.assert_array_equal(learned[-1](x[0], x[1:9]), ranker.distance(x[0], x[1:9]))
+    # chance is repeatable for a seed, and another seed draws other numbers
+    assert np.array_equal(learned[0](x[0], x[:6]), RandomDistance(3)(x[0], x[:6])) and learned[0](x[0], x[:6]).shape == (6,)
+    assert not np.array_equal(RandomDistance(3)(x[0], x[:6]), RandomDistance(4)(x[0], x[:6]))
+    assert RandomDistance().matrix(x[:0], x[:6]).shape == (0, 6)

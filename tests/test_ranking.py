@@ -34,8 +34,11 @@ def test_gallery_metrics_hand_made():
     assert np.isclose(g["map"], np.mean(aps))
 
 
-def test_empty_inputs_summarise_to_nan():
-    assert all(np.isnan(v) for v in rank_summary(np.array([])).values())
+def test_empty_inputs_summarise_to_nan_and_small_ones_do_not():
+    empty = rank_summary(np.array([]))
+    assert set(empty) == {"top1", "top5", "mean_rank", "median_rank"} and all(np.isnan(v) for v in empty.values())
+    assert rank_summary(np.array([3])) == {"top1": 0.0, "top5": 1.0, "mean_rank": 3.0, "median_rank": 3.0}
+    assert rank_summary(np.array([5, 6]))["top5"] == 0.5
     g = gallery_metrics(L2(), np.array([[0.0], [1.0]]), np.array(["a", "b"]))  # no image has a same-attribute partner
     assert all(np.isnan(v) for v in g.values())
 
