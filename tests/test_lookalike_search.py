@@ -17,7 +17,7 @@ from conftest import REAL_DATA, held_out_reliability
 from conftest import lookalike_cli as lookalike
 from lookalike.backbones import create_backbone
 from lookalike.evaluation import gallery_metrics
-from lookalike.evaluation.lookalike import altered_copy, copy_ranks, nearest_neighbour_accuracy
+from lookalike.evaluation.lookalike import altered_copy, nearest_neighbour_accuracy
 from lookalike.images import open_image
 from lookalike.metric.distances import L2, LearnedWeightedL2
 from lookalike.model import ImageEmbedder, SimilarityModel
@@ -142,13 +142,3 @@ def test_an_attribute_never_trained_on_keeps_apart(workspace, tmp_path):
     # pretrained 0.53, trained attributes 0.87 against 0.60; the floors leave room for that small sample's noise
     assert mean["unseen"] >= base["unseen"] - 0.10, results
     assert mean["trained"] >= base["trained"] + 0.10, results
-
-
-def test_copy_ranks_count_ties_against_the_original():
-    catalog = np.eye(4)
-    copies = np.eye(4)
-    copies[2] = catalog[3]  # the third copy looks exactly like the fourth photo
-    ranks = copy_ranks(L2(), catalog, copies)
-    assert ranks.tolist() == [1, 1, 4, 1]  # three photos as far as its own, and one nearer
-    tied_catalog = np.vstack([catalog[:3], catalog[2]])  # two identical photos: neither copy can be said to find its own
-    assert copy_ranks(L2(), tied_catalog, tied_catalog).tolist() == [1, 1, 2, 2]

@@ -58,6 +58,8 @@ def test_copy_ranks_count_ties_against_the_original():
     assert ranks.tolist() == [1, 2, 1, 1]
     assert copy_summary(ranks) == {"found_first": 0.75, "top5": 1.0, "mean_rank": 1.25, "n": 4}
     assert copy_summary(np.array([1, 6]))["top5"] == 0.5
+    tied_catalog = np.array([[0.0], [1.0], [1.0]])  # two identical photos: neither copy can be said to find its own
+    assert copy_ranks(L2(), tied_catalog, tied_catalog).tolist() == [1, 2, 2]
 
 
 def test_nearest_neighbour_accuracy_by_group():
