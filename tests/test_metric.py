@@ -138,3 +138,11 @@ def test_standard_distances_and_chance_level():
     assert np.array_equal(learned[0](x[0], x[:6]), RandomDistance(3)(x[0], x[:6])) and learned[0](x[0], x[:6]).shape == (6,)
     assert not np.array_equal(RandomDistance(3)(x[0], x[:6]), RandomDistance(4)(x[0], x[:6]))
     assert RandomDistance().matrix(x[:0], x[:6]).shape == (0, 6)
+
+
+def test_cosine_ignores_length_even_for_short_vectors():
+    rng = np.random.default_rng(2)
+    Q, X = rng.normal(size=(3, 8)), rng.normal(size=(5, 8))
+    short_q, short_x = 1e-3 * Q / np.linalg.norm(Q, axis=1, keepdims=True), 1e-3 * X / np.linalg.norm(X, axis=1, keepdims=True)
+    np.testing.assert_allclose(Cosine().matrix(short_q, short_x), Cosine().matrix(Q, X), atol=1e-12)
+    np.testing.assert_allclose(Cosine()(short_q[0], short_x), Cosine()(Q[0], X), atol=1e-12)
