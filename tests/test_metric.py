@@ -146,3 +146,16 @@ def test_cosine_ignores_length_even_for_short_vectors():
     short_q, short_x = 1e-3 * Q / np.linalg.norm(Q, axis=1, keepdims=True), 1e-3 * X / np.linalg.norm(X, axis=1, keepdims=True)
     np.testing.assert_allclose(Cosine().matrix(short_q, short_x), Cosine().matrix(Q, X), atol=1e-12)
     np.testing.assert_allclose(Cosine()(short_q[0], short_x), Cosine()(Q[0], X), atol=1e-12)
+
+
+def test_mining_is_repeatable_and_calibrates_on_the_given_pairs():
+    x, labels, X, y = toy_pairs(separation=0.5)
+    miner = HardNegativeMiner(iterations=1, max_per_iteration=50, sampling_rounds=1, pairs_per_round=1000, seed=5)
+    logs = []
+    a = miner.fit_ranker(WeightedL2Ranker(), X[:2000], y[:2000], x, labels, X[2000:], y[2000:], log=logs.append)
+    b = miner.fit_ranker(WeightedL2Ranker(), X[:2000], y[:2000], x, labels, X[2000:], y[2000:], log=lambda _: None)
+    assert logs == ["hard-negative mining iteration 1/1: 50 new negatives"]
+    assert np.array_equal(a.weights_, b.weights_) and a.platt_b_ == b.platt_b_
+    # Platt scaling is fit on the calibration pairs given, not on the training pairs
+    on_training = WeightedL2Ranker().fit(X[:2000], y[:2000])
+    assert not np.isclose(HardNegativeMiner().fit_ranker(WeightedL2Ranker(), X[:2000], y[:2000], x, labels, X[2000:], y[2000:]).platt_b_, on_training.platt_b_)
