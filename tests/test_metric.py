@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from lookalike.errors import LookalikeError
 from lookalike.metric import Cosine, HardNegativeMiner, L1, L2, LearnedWeightedL2, RandomDistance, WeightedL2Ranker, pair_features, standard_distances
 
 
@@ -159,3 +160,26 @@ def test_mining_is_repeatable_and_calibrates_on_the_given_pairs():
     # Platt scaling is fit on the calibration pairs given, not on the training pairs
     on_training = WeightedL2Ranker().fit(X[:2000], y[:2000])
     assert not np.isclose(HardNegativeMiner().fit_ranker(WeightedL2Ranker(), X[:2000], y[:2000], x, labels, X[2000:], y[2000:]).platt_b_, on_training.platt_b_)
+
+
+def test_ranker_defaults_class_weights_visual_part_and_refusals():
+    assert WeightedL2Ranker().get_params() == {
+        "C": 0.1, "class_weight": "balanced", "max_iter": 10000, "platt_negative_ratio": 10.0, "visual_dims": 0, "visual_weight": 0.3,
+    }
+    x, labels, X, y = toy_pairs(separation=0.5)
+    keep = (y == 0) | (np.arange(len(y)) % 4 == 0)  # a quarter of the positives: imbalanced
+    balanced = WeightedL2Ranker().fit(X[keep], y[keep])
+    for unweighted in ("none", None):
+        plain = WeightedL2Ranker(class_weight=unweighted).fit(X[keep], y[keep])
+        assert plain.predict(X[keep]).mean() < balanced.predict(X[keep]).mean(), "balancing calls more pairs alike"
+    # the visual part: one shared negative weight, visual_weight x the mean magnitude of the learned ones
+    r = WeightedL2Ranker(visual_dims=4, visual_weight=0.5).fit(X, y)
+    assert r.n_features_in_ == X.shape[1] and np.allclose(r.weights_[-4:], -0.5 * np.abs(r.weights_[:-4]).mean())
+    with pytest.raises(LookalikeError, match="training pairs need both positive and negative examples"):
+        WeightedL2Ranker().fit(X[y == 1], y[y == 1])
+    with pytest.raises(LookalikeError, match="visual_dims = 16 leaves none of the 16 pair features"):
+        WeightedL2Ranker(visual_dims=16).fit(X, y)
+    with pytest.raises(LookalikeError, match="calibration pairs need both positive and negative examples"):
+        WeightedL2Ranker().fit(X, y, X[y == 0], y[y == 0])
+    # scores that say the opposite of the labels cannot make the probability rise with distance
+    assert r.calibrate(X, 1 - y).platt_a_ == 1e-6
