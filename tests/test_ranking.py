@@ -93,3 +93,14 @@ def test_altered_copy_is_a_smaller_brighter_crop_and_repeatable():
     assert 0.6**2 * 0.69 * 8000 <= w * h <= 0.6**2 * 0.86 * 8000 and w <= 48 and h <= 60
     assert np.asarray(a, np.float64).mean() > np.asarray(img, np.float64).mean() * 1.03
     assert altered_copy(Image.new("L", (2, 2), 128), seed=1).size == (1, 1)
+
+
+def test_altered_copy_crop_keeps_its_area_and_aspect_bounds():
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 200, (200, 300, 3), dtype=np.uint8), "RGB")
+    original = np.asarray(img, np.float64).mean()
+    for seed in range(20):
+        w, h = altered_copy(img, seed).size
+        crop_w, crop_h = w / 0.6, h / 0.6
+        assert 0.66 <= crop_w * crop_h / (300 * 200) <= 0.88, seed  # 70-85% of the area, up to rounding
+        assert 0.75 <= (crop_w / crop_h) / 1.5 <= 1.3, seed  # the photo's own aspect, changed by at most 0.8-1.25
+        assert 1.03 < np.asarray(altered_copy(img, seed), np.float64).mean() / original < 1.2, seed  # 10% brighter
