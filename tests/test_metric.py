@@ -1,3 +1,5 @@
+import copy
+
 import numpy as np
 import pytest
 
@@ -157,6 +159,9 @@ def test_mining_is_repeatable_and_calibrates_on_the_given_pairs():
     b = miner.fit_ranker(WeightedL2Ranker(), X[:2000], y[:2000], x, labels, X[2000:], y[2000:], log=lambda _: None)
     assert logs == ["hard-negative mining iteration 1/1: 50 new negatives"]
     assert np.array_equal(a.weights_, b.weights_) and a.platt_b_ == b.platt_b_
+    # the refit after mining is calibrated on the calibration pairs too
+    again = copy.deepcopy(a).calibrate(X[2000:], y[2000:])
+    assert again.platt_b_ == pytest.approx(a.platt_b_) and again.platt_a_ == pytest.approx(a.platt_a_)
     # Platt scaling is fit on the calibration pairs given, not on the training pairs
     on_training = WeightedL2Ranker().fit(X[:2000], y[:2000])
     assert not np.isclose(HardNegativeMiner().fit_ranker(WeightedL2Ranker(), X[:2000], y[:2000], x, labels, X[2000:], y[2000:]).platt_b_, on_training.platt_b_)
