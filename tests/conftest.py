@@ -12,6 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from lookalike.model import SimilarityModel
+from lookalike.rundir import RunDir
+
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "fashionTexture"
 
 
@@ -110,3 +113,28 @@ def lookalike_cli(*args, env: dict | None = None, check: bool = True) -> subproc
     if check:
         assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
+
+
+def held_out_reliability(run: Path, splits=(0,), bins: int = 5) -> tuple[float, int]:
+    """Calibration on every pair of each split's test photos: the gap between the probability the model gives and how
+    often such pairs share an attribute, per probability bin, weighted by pairs (the expected calibration error).
+
+    Platt scaling is fit as if negatives were `platt_negative_ratio` times as many as positives, so the observed
+    frequency weighs the test negatives to that ratio too."""
+    probabilities, same = [], []
+    for k in splits:
+        rd = RunDir(run)
+        model = SimilarityModel.load(run, split=k)
+        features, row_of = rd.features(k)
+        dataset, split = rd.dataset(), rd.split(k)
+        test = list(split.parts["test"])
+        for a in range(len(test)):
+            for b in range(a + 1, len(test)):
+                u, v = features[row_of[test[a]]], features[row_of[test[b]]]
+                probabilities.append(float(model.probability(model.distance(u, v[None]))[0]))
+                same.append(dataset.images[test[a]].attribute == dataset.images[test[b]].attribute)
+    p, y = np.array(probabilities), np.array(same)
+    weight = np.where(y, 1.0, model.ranker_.platt_negative_ratio * y.sum() / (~y).sum())
+    which = np.minimum((p * bins).astype(int), bins - 1)
+    gap = sum(abs(np.average(p[which == b], weights=weight[which == b]) - np.average(y[which == b], weights=weight[which == b])) * weight[which == b].sum() for b in range(bins) if (which == b).any())
+    return gap / weight.sum(), len(p)

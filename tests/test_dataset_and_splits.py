@@ -7,7 +7,8 @@ from PIL import Image
 from conftest import make_dataset, texture
 from lookalike.config import DataConfig
 from lookalike.data import make_split, scan_dataset, verify_disjoint
-from lookalike.data.splits import PARTS
+from lookalike.data.dataset import Dataset, ImageRecord
+from lookalike.data.splits import PARTS, ComparativeSet, Split, comparative_sets
 from lookalike.errors import LookalikeError
 
 
@@ -168,3 +169,31 @@ def test_near_duplicates_resolved_keep_twins_together(tmp_path):
     for i in range(12):
         assert part_of[f"dots/{i:03d}.png"] == part_of[f"dots/{i:03d}-copy.jpg"]
     assert make_split(ds, DataConfig(near_duplicates="ignore"), seed=0).near_duplicates == []
+
+
+def _records(attributes: str) -> Dataset:
+    return Dataset("/data", [ImageRecord(f"{a}/{i}.jpg", a, "", f"{i:064x}") for i, a in enumerate(attributes)])
+
+
+def test_comparative_sets_draw_distinct_queries_and_negatives():
+    # a: 4 images, b: 3, c: 2, d: 1 (too few for a positive)
+    dataset = _records("aaaabbbccd")
+    members = list(range(10))
+    sets = comparative_sets(dataset, members, queries_per_attribute=3, n_negatives=5, rng=np.random.default_rng(0))
+    by_attribute = {a: [s for s in sets if dataset.images[s.query].attribute == a] for a in "abcd"}
+    assert [len(by_attribute[a]) for a in "abcd"] == [3, 3, 2, 0]
+    for a, group in by_attribute.items():
+        assert len({s.query for s in group}) == len(group), "queries are drawn without replacement"
+        for s in group:
+            assert s.positive != s.query and dataset.images[s.positive].attribute == a
+            assert len(s.negatives) == len(set(s.negatives)) == 5 and all(dataset.images[n].attribute != a for n in s.negatives)
+    # no other attribute: no sets, and the attributes after it still get theirs
+    assert comparative_sets(_records("aab"), [0, 1], 3, 5, np.random.default_rng(0)) == []
+    assert len(comparative_sets(_records("abb"), [0, 1, 2], 3, 5, np.random.default_rng(0))) == 2
+
+
+def test_split_round_trips_through_its_dict():
+    split = Split(7, {"train": [0, 1], "validation": [2], "test": [3]}, {"test": [ComparativeSet(3, 4, (0, 1))]}, [{"a": "x.jpg", "b": "y.jpg"}])
+    d = split.to_dict()
+    assert d["near_duplicates"] == [{"a": "x.jpg", "b": "y.jpg"}] and d["sets"]["test"][0]["negatives"] == [0, 1]
+    assert Split.from_dict(d) == split

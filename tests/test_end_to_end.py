@@ -2,12 +2,14 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from conftest import held_out_reliability
 from lookalike.data.splits import PARTS
 
 CONTRACT_DISTANCES = {"random", "l1", "l2", "cosine", "weighted_l2"}
@@ -39,8 +41,14 @@ def test_run_two_splits_writes_the_contract(real_subset, tmp_path, small_config)
         assert 0 <= d["top1"] <= d["top5"] <= 1 and d["mean_rank"] >= 1 and "top1_std" in d
     assert set(m["gallery"]) == {"recall_at_1", "recall_at_5", "map"}
     assert all(0 <= v <= 1 for v in m["gallery"].values())
-    # the learned distance and plain L2 beat chance on real photos
-    assert m["distances"]["l2"]["mean_rank"] < m["distances"]["random"]["mean_rank"]
+    # quality floors on real photos with pretrained features (12 test queries per split, 1 positive among 9);
+    # measured: learned top-1 0.375 and mean rank 2.67 against chance 0.125 and 5.0; plain L2 mean rank 2.96
+    d = m["distances"]
+    assert d["l2"]["mean_rank"] < d["random"]["mean_rank"]
+    assert d["weighted_l2"]["top1"] >= 0.25 and d["weighted_l2"]["mean_rank"] <= 0.7 * d["random"]["mean_rank"]
+    assert m["gallery"]["recall_at_1"] >= 0.5 and m["gallery"]["map"] >= 0.55  # measured 0.67 and 0.69
+    gap, pairs = held_out_reliability(run, splits=(0, 1))
+    assert pairs == 132 and gap < 0.08  # measured 0.012: probabilities are frequencies on held-out pairs
     for k in (0, 1):
         sdir = run / f"split-{k}"
         for f in ("split.json", "features.npy", "metric.json", "evaluation.json", "calibration.png", "ranks.png", "queries/query-000.jpg"):
@@ -76,11 +84,14 @@ def test_run_two_splits_writes_the_contract(real_subset, tmp_path, small_config)
 def test_stages_one_by_one_and_featurize_dir(real_subset, tmp_path, small_config):
     run = tmp_path / "run"
     config = tmp_path / "select_c.toml"
-    config.write_text(small_config.read_text().replace("[evaluate]", "[metric]\nC_candidates = [0.01, 1.0]\n[evaluate]"))
+    config.write_text(small_config.read_text().replace("[evaluate]", "[metric]\nC_candidates = [0.01, 1.0]\nhard_negative_iterations = 2\n[evaluate]"))
     lookalike("prepare", "--data", real_subset, "--out", run, "--config", config)
     assert (run / "split-0" / "split.json").exists() and not (run / "split-0" / "features.npy").exists()
     lookalike("featurize", "--run", run)
     lookalike("train-metric", "--run", run)
+    # hard-negative mining in the pipeline: two rounds for each C tried, each adding negatives
+    mined = re.findall(r"hard-negative mining iteration (\d)/2: (\d+) new negatives", (run / "log.txt").read_text())
+    assert [i for i, _ in mined] == ["1", "2", "1", "2"] and all(int(n) > 0 for _, n in mined), mined
     chosen = json.loads((run / "split-0" / "train_metric.json").read_text())
     tried = chosen["C_selection"]
     assert [c["C"] for c in tried] == [0.01, 1.0]

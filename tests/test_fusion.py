@@ -13,7 +13,7 @@ import typer
 from typer.testing import CliRunner
 
 from lookalike.cli.datatools import register
-from lookalike.datatools.fusion import combine_score_files, fuse_probabilities, read_score_file
+from lookalike.datatools.fusion import combine_score_files, fuse_probabilities, ranker_names, read_score_file
 from lookalike.errors import LookalikeError
 
 # The tutorial's worked example: one query, two reference images, three rankers (texture, neck style, sleeve length).
@@ -155,3 +155,26 @@ def test_combine_through_the_lookalike_command(tmp_path):
     done = subprocess.run([sys.executable, "-m", "lookalike", "combine", str(a), str(b)], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[1:] == ["q,r1,1,0.550000,0.900000,0.200000", "q,r2,2,0.350000,0.100000,0.600000"]
+
+
+def test_edges_of_the_probability_range_and_the_messages_name_what_is_wrong(tmp_path):
+    np.testing.assert_allclose(fuse_probabilities([[0.0, 1.0], [0.0, 1.0]]), [0.0, 1.0])  # 0 and 1 are probabilities
+    edges = read_score_file(_score_file(tmp_path / "edges.csv", [("q", "r0", 0.0), ("q", "r1", 1.0)]))
+    assert sorted(edges.values()) == [0.0, 1.0]
+    with pytest.raises(LookalikeError, match=r"rankers \['a', 'b'\]; missing: \['b'\]$"):
+        fuse_probabilities({"a": [0.1], "b": [0.2]}, {"a": 1})
+    with pytest.raises(LookalikeError, match=r"rankers \['a'\]; unknown: \['c'\]$"):
+        fuse_probabilities({"a": [0.1]}, {"a": 1, "c": 1})
+    with pytest.raises(LookalikeError, match=r"ranker 1: \(2,\), ranker 2: \(1,\)"):
+        fuse_probabilities([[0.1, 0.2], [0.3]])
+    with pytest.raises(LookalikeError, match=r"pair query='q', reference='r' appears twice"):
+        read_score_file(_score_file(tmp_path / "twice.csv", [("q", "r", 0.5), ("q", "r", 0.6)]))
+    one = _score_file(tmp_path / "one.csv", [("q", "r1", 0.5)])
+    with pytest.raises(LookalikeError, match=rf"does not score the same pairs as {one}"):
+        combine_score_files([one, _score_file(tmp_path / "two.csv", [("q", "r2", 0.5)])])
+    with pytest.raises(LookalikeError, match="^give at least one score file$"):
+        combine_score_files([])
+
+
+def test_ranker_names_are_the_file_stems_made_unique():
+    assert ranker_names(["a/texture.csv", "b/texture.csv", "c/texture.csv", "neck.csv"]) == ["texture", "texture_2", "texture_3", "neck"]

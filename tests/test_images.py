@@ -43,9 +43,14 @@ def test_odd_modes_become_rgb(tmp_path, mode):
     img.save(p, fmt)
     out = open_image(p)
     assert out.mode == "RGB" and out.size == (32, 32)
+    arr = np.asarray(out, np.float64)
     if mode == "I;16":
-        arr = np.asarray(out)
         assert arr.min() == 0 and arr.max() == 255, "16-bit range is scaled, not clipped"
+        assert np.all(np.diff(arr[:, :, 0].ravel()) >= 0) and np.array_equal(arr[..., 0], arr[..., 2]), "a grey ramp stays a grey ramp"
+    else:
+        # the colour survives: red stays red (CMYK JPEGs are not inverted), grey modes keep the red's luma (81)
+        expected = (81, 81, 81) if mode in ("L", "LA", "1") else (200, 30, 30)
+        np.testing.assert_allclose(arr.reshape(-1, 3).mean(0), expected, atol=3 if mode != "1" else 5)
 
 
 def test_alpha_composited_on_white(tmp_path):

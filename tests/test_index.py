@@ -123,12 +123,17 @@ def test_add_remove_and_tail_stay_exact(tmp_path, kind):
         assert sorted(m.id for m in search_vectors(ix, X[5], 3000)[0]) == list(np.flatnonzero(alive))
 
 
+@pytest.mark.parametrize("n,kind", [(0, "flat"), (49_999, "flat"), (50_000, "hnsw"), (1_999_999, "hnsw"), (2_000_000, "ivfpq"), (10**9, "ivfpq")])
+def test_kind_is_chosen_by_catalog_size(n, kind):
+    from lookalike.index.vectors import choose_kind
+
+    assert choose_kind(n) == kind
+
+
 def test_auto_kind_follows_catalog_size(tmp_path, monkeypatch):
-    import lookalike.index.store as store
     import lookalike.index.vectors as vectors
 
-    monkeypatch.setattr(vectors, "EXACT_BELOW", 1000)
-    monkeypatch.setattr(store, "choose_kind", lambda n: "flat" if n < 1000 else "hnsw")
+    monkeypatch.setattr(vectors, "EXACT_BELOW", 1000)  # the real choose_kind, at a size a test can reach
     X = clustered_vectors(1500, DIM)
     with ImageIndex.create(tmp_path / "ix", DIM, IndexMetric("l2"), params=SMALL) as ix:
         ix.add(images(800), X[:800])
@@ -137,6 +142,68 @@ def test_auto_kind_follows_catalog_size(tmp_path, monkeypatch):
         ix.add(images(700, start=800), X[800:])
         ix.merge()
         assert ix.stats()["kind"] == "hnsw" and ix.stats()["images"] == 1500
+
+
+@pytest.mark.parametrize("ann_rows,threshold", [(0, 1_000), (50_000, 1_000), (100_000, 2_000), (999_999, 19_999), (10**6, 20_000), (10**8, 20_000)])
+def test_merge_threshold_grows_with_the_index_within_bounds(ann_rows, threshold):
+    from lookalike.index.store import merge_threshold
+
+    assert merge_threshold(ann_rows) == threshold
+
+
+def test_tail_is_merged_once_it_passes_the_threshold(tmp_path):
+    X = clustered_vectors(2002, DIM, seed=4)
+    with ImageIndex.create(tmp_path / "ix", DIM, IndexMetric("l2"), kind="flat") as ix:
+        ix.add(images(1), X[:1])
+        assert ix.merge() and ix.stats()["tail_rows"] == 0  # the first merge builds the FAISS index
+        ix.add(images(1000, start=1), X[1:1001])
+        assert not ix.merge() and ix.stats()["tail_rows"] == 1000  # at the threshold (1,000): still searched exactly
+        ix.add(images(1, start=1001), X[1001:1002])
+        assert ix.merge() and ix.stats()["tail_rows"] == 0
+        # removals fold in once there are more than the threshold too (flat and IVF-PQ can drop rows)
+        ix.remove(range(1000))
+        assert not ix.merge() and ix.stats()["tombstones"] == 1000
+        ix.remove([1000])
+        assert ix.merge() and ix.stats()["tombstones"] == 0
+
+
+def test_ivfpq_add_remove_and_reindex_stay_close_to_brute_force(tmp_path, monkeypatch):
+    import lookalike.index.vectors as vectors
+
+    monkeypatch.setattr(vectors, "IVFPQ_MIN_TRAIN", 2000)  # train on a test-sized sample
+    metric = metrics()[0]
+    X = clustered_vectors(3000, DIM, seed=8)
+    with ImageIndex.create(tmp_path / "ix", DIM, metric, kind="ivfpq", params=SMALL) as ix:
+        ix.add(images(2500), X[:2500])
+        assert ix.merge() and ix.stats()["kind"] == "ivfpq"
+        removed = list(range(0, 2500, 5))
+        assert ix.remove(removed) == len(removed)
+        ix.merge(force=True)  # IVF-PQ drops the removed rows from its lists: no tombstones left
+        assert ix.stats()["tombstones"] == 0 and ix.ann.size == 2500 - len(removed)
+        ix.add(images(500, start=2500), X[2500:])
+        ix.merge(force=True)
+        assert ix.stats()["tail_rows"] == 0 and ix.ann.size == 3000 - len(removed)
+        alive = np.ones(3000, bool)
+        alive[removed] = False
+        recalls = []
+        for q in clustered_vectors(20, DIM, seed=12):
+            got = [m.id for m in search_vectors(ix, q, 10)[0]]
+            truth, _ = brute_force(metric, q, X, 10, alive)
+            assert not set(got) & set(removed)
+            recalls.append(len(set(got) & set(truth)) / 10)
+        assert np.mean(recalls) >= 0.9, np.mean(recalls)
+        ix.reindex("flat")
+        assert ix.stats()["kind"] == "flat" and ix.ann.size == 3000 - len(removed)
+
+
+def test_a_catalog_smaller_than_the_pca_reindexes_as_hnsw(tmp_path):
+    X = clustered_vectors(20, DIM, seed=13)
+    with ImageIndex.create(tmp_path / "ix", DIM, IndexMetric("l2"), kind="flat", params={"pca_dim": 32}) as ix:
+        ix.add(images(20), X)
+        ix.merge()
+        ix.reindex("hnsw")  # 20 vectors cannot train a 32-d PCA: it keeps 20
+        assert ix.stats()["kind"] == "hnsw"
+        assert [m.id for m in search_vectors(ix, X[7], 20)[0]] == list(brute_force(IndexMetric("l2"), X[7], X, 20)[0])
 
 
 def test_index_persists_across_processes(tmp_path):

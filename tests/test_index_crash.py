@@ -49,14 +49,15 @@ index.finish_build()
 """
 COMPACT = "ImageIndex.open({index!r}, writable=True).compact()"
 
-# (object in lookalike.index.store, function, before/after, which call): every step of the update protocol
+# (object in lookalike.index.store, function, before/after, which call, images committed when it dies): every step
+# of the update protocol, 18 images in chunks of 6; the manifest is written at creation, then once per chunk
 CRASH_POINTS = [
-    ("RawVectors", "append", "after", 2),  # vectors written, catalog not yet
-    ("Catalog", "insert", "after", 2),  # catalog rows committed, manifest not yet
-    ("", "write_json", "before", 3),  # manifest of the 2nd chunk never written
-    ("", "write_json", "after", 3),  # 2nd chunk committed, nothing after it
-    ("AnnIndex", "save", "after", 1),  # new FAISS file in place, manifest still names the old state
-    ("", "write_json", "after", 5),  # FAISS index committed, build not yet marked finished
+    ("RawVectors", "append", "after", 2, 6),  # vectors written, catalog not yet
+    ("Catalog", "insert", "after", 2, 6),  # catalog rows committed, manifest not yet
+    ("", "write_json", "before", 3, 6),  # manifest of the 2nd chunk never written
+    ("", "write_json", "after", 3, 12),  # 2nd chunk committed, nothing after it
+    ("AnnIndex", "save", "after", 1, 18),  # new FAISS file in place, manifest still names the old state
+    ("", "write_json", "after", 5, 18),  # FAISS index committed, build not yet marked finished
 ]
 
 
@@ -83,15 +84,15 @@ def check_consistent(index_dir: Path, embedder: PixelEmbedder) -> dict[str, int]
         return {p: e.id for p, e in entries.items()}
 
 
-@pytest.mark.parametrize("owner,name,when,nth", CRASH_POINTS)
-def test_killed_writer_leaves_a_consistent_index_and_rerun_completes(tmp_path, owner, name, when, nth):
+@pytest.mark.parametrize("owner,name,when,nth,committed", CRASH_POINTS)
+def test_killed_writer_leaves_a_consistent_index_and_rerun_completes(tmp_path, owner, name, when, nth, committed):
     images = make_dataset(tmp_path / "photos", per_attribute=6, size=24)
     index_dir = tmp_path / "ix"
     kill_during(BUILD.format(index=str(index_dir), images=str(images)), "lookalike.index.store", owner, name, when, nth)
 
     embedder = PixelEmbedder()
     before = check_consistent(index_dir, embedder)
-    assert len(before) in range(0, 19) and len(before) % 6 == 0  # whole chunks only
+    assert len(before) == committed  # every chunk committed before the kill, and nothing of the one after
 
     # the re-run takes over: resumes the build, embeds only what was not committed
     embedder.calls.clear()

@@ -1,7 +1,9 @@
 import numpy as np
+from PIL import Image
 
 from lookalike.data.splits import ComparativeSet
 from lookalike.evaluation import gallery_metrics, positive_ranks, rank_summary
+from lookalike.evaluation.lookalike import altered_copy, copy_ranks, copy_summary, nearest_neighbour_accuracy, tied_fraction
 from lookalike.metric import L2
 
 
@@ -30,3 +32,75 @@ def test_gallery_metrics_hand_made():
     # image 0: relevant 1 (rank 1) and 2 (rank 2) -> AP 1; image 2: relevant at ranks 3,4 -> (1/3 + 2/4)/2
     aps = [1.0, 1.0, (1 / 3 + 2 / 4) / 2, 1.0, 1.0]
     assert np.isclose(g["map"], np.mean(aps))
+
+
+def test_empty_inputs_summarise_to_nan_and_small_ones_do_not():
+    empty = rank_summary(np.array([]))
+    assert set(empty) == {"top1", "top5", "mean_rank", "median_rank"} and all(np.isnan(v) for v in empty.values())
+    assert rank_summary(np.array([3])) == {"top1": 0.0, "top5": 1.0, "mean_rank": 3.0, "median_rank": 3.0}
+    assert rank_summary(np.array([5, 6]))["top5"] == 0.5
+    g = gallery_metrics(L2(), np.array([[0.0], [1.0]]), np.array(["a", "b"]))  # no image has a same-attribute partner
+    assert all(np.isnan(v) for v in g.values())
+
+
+def test_gallery_recall_at_other_k():
+    feats = np.array([[0.0], [0.1], [0.2], [1.0], [3.0]])
+    labels = np.array(["a", "b", "c", "a", "c"])
+    g = gallery_metrics(L2(), feats, labels, ks=(1, 2, 3))
+    # image 0: its "a" partner (3) is 3rd nearest; 2: partner 4 is last; 3: partner 0 is 3rd; 4: partner 2 is 2nd; 1 has none
+    assert (g["recall_at_1"], g["recall_at_2"], g["recall_at_3"]) == (0.0, 0.25, 0.75)
+
+
+def test_copy_ranks_count_ties_against_the_original():
+    catalog = np.array([[0.0], [1.0], [2.0], [3.0]])
+    copies = np.array([[0.1], [1.5], [2.1], [5.0]])  # copy 1 sits half-way: its original ties with row 2
+    ranks = copy_ranks(L2(), catalog, copies)
+    assert ranks.tolist() == [1, 2, 1, 1]
+    assert copy_summary(ranks) == {"found_first": 0.75, "top5": 1.0, "mean_rank": 1.25, "n": 4}
+    assert copy_summary(np.array([1, 6]))["top5"] == 0.5
+    tied_catalog = np.array([[0.0], [1.0], [1.0]])  # two identical photos: neither copy can be said to find its own
+    assert copy_ranks(L2(), tied_catalog, tied_catalog).tolist() == [1, 2, 2]
+
+
+def test_nearest_neighbour_accuracy_by_group():
+    vectors = np.array([[0.0], [0.1], [1.0], [1.05], [2.0], [0.2]])
+    labels = np.array(["a", "a", "b", "b", "c", "c"])
+    groups = {"seen": np.array([True, True, True, True, False, False]), "unseen": np.array([False] * 4 + [True, True]), "none": np.zeros(6, bool)}
+    acc = nearest_neighbour_accuracy(L2(), vectors, labels, groups)
+    # 4 (c) is nearest to 3 (b); 5 (c) is nearest to 1 (a): the unseen pattern never finds its own
+    assert acc["seen"] == 1.0 and acc["unseen"] == 0.0 and np.isnan(acc["none"])
+
+
+def test_tied_fraction_finds_orders_left_to_rounding():
+    labels = np.array(["a"] * 4)
+    spread = np.array([[0.0], [1.0], [3.0], [7.0]])
+    assert tied_fraction(L2(), spread, labels) == 0.0
+    # 0 and 2 are equally far from 1 (and 3 is far from all): query 1's matches hold a tie
+    tied = np.array([[0.0], [1.0], [2.0], [10.0]])
+    assert tied_fraction(L2(), tied, labels) == 0.25
+    assert tied_fraction(L2(), tied, labels, k=1) == 0.0, "a single match cannot tie"
+    assert np.isnan(tied_fraction(L2(), np.array([[0.0]]), np.array(["a"])))
+
+
+def test_altered_copy_is_a_smaller_brighter_crop_and_repeatable():
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 200, (100, 80, 3), dtype=np.uint8), "RGB")
+    a, b = altered_copy(img, seed=3), altered_copy(img, seed=3)
+    assert np.array_equal(np.asarray(a), np.asarray(b)) and a.mode == "RGB"
+    assert not np.array_equal(np.asarray(a), np.asarray(altered_copy(img, seed=4)))
+    # 70-85% of the area, then 60% of each side
+    w, h = a.size
+    assert 0.6**2 * 0.69 * 8000 <= w * h <= 0.6**2 * 0.86 * 8000 and w <= 48 and h <= 60
+    assert np.asarray(a, np.float64).mean() > np.asarray(img, np.float64).mean() * 1.03
+    assert altered_copy(Image.new("L", (2, 2), 128), seed=1).size == (1, 1)
+
+
+def test_altered_copy_crop_keeps_its_area_and_aspect_bounds():
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 200, (200, 300, 3), dtype=np.uint8), "RGB")
+    original = np.asarray(img, np.float64).mean()
+    for seed in range(20):
+        w, h = altered_copy(img, seed).size
+        crop_w, crop_h = w / 0.6, h / 0.6
+        assert 0.66 <= crop_w * crop_h / (300 * 200) <= 0.88, seed  # 70-85% of the area, up to rounding
+        assert 0.75 <= (crop_w / crop_h) / 1.5 <= 1.3, seed  # the photo's own aspect, changed by at most 0.8-1.25
+        assert 1.03 < np.asarray(altered_copy(img, seed), np.float64).mean() / original < 1.2, seed  # 10% brighter

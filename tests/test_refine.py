@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from conftest import make_dataset
 from lookalike.backbones import Backbone, Preprocessor, create_backbone, load_backbone
@@ -24,6 +24,10 @@ from lookalike.refine.stage import refine
 from lookalike.backbones.stages import channel_statistics, resolve_taps
 from lookalike.refine.blocks import split_trunk
 from lookalike.refine.trainer import epoch_order, learning_rate
+
+#: without CUDA refinement caches the frozen part's output; with it, mode "auto" trains every block
+CUDA = torch.cuda.is_available()
+AUTO_MODE, DEVICE = ("full", "cuda") if CUDA else ("cached", "cpu")
 
 TINY = {"data": {"train_ratio": 0.6, "validation_ratio": 0.25}, "features": {"resolution": 64, "batch_size": 16}}
 
@@ -48,7 +52,7 @@ def test_refinement_lowers_the_training_loss_and_writes_its_outputs(textures, tm
     record = refine(run, progress=False)
     losses = [h["train_loss"] for h in record["history"]]
     assert len(losses) == 6 and losses[-1] < losses[0]
-    assert record["mode"] == "cached" and record["device"] == "cpu" and record["classes"] == ["checks", "dots", "stripes"]
+    assert record["mode"] == AUTO_MODE and record["device"] == DEVICE and record["classes"] == ["checks", "dots", "stripes"]
     assert all({"train_error", "validation_error", "test_error", "lr"} <= set(h) for h in record["history"])
     out = run / "split-0" / "refined"
     for name in ("backbone.json", "backbone.safetensors", "history.json", "curves.png"):
@@ -60,7 +64,7 @@ def test_refinement_lowers_the_training_loss_and_writes_its_outputs(textures, tm
     }
     saved = json.loads((out / "backbone.json").read_text())
     assert saved["head"] == head and saved["taps"] == [10, 12, 14, 16]
-    assert record["trained_stages"] == 2 and record["texture_stages"] == [10, 12, 14, 16]
+    assert record["trained_stages"] == ("all" if CUDA else 2) and record["texture_stages"] == [10, 12, 14, 16]
     # up to date: a second call does not train again
     before = (out / "backbone.safetensors").stat().st_mtime_ns
     refine(run, progress=False)
@@ -91,10 +95,19 @@ def test_saved_model_reloads_to_identical_outputs(textures, tmp_path):
         assert torch.equal(a(x), b(x))
     assert a.fingerprint == b.fingerprint and a.config.embedding_dim == 128 and a.config.input_size == 64
     pretrained = create_backbone("efficientnet-lite0", resolution=64)
-    changed = [k for k, v in pretrained.trunk.state_dict().items() if not k.startswith("_fc.") and not torch.equal(v, a.trunk.state_dict()[k])]
-    assert changed and all(k.startswith(("_blocks.14.", "_blocks.15.")) for k in changed), "only the last 2 stages the descriptor needs learn"
+    changed = changed_parameters(pretrained.trunk, a.trunk)
+    # weights, not only batch-norm running statistics (which move without any learning)
+    assert any(k.endswith("conv.weight") for k in changed), changed
+    if not CUDA:
+        assert all(k.startswith(("_blocks.14.", "_blocks.15.")) for k in changed), "only the last 2 stages the descriptor needs learn"
     # the head standardises the descriptor with statistics of the training images
     assert not torch.equal(a.head.shift, torch.zeros_like(a.head.shift)) and bool((a.head.scale > 0).all())
+
+
+def changed_parameters(before: torch.nn.Module, after: torch.nn.Module) -> list[str]:
+    """Learnable parameters (not buffers) that differ between two copies of a trunk, its unused classifier aside."""
+    now = dict(after.named_parameters())
+    return [k for k, v in before.named_parameters() if not k.startswith(("_fc.", "fc.")) and not torch.equal(v, now[k])]
 
 
 def test_last_layer_only_keeps_the_trunk_and_resolution_is_applied(textures, tmp_path):
@@ -249,15 +262,70 @@ def test_refinement_works_with_a_torchvision_resnet(textures, tmp_path):
     record = refine(run, progress=False)
     assert record["texture_stages"] == [1, 3, 5, 7] and record["trained_stages"] == 2
     refined = load_backbone(run / "split-0" / "refined")
+    initial = tvm.resnet18(weights=None)
+    initial.load_state_dict(load_file(str(weights)))
+    changed = changed_parameters(initial, refined.trunk)
+    assert changed and all(k.startswith(("layer3.1.", "layer4.0.")) or CUDA for k in changed), changed
     # the first block of each of layer1..layer4: 64, 128, 256 and 512 channels, mean and std each
     assert refined.config.name == "resnet18" and refined.head.in_features == 2 * (64 + 128 + 256 + 512)
     assert featurize(run, progress=False).shape == (24, 128)
 
 
-def test_the_posterior_embedding_stays_available(textures, tmp_path):
-    run = prepared(textures, tmp_path / "run", tiny_config(epochs=2, embedding="posterior", optimizer="sgd"))
+@pytest.mark.parametrize("embedding", ["posterior", "logits"])
+def test_the_classifier_embeddings_stay_available(textures, tmp_path, embedding):
+    run = prepared(textures, tmp_path / "run", tiny_config(epochs=2, embedding=embedding, optimizer="sgd"))
     refine(run, progress=False)
     refined = load_backbone(run / "split-0" / "refined")
-    assert refined.head.describe()["kind"] == "attribute-classifier" and refined.config.embedding_dim == 3
+    assert refined.head.describe()["kind"] == "attribute-classifier" and refined.head.describe()["output"] == embedding
+    assert refined.config.embedding_dim == 3
+    with torch.inference_mode():
+        x = torch.randn(4, 3, 64, 64)
+        out, logits = refined(x), refined.head.logits(refined.descriptor(x))
+    # the posterior is the softmax of the classifier's logits; the logits embedding is those logits themselves
+    assert torch.allclose(out, logits.softmax(-1) if embedding == "posterior" else logits, atol=1e-6)
     features = featurize(run, progress=False)
     assert features.shape == (24, 3) and np.allclose(np.linalg.norm(features, axis=1), 1, atol=1e-5)
+    assert (features.min() < 0) == (embedding == "logits"), "only logits can be negative"
+
+
+def test_new_layers_learn_at_their_multiple_of_the_scheduled_rate(textures, tmp_path, monkeypatch):
+    import lookalike.refine.trainer as trainer
+
+    seen: list[list[float]] = []
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def step(self, closure=None):
+            seen.append([g["lr"] for g in self.param_groups])
+            return super().step(closure)
+
+    monkeypatch.setattr(trainer.torch.optim, "AdamW", RecordingAdamW)
+    run = prepared(textures, tmp_path / "run", tiny_config(epochs=2, lr_schedule=[[1, 0.002], [1, 0.0005]], new_layer_lr_multiplier=10))
+    refine(run, progress=False)
+    steps_per_epoch = len(seen) // 2
+    assert len(seen) == 2 * steps_per_epoch > 0
+    # group 0 is the new head, group 1 the pretrained blocks being refined
+    assert seen[0] == pytest.approx([0.02, 0.002]) and seen[-1] == pytest.approx([0.005, 0.0005])
+
+
+def test_label_smoothing_reaches_both_objectives():
+    from lookalike.backbones.heads import AttributeHead, LookalikeHead
+    from lookalike.refine.objectives import objective_for
+
+    torch.manual_seed(0)
+    classes = ["a", "b", "c"]
+    target = torch.tensor([0, 1, 2, 1])
+    descriptors = [torch.randn(4, 10), torch.randn(4, 10)]
+    head = AttributeHead(10, classes)
+    logits = head.logits(descriptors[0])
+    eps = 0.2
+    # (1 - eps) x cross-entropy + eps x the mean negative log-probability over the classes
+    expected = (1 - eps) * torch.nn.functional.cross_entropy(logits, target) - eps * logits.log_softmax(-1).mean()
+    loss, _ = objective_for(head, 1.0, 0.1, eps)(head, descriptors, target)
+    assert torch.allclose(loss, expected, atol=1e-6)
+    lookalike = LookalikeHead(10, classes, attribute_dim=4, visual_dim=4)
+    plain, _ = objective_for(lookalike, 0.0, 0.1, 0.0)(lookalike, descriptors, target)
+    smoothed, _ = objective_for(lookalike, 0.0, 0.1, eps)(lookalike, descriptors, target)
+    parts = [lookalike.parts(d) for d in descriptors]
+    scores = [lookalike.proxy_logits(part, proxies) for a, v in parts for part, proxies in ((a, lookalike.attribute_proxies), (v, lookalike.visual_proxies))]
+    assert torch.allclose(smoothed, sum((1 - eps) * torch.nn.functional.cross_entropy(z, target) - eps * z.log_softmax(-1).mean() for z in scores), atol=1e-5)
+    assert not torch.allclose(plain, smoothed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import shutil
 import socket
@@ -31,6 +32,7 @@ from schemathesis.specs.openapi.checks import content_type_conformance, response
 
 from conftest import launch_chromium, require_playwright
 from lookalike.serve.app import create_app
+from lookalike.index import ImageIndex
 from lookalike.serve.service import Service
 from lookalike.index.build import build_index
 from lookalike.serve.settings import ServeSettings
@@ -72,10 +74,22 @@ def writable_app(served, name: str, extra_rankers=None):
     return eng, index
 
 
+def stricter_run(served) -> Path:
+    """The served run with its Platt offset lowered by 2: the same distances, genuinely lower probabilities."""
+    run = served.root / "run-strict"
+    if not run.exists():
+        shutil.copytree(served.run, run)
+        metric = run / "split-0" / "metric.json"
+        model = json.loads(metric.read_text())
+        model["platt_b"] -= 2.0
+        metric.write_text(json.dumps(model))
+    return run
+
+
 @pytest.fixture(scope="session")
 def writable(served):
-    """Writes on, and a second ranker for /compare (the same run under another name)."""
-    eng, index = writable_app(served, "index-writable", {"texture-copy": served.run})
+    """Writes on, and a second ranker for /compare that disagrees with the first."""
+    eng, index = writable_app(served, "index-writable", {"strict": stricter_run(served)})
     with TestClient(create_app(eng)) as c:
         yield SimpleNamespace(client=c, engine=eng, index=index, uploads=served.root / "index-writable-uploads")
     eng.close()
@@ -149,6 +163,16 @@ def test_attribute_filter_keeps_only_that_attribute(served, client):
     )
 
 
+def test_attribute_filter_widens_its_shortlist_until_it_has_enough(served, client):
+    query = photo(served, "dotted", 4)
+    everything = client.post("/search", files={"image": upload(query)}, data={"top": "42"}).json()["results"]
+    leopards = [m["id"] for m in everything if m["attribute"] == "leopard"]
+    # the first shortlist (4 x top = 8 nearest) holds fewer than 2 leopards: the filter has to search wider
+    assert sum(m["attribute"] == "leopard" for m in everything[:8]) < 2
+    r = client.post("/search", files={"image": upload(query)}, data={"top": "2", "attribute": "leopard"})
+    assert [m["id"] for m in r.json()["results"]] == leopards[:2]
+
+
 def test_similar_by_id_matches_upload_search_without_the_image_itself(served, client):
     query = photo(served, "dotted", 2)
     by_upload = client.post("/search", files={"image": upload(query)}, data={"top": "6"}).json()["results"]
@@ -172,10 +196,14 @@ def test_compare_agrees_with_search_and_fuses_rankers(served, client, writable):
     assert cmp["distance"] == pytest.approx(match["distance"], rel=1e-4, abs=1e-5)
     assert cmp["probability"] == pytest.approx(match["probability"], rel=1e-4, abs=1e-5)
     assert len(cmp["rankers"]) == 1 and cmp["fused_probability"] == pytest.approx(cmp["probability"])
-    # two rankers (the second is the same run under another name): each is reported, and fused
+    # two rankers that disagree (the second's Platt offset is 2 lower): each is reported, and they are averaged
     two = writable.client.post("/compare", files={"first": upload(a, "a.jpg"), "second": upload(b, "b.jpg")}).json()
-    assert [s["name"] for s in two["rankers"]] == ["run", "texture-copy"]
-    assert two["fused_probability"] == pytest.approx(np.mean([s["probability"] for s in two["rankers"]]))
+    assert [s["name"] for s in two["rankers"]] == ["run", "strict"]
+    first, strict = two["rankers"]
+    assert strict["distance"] == pytest.approx(first["distance"]) and first["probability"] == pytest.approx(cmp["probability"])
+    logit = np.log(first["probability"] / (1 - first["probability"]))
+    assert strict["probability"] == pytest.approx(1 / (1 + np.exp(2.0 - logit)), rel=1e-6)
+    assert two["fused_probability"] == pytest.approx((first["probability"] + strict["probability"]) / 2, rel=1e-9)
 
 
 # ---- micro-batching ----------------------------------------------------------------------------
@@ -282,10 +310,53 @@ def test_images_and_thumbnails_by_id_only(served, client):
     assert_error(client.get("/images/-1"), 422, "invalid_request")
     assert_error(client.get("/images/abc"), 422, "invalid_request")
     assert_error(client.get("/images/99999999999999999999999"), 422, "invalid_request")
-    for sneaky in ("/images/..%2F..%2F..%2Fetc%2Fpasswd", "/images/%2Fetc%2Fpasswd", "/static/..%2F..%2Fengine.py", "/images/1/../../etc/passwd"):
+    for sneaky in ("/images/..%2F..%2F..%2Fetc%2Fpasswd", "/images/%2Fetc%2Fpasswd", "/static/..%2F..%2Fengine.py"):
         r = client.get(sneaky)
         assert r.status_code in (404, 422), (sneaky, r.status_code)
         assert b"root:" not in r.content and b"import" not in r.content
+
+
+def test_missing_catalog_file_is_a_404_that_keeps_its_path_secret(served, writable):
+    w, auth = writable.client, {"X-API-Key": KEY}
+    buf = io.BytesIO()
+    with Image.open(photo(served, "striped", 7)) as img:
+        img.transpose(Image.FLIP_LEFT_RIGHT).save(buf, "PNG")
+    (added,) = w.post("/catalog", files=[("images", upload(buf.getvalue(), "gone.png", "image/png"))], headers=auth).json()["added"]
+    (stored,) = [p for p in writable.uploads.iterdir() if p.read_bytes() == buf.getvalue()]
+    stored.unlink()
+    try:
+        for url in (added["image_url"], added["thumbnail_url"]):
+            body = assert_error(w.get(url), 404, "image_missing", "no longer available")
+            assert str(writable.uploads) not in body["detail"]
+    finally:
+        w.delete(f"/catalog/{added['id']}", headers=auth)
+
+
+def test_busy_index_and_overload_answer_with_retry_after(served, writable, monkeypatch):
+    w, auth = writable.client, {"X-API-Key": KEY}
+    with ImageIndex.open(writable.index, writable=True):  # another process's update in progress
+        r = w.post("/catalog", files=[("images", upload(photo(served, "dotted", 1)))], headers=auth)
+        assert_error(r, 409, "index_busy", "retry")
+        assert r.headers["retry-after"] == "5"
+        assert_error(w.delete("/catalog/1", headers=auth), 409, "index_busy")
+    # one model slot, held for 3 s by a slow request: a second request gives up after its 0.5 s timeout
+    eng = Service(ServeSettings(index_dir=served.index, max_concurrency=1, timeout_s=0.5))
+    embed = eng.embed_upload
+    monkeypatch.setattr(eng, "embed_upload", lambda u: (time.sleep(3), embed(u))[1])
+    try:
+        with TestClient(create_app(eng)) as c:
+            def search():
+                return c.post("/search", files={"image": upload(photo(served, "dotted"))}, data={"top": "1"})
+
+            slow = threading.Thread(target=search)
+            slow.start()
+            time.sleep(0.5)
+            r = search()
+            slow.join()
+        assert_error(r, 503, "busy", "no model slot became free")
+        assert r.headers["retry-after"] == "1"
+    finally:
+        eng.close()
 
 
 # ---- bad input --------------------------------------------------------------------------------
@@ -529,6 +600,16 @@ def test_browser_upload_see_results_click_one_and_a_rejected_upload(served, engi
     assert (ARTIFACTS / "serve-search.png").stat().st_size > 10_000
 
 
+def raw_get(port: int, target: bytes) -> bytes:
+    """The whole answer to a GET of `target` written byte for byte on the socket."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
 def test_cli_serves_on_loopback_and_stops(served):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -548,6 +629,11 @@ def test_cli_serves_on_loopback_and_stops(served):
         assert r.json()["images"] == 42
         r = httpx.post(f"http://127.0.0.1:{port}/search", files={"image": upload(photo(served, "dotted", 5))}, data={"top": "2"}, timeout=30)
         assert r.status_code == 200 and r.json()["results"][0]["name"] == photo(served, "dotted", 5).name
+        # dot segments sent as they are (an HTTP client would remove them before sending)
+        for sneaky in (b"/images/1/../../etc/passwd", b"/static/../../../../../etc/passwd", b"/static/../app.py", b"/images/1/..%2F..%2Fetc%2Fpasswd"):
+            answer = raw_get(port, sneaky)
+            assert answer.startswith((b"HTTP/1.1 404", b"HTTP/1.1 422")), (sneaky, answer[:100])
+            assert b"root:" not in answer and b"import" not in answer
     finally:
         proc.terminate()
         proc.wait(timeout=30)

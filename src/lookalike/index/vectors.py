@@ -171,7 +171,9 @@ class AnnIndex:
         if kind not in KINDS:
             raise LookalikeError(f"unknown index kind '{kind}'; choose one of: auto, {', '.join(KINDS)}")
         p = {**DEFAULT_PARAMS, **params}
-        reduced = min(dim, int(p["hnsw_pca_dim" if kind == "hnsw" else "pca_dim"]) or dim)
+        # a PCA cannot output more dimensions than it has training vectors (a small catalog reindexed as hnsw)
+        wanted = int(p["hnsw_pca_dim" if kind == "hnsw" else "pca_dim"])
+        reduced = min(dim, wanted, max(len(sample), 1)) if wanted else dim
         if kind == "flat":
             index = faiss.IndexIDMap2(faiss.IndexFlatL2(dim))
         elif kind == "hnsw":

@@ -66,10 +66,10 @@ class WeightedL2Ranker(ClassifierMixin, BaseEstimator):
         """Fit the SVM on (X, y); calibrate on (X_calibration, y_calibration), else on the training pairs."""
         X, y = validate_data(self, X, y, dtype=np.float64)
         check_classification_targets(y)
+        if len(np.unique(y)) < 2:
+            raise InvalidInputError("training pairs need both positive and negative examples; only one class was found")
         target = type_of_target(y)
         if target != "binary":
-            if len(np.unique(y)) < 2:
-                raise InvalidInputError("training pairs need both positive and negative examples; only one class was found")
             raise InvalidInputError(f"Only binary classification is supported: a pair is alike (1) or not (0), but the target is {target}")
         learned = X.shape[1] - self.visual_dims
         if learned < 1:
