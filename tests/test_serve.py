@@ -341,8 +341,8 @@ def test_busy_index_and_overload_answer_with_retry_after(served, writable, monke
         assert_error(w.delete("/catalog/1", headers=auth), 409, "index_busy")
     # one model slot, held for 3 s by a slow request: a second request gives up after its 0.5 s timeout
     eng = Service(ServeSettings(index_dir=served.index, max_concurrency=1, timeout_s=0.5))
-    embed = eng.embed_upload
-    monkeypatch.setattr(eng, "embed_upload", lambda u: (time.sleep(3), embed(u))[1])
+    preprocess = eng.preprocess
+    monkeypatch.setattr(eng, "preprocess", lambda u: (time.sleep(3), preprocess(u))[1])
     try:
         with TestClient(create_app(eng)) as c:
             def search():
