@@ -58,3 +58,15 @@ def test_overrides_win_over_file(tmp_path):
     p.write_text("[metric]\nC = 2.0\n")
     assert load_config(p).metric.C == 2.0
     assert load_config(p, {"metric.C": 0.5}).metric.C == 0.5
+
+
+def test_configurations_recorded_by_earlier_versions_still_load():
+    from lookalike.config import stored_config
+    from lookalike.errors import ConfigError
+
+    old = {"features": {"resolution": 224}, "refine": {"epochs": 60, "resolution": 320}}
+    assert stored_config(old, "run/config.json").features.resolution == 320, "the refined model's input size is kept"
+    untrained = {"features": {"resolution": 224}, "refine": {"epochs": 0, "resolution": 320}}
+    assert stored_config(untrained, "run/config.json").features.resolution == 224, "without refinement, featurize's size"
+    with pytest.raises(ConfigError, match="run/config.json: the recorded configuration is not valid"):
+        stored_config({"refine": {"epochs": -1}}, "run/config.json")

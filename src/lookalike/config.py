@@ -107,6 +107,24 @@ class LookalikeConfig(_Section):
 
 
 
+def stored_config(data: dict, source: str) -> LookalikeConfig:
+    """A configuration a run or model folder recorded, from this version or an earlier one.
+
+    Earlier versions kept the refined model's input size in refine.resolution; it is features.resolution now.
+    """
+    refine = dict(data.get("refine", {}))
+    if "resolution" in refine:
+        resolution = refine.pop("resolution")
+        features = dict(data.get("features", {}))
+        if resolution and refine.get("epochs", 1):
+            features["resolution"] = resolution
+        data = {**data, "refine": refine, "features": features}
+    try:
+        return LookalikeConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: the recorded configuration is not valid for this version of lookalike:\n{format_validation_error(e)}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> LookalikeConfig:
     """Defaults, then the TOML file, then `overrides`; unknown keys are errors.
 

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ValidationError
 
 from .backbones import Backbone, load_backbone
 from .backbones.registry import save_backbone
-from .config import LookalikeConfig, format_validation_error
+from .config import LookalikeConfig, format_validation_error, stored_config
 from .errors import BadImageError, ConfigError, LookalikeError
 from .features import Engine, FeatureCache, configured_cache_dir, create_engine, default_cache_dir, embed_paths
 from .features.extract import EmbeddingResult, embed_images, l2_normalize
@@ -283,7 +283,7 @@ class SimilarityModel:
             card = read_json(path / CARD)
             if card.get("format") != MODEL_FORMAT:
                 raise LookalikeError(f"{path / CARD} is a model of format {card.get('format')!r}; this lookalike reads {MODEL_FORMAT}")
-            cfg = LookalikeConfig.model_validate(card["config"])
+            cfg = stored_config(card["config"], str(path / CARD))
             backbone, ranker = load_backbone(path), WeightedL2Ranker.load(path / RANKER)
         elif (path / "config.json").is_file():
             run = RunDir(path)

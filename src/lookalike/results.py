@@ -28,7 +28,7 @@ class Match:
 
 
 def format_distance(d: float) -> str:
-    return f"{d:.4f}"
+    return f"{max(d, 0.0):.4f}"  # a 0 distance rounded below 0 in float arithmetic still reads 0
 
 
 def format_probability(p: float | None) -> str:

@@ -77,9 +77,9 @@ class RunDir:
 
     def config(self) -> "LookalikeConfig":
         """The configuration the run was made with (written by prepare)."""
-        from .config import LookalikeConfig
+        from .config import stored_config
 
-        return LookalikeConfig.model_validate(read_json(self.require(self.config_file, "prepare")))
+        return stored_config(read_json(self.require(self.config_file, "prepare")), str(self.config_file))
 
     def save_config(self, cfg: "LookalikeConfig") -> None:
         write_json(self.config_file, cfg.model_dump())

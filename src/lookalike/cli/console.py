@@ -12,10 +12,11 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
 
 from ..errors import LookalikeError
 from ..progress import external_write_mode
-from ..results import MatchOut, QueryOut, SearchOut
+from ..results import MatchOut, QueryOut, SearchOut, format_distance, format_probability
 
 #: Exit codes: 0 success, 1 a runtime failure, 2 a usage error (a bad flag, argument or config value),
 #: 3 a partial success (some inputs failed; the command's report lists them).
@@ -71,3 +72,13 @@ def search_answer(path: Path, own: int | None, matches, took_ms: float, attribut
         results=[MatchOut.from_match(m.to_dict(), with_path=True) for m in matches],
         took_ms=took_ms,
     )
+
+
+def print_matches(title: str, matches) -> None:
+    """A search's matches as the table every command shows: rank, distance, P(same), attribute, path."""
+    table = Table(title=escape(title))
+    for col in ("#", "distance", "P(same)", "attribute", "path"):
+        table.add_column(col, justify="right" if col in ("#", "distance", "P(same)") else "left")
+    for rank, m in enumerate(matches, 1):
+        table.add_row(str(rank), format_distance(m.distance), format_probability(m.probability), escape(m.attribute or ""), escape(m.path))
+    out.print(table)

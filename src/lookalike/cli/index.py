@@ -18,8 +18,8 @@ from ..index.build import absolute, build_index, load_model
 from ..index.ingest import image_sources, ingest
 from ..index.metric import METRICS, IndexMetric
 from ..index.vectors import DEFAULT_PARAMS, EXACT_BELOW, HNSW_BELOW
-from ..results import format_distance, format_probability
-from .console import EXIT_PARTIAL, out, search_answer
+from ..results import format_probability
+from .console import EXIT_PARTIAL, out, print_matches, search_answer
 
 index_app = typer.Typer(
     name="index",
@@ -203,12 +203,7 @@ def search(
         if as_json:
             print(search_answer(path, own, matches, took_ms, attribute, min_probability).model_dump_json())
             continue
-        table = Table(title=f"{len(matches)} closest to {path.name} ({description})")
-        for col in ("#", "distance", "P(same)", "attribute", "path"):
-            table.add_column(col, justify="right" if col in ("#", "distance", "P(same)") else "left")
-        for rank, m in enumerate(matches, 1):
-            table.add_row(str(rank), format_distance(m.distance), format_probability(m.probability), m.attribute or "", escape(m.path))
-        out.print(table)
+        print_matches(f"{len(matches)} closest to {path.name} ({description})", matches)
     if grid is not None and not as_json:
         out.print(f"grid: {grid}")
 

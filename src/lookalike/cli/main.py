@@ -15,8 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import ConfigError, LookalikeError
-from ..results import format_distance, format_probability
-from .console import EXIT_FAILURE, EXIT_PARTIAL, EXIT_USAGE, attach_log, err, error_message, out, search_answer
+from .console import EXIT_FAILURE, EXIT_PARTIAL, EXIT_USAGE, attach_log, err, error_message, out, print_matches, search_answer
 
 app = typer.Typer(
     name="lookalike",
@@ -168,12 +167,7 @@ def retrieve(
     if as_json:
         print(search_answer(image, None, matches, (time.perf_counter() - start) * 1000, None, min_probability).model_dump_json())
         return
-    table = Table(title=f"Most alike to {image}")
-    for col in ("#", "distance", "P(same)", "attribute", "path"):
-        table.add_column(col, justify="right" if col in ("#", "distance", "P(same)") else "left")
-    for rank, m in enumerate(matches, 1):
-        table.add_row(str(rank), format_distance(m.distance), format_probability(m.probability), m.attribute or "", escape(m.path))
-    out.print(table)
+    print_matches(f"Most alike to {image}", matches)
     out.print(f"grid picture: {picture}")
 
 
