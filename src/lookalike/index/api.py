@@ -44,7 +44,8 @@ class ImageIndex:
 
     def __init__(self, store: IndexStore, model: "SimilarityModel | None" = None):
         self.store = store
-        self._model = model
+        self._given = model
+        self._model: "SimilarityModel | None" = None  # the model, once checked against the index
 
     # ---- making and opening ------------------------------------------------------------------
 
@@ -114,19 +115,23 @@ class ImageIndex:
 
     @property
     def model(self) -> "SimilarityModel":
-        """The model that embeds images for this index: the one given, else the one the index records."""
+        """The model that embeds images for this index: the one given, else the one the index records (checked once)."""
         if self._model is None:
-            from ..model import SimilarityModel
-
-            recorded = self.store.manifest.get("run_dir")
-            if not recorded or not Path(recorded).is_dir():
-                raise LookalikeError(
-                    f"{self.store.location} does not record a model folder that exists here ({recorded}); "
-                    "open it with the model it was built with: ImageIndex.open(path, model=...)"
-                )
-            self._model = SimilarityModel.load(recorded)
-        check_model(self.store, self._model, getattr(self._model, "source_", "the given model"))
+            model = self._given or self._recorded_model()
+            check_model(self.store, model, getattr(model, "source_", "the given model"))
+            self._model = model
         return self._model
+
+    def _recorded_model(self) -> "SimilarityModel":
+        from ..model import SimilarityModel
+
+        recorded = self.store.manifest.get("run_dir")
+        if not recorded or not Path(recorded).is_dir():
+            raise LookalikeError(
+                f"{self.store.location} does not record a model folder that exists here ({recorded}); "
+                "open it with the model it was built with: ImageIndex.open(path, model=...)"
+            )
+        return SimilarityModel.load(recorded)
 
     # ---- searching ---------------------------------------------------------------------------
 
