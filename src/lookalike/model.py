@@ -20,8 +20,9 @@ import shutil
 import tempfile
 import threading
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 import numpy as np
 from PIL import Image
@@ -205,12 +206,22 @@ class SimilarityModel:
             self._training = {name: (run.split_dir(0) / name).read_bytes() for name in TRAINING_RECORDS if (run.split_dir(0) / name).exists()}
         return self
 
-    def _set_fitted(self, backbone: Backbone, ranker: WeightedL2Ranker, cfg: LookalikeConfig, card: dict) -> None:
+    def _set_fitted(self, backbone: Backbone, ranker: WeightedL2Ranker, cfg: LookalikeConfig, card: dict | Callable[[], dict]) -> None:
         self.backbone_ = backbone
         self.ranker_ = ranker
-        self.card_ = card
-        self.attributes_ = list(card["attributes"])
+        self._card = card
         self.embedder_ = ImageEmbedder(backbone, configured_cache_dir(cfg.features.cache_dir), cfg.features.engine, cfg.features.quantize)
+
+    @property
+    def card_(self) -> dict:
+        """The model card (what `model.json` holds); a run's is made from its files on first use."""
+        if callable(self._card):
+            self._card = self._card()
+        return self._card
+
+    @property
+    def attributes_(self) -> list[str]:
+        return list(self.card_["attributes"])
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "ranker_"):
@@ -235,7 +246,7 @@ class SimilarityModel:
         """
         self._check_fitted()
         path = Path(path).expanduser()
-        if path.exists() and not (path / CARD).is_file() and (not path.is_dir() or any(path.iterdir())):
+        if not may_hold_model(path):
             raise LookalikeError(f"{path} exists and is not a lookalike model folder; choose another folder, or remove it first")
         card = dict(self.card_)
         if evaluation is not None:
@@ -260,7 +271,7 @@ class SimilarityModel:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        self.card_ = card
+        self._card = card
         return path
 
     @classmethod
@@ -290,7 +301,7 @@ class SimilarityModel:
             cfg = run.config()
             ranker = WeightedL2Ranker.load(run.require(run.split_dir(split) / "metric.json", "train-metric"))
             backbone = run.backbone(split, cfg)
-            card = _card(run, cfg, backbone, ranker, split)
+            card = partial(_card, run, cfg, backbone, ranker, split)  # read from the run's files only when asked for
         else:
             raise LookalikeError(
                 f"{path} is neither a model folder (with model.json, written by `lookalike fit`) nor a run folder "
@@ -380,6 +391,11 @@ class SimilarityModel:
     def __repr__(self) -> str:
         shown = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items() if v is not None)
         return f"SimilarityModel({shown})"
+
+
+def may_hold_model(path: Path) -> bool:
+    """Whether `save` may write a model folder at `path`: nothing there, an empty folder, or an earlier model."""
+    return not path.exists() or (path / CARD).is_file() or (path.is_dir() and not any(path.iterdir()))
 
 
 def _section(value) -> dict:

@@ -54,6 +54,8 @@ def _global_options(
     attach_log(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
     progress.enable(not (quiet or no_progress))
 
+DataOpt = typer.Option(..., "--data", "-d", help="Dataset folder: one sub-folder of images per attribute value.")
+RunOutOpt = typer.Option(..., "--out", "-o", help="Run directory to create or update.")
 ConfigOpt = typer.Option(None, "--config", "-c", help="A lookalike.toml; its values override the defaults, CLI flags override it.", exists=False)
 RunOpt = typer.Option(..., "--run", "-r", help="The run directory written by `lookalike prepare` / `lookalike run`.")
 ModelOpt = typer.Option(..., "--model", "-m", "--run", "-r", help="Model folder (`lookalike fit`) or run folder (`lookalike run`; --split picks the split).")
@@ -69,8 +71,8 @@ def _config(config: Optional[Path], **overrides):
 
 @app.command()
 def prepare(
-    data: Path = typer.Option(..., "--data", "-d", help="Dataset folder: one sub-folder of images per attribute value."),
-    run: Path = typer.Option(..., "--out", "-o", help="Run directory to create or update."),
+    data: Path = DataOpt,
+    run: Path = RunOutOpt,
     config: Optional[Path] = ConfigOpt,
     seed: Optional[int] = typer.Option(None, help="Random seed for the split (data.seed)."),
     split: int = SplitOpt,
@@ -119,8 +121,8 @@ def evaluate(run: Path = RunOpt, split: int = SplitOpt, force: bool = ForceOpt):
 
 @app.command("run")
 def run_all(
-    data: Path = typer.Option(..., "--data", "-d", help="Dataset folder: one sub-folder of images per attribute value."),
-    run: Path = typer.Option(..., "--out", "-o", help="Run directory to create or update."),
+    data: Path = DataOpt,
+    run: Path = RunOutOpt,
     splits: int = typer.Option(1, "--splits", "-k", min=1, help="Repeat over K random splits and report mean ± std (60 test queries are noisy)."),
     config: Optional[Path] = ConfigOpt,
     backbone: Optional[str] = typer.Option(None, help="Backbone name (features.backbone); see `lookalike backbones`."),
@@ -173,7 +175,7 @@ def retrieve(
 
 @app.command()
 def fit(
-    data: Path = typer.Option(..., "--data", "-d", help="Dataset folder: one sub-folder of images per attribute value."),
+    data: Path = DataOpt,
     model_dir: Path = typer.Option(..., "--out", "-o", help="Model folder to write (self-contained: weights, ranker, model card)."),
     config: Optional[Path] = ConfigOpt,
     backbone: Optional[str] = typer.Option(None, help="Backbone name (features.backbone); see `lookalike backbones`."),
@@ -190,15 +192,13 @@ def fit(
               lookalike fit --data photos --out models/photos --evaluation runs/photos
               lookalike index build --model models/photos --images catalog/ --out catalog.index
     """
-    from ..model import SimilarityModel
+    from ..model import SimilarityModel, may_hold_model
     from ..rundir import RunDir
 
     cfg = _config(config, **{"features.backbone": backbone, "features.weights": str(weights) if weights else None})
-    if not data.is_dir():
-        raise ConfigError(f"--data {data}: not a folder; pass the folder with one sub-folder per attribute")
     if evaluation is not None:
         RunDir(evaluation).require(RunDir(evaluation).metrics, "run")
-    if model_dir.exists() and not (model_dir / "model.json").is_file() and (not model_dir.is_dir() or any(model_dir.iterdir())):
+    if not may_hold_model(model_dir.expanduser()):
         raise ConfigError(f"--out {model_dir} exists and is not a lookalike model folder; choose another folder")
     model = SimilarityModel.from_config(cfg).fit(data, work_dir=work)
     model.save(model_dir, evaluation=evaluation)
