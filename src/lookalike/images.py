@@ -11,7 +11,7 @@ from typing import Iterator, TypedDict
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import BadImageError
+from .errors import BadImageError, LookalikeError
 from .fileio import open_regular
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
@@ -54,6 +54,18 @@ def iter_image_files(root: str | os.PathLike, passed_over: list[tuple[Path, str]
                 yield Path(dirpath) / name
             elif passed_over is not None and not name.startswith("."):
                 passed_over.append((Path(dirpath) / name, "not an image file (unsupported extension)"))
+
+
+def scan_images(root: str | os.PathLike) -> list[tuple[str, str | None]]:
+    """(absolute path, attribute) of every visible image below `root`; the attribute is the top sub-folder."""
+    root = Path(os.path.abspath(Path(root).expanduser()))  # absolute, symlinks kept: the path the user sees
+    if not root.is_dir():
+        raise LookalikeError(f"{root} is not a folder; pass a folder of images (optionally one sub-folder per attribute)")
+    found = []
+    for path in iter_image_files(root):
+        rel = path.parent.relative_to(root).parts
+        found.append((str(path), rel[0] if rel else None))
+    return found
 
 
 class Skipped(TypedDict):

@@ -11,7 +11,7 @@ import numpy as np
 from . import visualize
 from .errors import LookalikeError
 from .fileio import atomic_path, save_npy, write_json
-from .images import iter_image_files
+from .images import iter_image_files, scan_images
 from .model import ImageEmbedder, SimilarityModel
 from .results import Match
 from .rundir import RunDir
@@ -58,12 +58,11 @@ def _gallery_folder(model: SimilarityModel, folder: Path) -> tuple[np.ndarray, l
     """Embeddings (cached by content), paths and attributes (top-level sub-folder) of the images below `folder`."""
     if not folder.is_dir():
         raise LookalikeError(f"gallery {folder} is not a folder of images", param="gallery")
-    files = sorted(str(p) for p in iter_image_files(folder))
-    if not files:
+    found = dict(sorted(scan_images(folder)))
+    if not found:
         raise LookalikeError(f"no images below the gallery {folder} (looked for .jpg .jpeg .png .bmp .webp .tif)")
-    result = model.embedder_.embed(files, progress=len(files) > 50)
-    attributes = [Path(p).relative_to(folder).parts[0] if len(Path(p).relative_to(folder).parts) > 1 else None for p in result.paths]
-    return result.features, list(result.paths), attributes
+    result = model.embedder_.embed(list(found), progress=len(found) > 50)
+    return result.features, list(result.paths), [found[p] for p in result.paths]
 
 
 def featurize_dir(directory: str | os.PathLike, out: str | os.PathLike, embedder: ImageEmbedder, progress: bool = True) -> dict:

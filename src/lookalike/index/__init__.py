@@ -1,9 +1,10 @@
 """Image catalog and fast similarity search: SQLite catalog + FAISS vectors, updatable, crash-safe."""
 
-from .catalog import ImageEntry, NewImage
-from .ingest import Embedder, IngestReport, ingest, scan_images
-from .metric import IndexMetric
+from ..images import scan_images
 from ..results import Match
+from .catalog import ImageEntry, NewImage
+from .ingest import Embedder, IngestReport, ingest
+from .metric import IndexMetric
 from .search import search_vectors
 from .store import ImageIndex
 

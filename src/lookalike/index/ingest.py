@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import LookalikeError
 from ..fileio import sha256_file
-from ..images import Skipped, iter_image_files, skipped_file
+from ..images import Skipped, scan_images, skipped_file
 from ..progress import tqdm
 from .backends import IndexStore
 from .catalog import ImageEntry, NewImage
@@ -45,18 +45,6 @@ class IngestReport:
 
     def to_dict(self) -> dict:
         return {**self.__dict__}
-
-
-def scan_images(root: str | os.PathLike) -> list[tuple[str, str | None]]:
-    """(absolute path, attribute) of every visible image below `root`; the attribute is the top sub-folder."""
-    root = Path(os.path.abspath(Path(root).expanduser()))  # absolute, symlinks kept: the path the user sees
-    if not root.is_dir():
-        raise LookalikeError(f"{root} is not a folder; pass a folder of images (optionally one sub-folder per attribute)")
-    found = []
-    for path in iter_image_files(root):
-        rel = path.parent.relative_to(root).parts
-        found.append((str(path), rel[0] if rel else None))
-    return found
 
 
 def image_sources(sources: str | os.PathLike | Sequence[str | os.PathLike], attribute: str | None = None) -> list[tuple[str, str | None]]:
