@@ -79,7 +79,7 @@ def test_refinement_lowers_the_training_loss_and_writes_its_outputs(textures, tm
     first = [str(Path(dataset["root"]) / dataset["images"][i]["path"]) for i in meta["rows"][:4]]
     pre = Preprocessor(model.config)
     with torch.inference_mode():
-        direct = model(torch.stack([pre.tensor(open_image(p)) for p in first])).numpy()
+        direct = model(torch.from_numpy(np.stack([pre.array(open_image(p)) for p in first]))).numpy()
     direct /= np.linalg.norm(direct, axis=1, keepdims=True)
     assert np.allclose(direct, features[:4], atol=1e-4)
 

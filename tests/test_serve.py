@@ -138,6 +138,41 @@ def test_search_returns_the_photo_itself_first_then_nearest_first(served, client
     assert all("/" not in m["name"] for m in results), "server paths are never exposed"
 
 
+def test_warm_service_and_retrieve_never_load_torch(served, client, monkeypatch):
+    """With the model's ONNX export cached, starting the service, a search and a `retrieve` run without PyTorch
+    (importing it alone takes seconds), and answer exactly as the session's service and an in-process retrieve do."""
+    from lookalike.retrieval import retrieve
+
+    query = photo(served, "leopard", 2)
+    code = f"""
+import json, sys
+from fastapi.testclient import TestClient
+from lookalike.retrieval import retrieve
+from lookalike.serve.app import create_app
+from lookalike.serve.service import Service
+from lookalike.serve.settings import ServeSettings
+service = Service(ServeSettings(index_dir={str(served.index)!r}))
+with TestClient(create_app(service)) as c:
+    r = c.post("/search", files={{"image": ("q.jpg", open({str(query)!r}, "rb").read(), "image/jpeg")}}, data={{"top": "5"}})
+    assert r.status_code == 200, r.text
+service.close()
+matches = [[m.path, m.distance] for m in retrieve({str(served.run)!r}, {str(query)!r}, top=5)]
+print(json.dumps([[[m["id"], m["distance"]] for m in r.json()["results"]], matches, sorted(m for m in ("torch", "matplotlib") if m in sys.modules)]))
+"""
+    env = os.environ | {"LOOKALIKE_CACHE_DIR": str(served.root / "cache")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    searched, retrieved, heavy = json.loads(out.stdout.strip().splitlines()[-1])
+    assert heavy == []
+    expected = client.post("/search", files={"image": upload(query)}, data={"top": "5"}).json()["results"]
+    assert [m[0] for m in searched] == [m["id"] for m in expected]
+    np.testing.assert_allclose([m[1] for m in searched], [m["distance"] for m in expected], atol=1e-6)
+    monkeypatch.setenv("LOOKALIKE_CACHE_DIR", str(served.root / "cache"))
+    in_process = retrieve(served.run, query, top=5)
+    assert [m[0] for m in retrieved] == [m.path for m in in_process]
+    np.testing.assert_allclose([m[1] for m in retrieved], [m.distance for m in in_process], atol=1e-6)
+
+
 def test_format_is_sniffed_from_content_not_from_name_or_header(served, client):
     buf = io.BytesIO()
     with Image.open(photo(served, "leopard")) as img:

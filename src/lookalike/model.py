@@ -22,14 +22,13 @@ import threading
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
 
 import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ValidationError
 
-from .backbones import Backbone, load_backbone
-from .backbones.registry import save_backbone
+from .backbones import SavedBackbone
 from .config import LookalikeConfig, format_validation_error, stored_config
 from .errors import BadImageError, ConfigError, LookalikeError
 from .features import Engine, FeatureCache, configured_cache_dir, create_engine, default_cache_dir, embed_paths
@@ -39,6 +38,8 @@ from .images import to_rgb
 from .metric import WeightedL2Ranker
 from .rundir import RunDir, fingerprint
 
+if TYPE_CHECKING:
+    from .backbones import Backbone
 
 MODEL_FORMAT = "lookalike.model/1"
 CARD, RANKER = "model.json", "ranker.json"
@@ -59,7 +60,7 @@ class Comparison:
 class ImageEmbedder:
     """Images -> unit-length embeddings with one backbone: its engine (ONNX / INT8 / PyTorch) and its feature cache."""
 
-    def __init__(self, backbone: Backbone, cache_dir: str | os.PathLike | None = None, engine: str = "auto", quantize: bool = False):
+    def __init__(self, backbone: Backbone | SavedBackbone, cache_dir: str | os.PathLike | None = None, engine: str = "auto", quantize: bool = False):
         self.backbone = backbone
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.engine_kind = engine
@@ -114,8 +115,8 @@ class SimilarityModel:
 
     Attributes
     ----------
-    backbone_ : Backbone
-        The (refined) network that embeds images.
+    backbone_ : Backbone or SavedBackbone
+        The (refined) network that embeds images; a loaded model's is built only if PyTorch must run it.
     ranker_ : WeightedL2Ranker
         The learned weighted-L2 distance and its Platt calibration.
     attributes_ : list of str
@@ -206,7 +207,7 @@ class SimilarityModel:
             self._training = {name: (run.split_dir(0) / name).read_bytes() for name in TRAINING_RECORDS if (run.split_dir(0) / name).exists()}
         return self
 
-    def _set_fitted(self, backbone: Backbone, ranker: WeightedL2Ranker, cfg: LookalikeConfig, card: dict | Callable[[], dict]) -> None:
+    def _set_fitted(self, backbone: Backbone | SavedBackbone, ranker: WeightedL2Ranker, cfg: LookalikeConfig, card: dict | Callable[[], dict]) -> None:
         self.backbone_ = backbone
         self.ranker_ = ranker
         self._card = card
@@ -254,7 +255,7 @@ class SimilarityModel:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
-            save_backbone(self.backbone_, tmp)  # byte-for-byte what it was loaded from, so the fingerprint survives
+            _save_backbone(self.backbone_, tmp)
             self.ranker_.save(tmp / RANKER)
             for name, content in getattr(self, "_training", {}).items():
                 (tmp / "training").mkdir(exist_ok=True)
@@ -295,7 +296,7 @@ class SimilarityModel:
             if card.get("format") != MODEL_FORMAT:
                 raise LookalikeError(f"{path / CARD} is a model of format {card.get('format')!r}; this lookalike reads {MODEL_FORMAT}")
             cfg = stored_config(card["config"], str(path / CARD))
-            backbone, ranker = load_backbone(path), WeightedL2Ranker.load(path / RANKER)
+            backbone, ranker = SavedBackbone(path), WeightedL2Ranker.load(path / RANKER)
         elif (path / "config.json").is_file():
             run = RunDir(path)
             cfg = run.config()
@@ -418,15 +419,30 @@ def _as_image(item, position: int) -> Image.Image:
 
 
 def _portable_backbone(run: RunDir, cfg: LookalikeConfig, scratch: Path) -> Backbone:
-    """The run's backbone as a saved file, so the model's fingerprint is the same before and after `save`."""
+    """The run's backbone as a saved file, so the model's fingerprint is the same before and after `save`.
+
+    It is built now (its files may be in a temporary folder), so `save` writes it anew, to the same bytes.
+    """
+    from .backbones.registry import load_backbone, save_backbone
+
     refined = run.split_dir(0) / "refined"
-    if (refined / "backbone.json").exists():
-        return load_backbone(refined)
-    save_backbone(run.backbone(0, cfg), scratch)
-    return load_backbone(scratch)
+    if not (refined / "backbone.json").exists():
+        save_backbone(run.backbone(0, cfg), scratch)
+        refined = scratch
+    return load_backbone(refined)
 
 
-def _card(run: RunDir, cfg: LookalikeConfig, backbone: Backbone, ranker: WeightedL2Ranker, split: int | None = None) -> dict:
+def _save_backbone(backbone: Backbone | SavedBackbone, directory: Path) -> None:
+    """A loaded model's files are copied byte for byte; a trained one is written (safetensors), to the same fingerprint."""
+    from .backbones.registry import save_backbone
+
+    if isinstance(backbone, SavedBackbone):
+        backbone.copy_to(directory)
+    else:
+        save_backbone(backbone, directory)
+
+
+def _card(run: RunDir, cfg: LookalikeConfig, backbone: Backbone | SavedBackbone, ranker: WeightedL2Ranker, split: int | None = None) -> dict:
     """What `model.json` says about a model trained in `run`."""
     from .version import __version__
 
@@ -452,7 +468,7 @@ def _card(run: RunDir, cfg: LookalikeConfig, backbone: Backbone, ranker: Weighte
             "input_size": backbone.config.input_size,
             "embedding_dim": backbone.config.embedding_dim,
             "fingerprint": backbone.fingerprint,
-            "head": backbone.head.describe() if backbone.head is not None else None,
+            "head": backbone.head_description,
         },
         "source": {"run": str(run.root.resolve()), "split": split} if split is not None else {"trained_on": "all labelled images"},
         "config": cfg.model_dump(),

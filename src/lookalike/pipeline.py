@@ -158,7 +158,7 @@ def featurize(run_dir: str | os.PathLike, split: int = 0, force: bool = False, p
         raise LookalikeError(f"could not embed {len(result.skipped)} image(s) that passed the scan: {bad}; prepare the run again, forced (its images changed after the scan)")
     features = l2_normalize(result.features)
     save_npy(out, features)
-    described = asdict(backbone.config) | ({"head": backbone.head.describe()} if backbone.head is not None else {})
+    described = asdict(backbone.config) | ({"head": backbone.head_description} if backbone.head_description is not None else {})
     meta = {"fingerprint": fp, "backbone": described, "backbone_fingerprint": backbone.fingerprint, "embedding_fingerprint": engine.fingerprint, "engine": engine.name}
     write_json(meta_path, meta | {"rows": members})
     run.log(f"split {split}: {len(members)} embeddings ({backbone.config.name}, {backbone.config.embedding_dim}-d, {engine.name}) in {time.perf_counter() - start:.1f}s")

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 
-from . import visualize
 from .errors import LookalikeError
 from .fileio import atomic_path, save_npy, write_json
 from .images import iter_image_files, scan_images
@@ -50,6 +49,8 @@ def retrieve(
     order = [i for i in np.argsort(d, kind="stable") if min_probability is None or p[i] >= min_probability][:top]
     matches = [Match(None, paths[i], attributes[i], float(d[i]), float(p[i])) for i in order]
     if picture is not None:
+        from . import visualize
+
         visualize.retrieval_grid(str(image), [(m.path, m.distance, m.attribute or "") for m in matches], picture)
     return matches
 

@@ -20,7 +20,7 @@ from .fileio import read_json, write_json
 if TYPE_CHECKING:
     import numpy as np
 
-    from .backbones import Backbone
+    from .backbones import Backbone, SavedBackbone
     from .config import LookalikeConfig
     from .data import Dataset, Split
 
@@ -94,13 +94,15 @@ class RunDir:
 
         return Split.from_dict(read_json(self.require(self.split_dir(k) / "split.json", "prepare")))
 
-    def backbone(self, k: int, cfg: "LookalikeConfig | None" = None) -> "Backbone":
-        """Split k's refined backbone when one was trained, else the pretrained one the config names."""
-        from .backbones import create_backbone, load_backbone
+    def backbone(self, k: int, cfg: "LookalikeConfig | None" = None) -> "Backbone | SavedBackbone":
+        """Split k's refined backbone when one was trained (built only when PyTorch must run it), else the pretrained one the config names."""
+        from .backbones import SavedBackbone
 
         refined = self.split_dir(k) / "refined"
         if (refined / "backbone.json").exists():
-            return load_backbone(refined)
+            return SavedBackbone(refined)
+        from .backbones import create_backbone
+
         f = (cfg or self.config()).features
         return create_backbone(f.backbone, f.weights or None, f.resolution, f.normalization)
 

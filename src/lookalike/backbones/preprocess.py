@@ -5,11 +5,10 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import torch
 from PIL import Image
 
 from ..images import check_shape, open_image
-from .registry import BackboneConfig
+from .config import BackboneConfig
 
 
 class Preprocessor:
@@ -42,6 +41,3 @@ class Preprocessor:
         x *= self._scale
         x += self._bias
         return np.ascontiguousarray(x.transpose(2, 0, 1))
-
-    def tensor(self, img: Image.Image) -> torch.Tensor:
-        return torch.from_numpy(self.array(img))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,28 +12,9 @@ from torch import nn
 
 from ..errors import LookalikeError
 from ..fileio import sha256_file
+from .config import NORMALIZATIONS, BackboneConfig, SavedBackbone, backbone_fingerprint
 from .heads import Head, head_from_description
 from .stages import StageRun, trunk_stages, used_stages
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# EfficientNet-Lite was trained in TensorFlow on pixels scaled as (x - 127) / 128.
-INCEPTION_MEAN = (127.0 / 255, 127.0 / 255, 127.0 / 255)
-INCEPTION_STD = (128.0 / 255, 128.0 / 255, 128.0 / 255)
-NORMALIZATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "inception": (INCEPTION_MEAN, INCEPTION_STD)}
-
-
-@dataclass(frozen=True)
-class BackboneConfig:
-    """What a caller needs to feed a backbone and use its output."""
-
-    name: str
-    input_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    embedding_dim: int
-    normalization: str
-    taps: tuple[int, ...] = ()  # stages whose channel statistics form the descriptor; () = the last stage, average-pooled
 
 
 @dataclass(frozen=True)
@@ -56,6 +35,11 @@ class Backbone(nn.Module):
         self.head = head
         self.config = config
         self.fingerprint = fingerprint
+
+    @property
+    def head_description(self) -> dict | None:
+        """The head's description (`Head.describe()`), or None for pooled features; as SavedBackbone has it."""
+        return self.head.describe() if self.head is not None else None
 
     def stages(self) -> list[nn.Module]:
         """The trunk's stages in order (built on demand, so the weights are registered once, under `trunk`)."""
@@ -138,24 +122,21 @@ def create_backbone(
         raise LookalikeError(f"unknown normalization '{normalization}'; choose backbone, imagenet or inception")
     mean, std = NORMALIZATIONS[norm]
     config = BackboneConfig(name, resolution or 224, mean, std, spec.embedding_dim, norm)
-    return Backbone(trunk, config, _fingerprint(config, source))
+    return Backbone(trunk, config, backbone_fingerprint(config, source))
 
 
-def load_backbone(directory: str | os.PathLike) -> Backbone:
-    """Load a backbone saved by `save_backbone` (e.g. a refined model): safetensors weights + JSON config."""
-    directory = Path(directory)
-    meta_path, weights_path = directory / "backbone.json", directory / "backbone.safetensors"
-    if not meta_path.is_file() or not weights_path.is_file():
-        raise LookalikeError(f"{directory} does not hold a saved backbone (expected backbone.json and backbone.safetensors)")
-    meta = json.loads(meta_path.read_text())
+def load_backbone(source: str | os.PathLike | SavedBackbone) -> Backbone:
+    """Build a backbone saved by `save_backbone` (e.g. a refined model): safetensors weights + JSON config."""
+    saved = source if isinstance(source, SavedBackbone) else SavedBackbone(source)
+    meta, meta_path = saved.meta, saved.directory / "backbone.json"
     spec = _REGISTRY.get(meta["name"])
     if spec is None:
         raise LookalikeError(f"{meta_path}: unknown backbone '{meta['name']}'")
-    state = load_state_dict_file(weights_path)
+    state = load_state_dict_file(saved.directory / "backbone.safetensors")
     head = None
-    if meta.get("head"):
+    if saved.head_description:
         try:
-            head = head_from_description(meta["head"])
+            head = head_from_description(saved.head_description)
         except LookalikeError as e:
             raise LookalikeError(f"{meta_path}: {e}") from None
         head.load_state_dict({k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")})
@@ -163,10 +144,7 @@ def load_backbone(directory: str | os.PathLike) -> Backbone:
     trunk = spec.build()
     _load_into(trunk, {k: v for k, v in state.items() if not k.startswith("head.")}, meta["name"])
     trunk.eval()
-    config = BackboneConfig(
-        meta["name"], meta["input_size"], tuple(meta["mean"]), tuple(meta["std"]), meta["embedding_dim"], meta["normalization"], tuple(meta.get("taps", ()))
-    )
-    return Backbone(trunk, config, _fingerprint(config, sha256_file(weights_path)), head)
+    return Backbone(trunk, saved.config, saved.fingerprint, head)
 
 
 def save_backbone(backbone: Backbone, directory: str | os.PathLike) -> None:
@@ -182,7 +160,7 @@ def save_backbone(backbone: Backbone, directory: str | os.PathLike) -> None:
     meta = asdict(backbone.config)
     if backbone.head is not None:
         state |= {f"head.{k}": v.detach().cpu().contiguous() for k, v in backbone.head.state_dict().items()}
-        meta["head"] = backbone.head.describe()
+        meta["head"] = backbone.head_description
     with atomic_path(directory / "backbone.safetensors") as tmp:
         save_file(state, str(tmp))
     write_json(directory / "backbone.json", meta)
@@ -214,11 +192,6 @@ def _load_into(trunk: nn.Module, state: dict, name: str) -> None:
             f"weights do not match backbone '{name}': {len(missing)} missing key(s) (e.g. {missing[:2]}), "
             f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:2]}); is the file for another architecture?"
         )
-
-
-def _fingerprint(config: BackboneConfig, weights_source: str) -> str:
-    payload = json.dumps({"config": asdict(config), "weights": weights_source}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
 def _build_efficientnet_lite0() -> nn.Module:

@@ -12,16 +12,16 @@ from __future__ import annotations
 import io
 import logging
 import os
+import sys
 import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
-import torch
 
-from ..backbones import Backbone, BackboneConfig, Preprocessor
+from ..backbones import BackboneConfig, Preprocessor, SavedBackbone
 from ..errors import BadImageError, LookalikeError
 from ..fileio import atomic_path, sha256_file, write_bytes
 from .cache import default_cache_dir
@@ -32,6 +32,11 @@ CALIBRATION_IMAGES = 32
 
 log = logging.getLogger(__name__)
 
+if TYPE_CHECKING:
+    import torch
+
+    from ..backbones import Backbone
+
 
 class Engine(Protocol):
     name: str
@@ -39,6 +44,15 @@ class Engine(Protocol):
     config: BackboneConfig
 
     def __call__(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+def network(backbone: Backbone | SavedBackbone) -> Backbone:
+    """The PyTorch network, built (torch imported) only now when the backbone is a SavedBackbone."""
+    if isinstance(backbone, SavedBackbone):
+        from ..backbones.registry import load_backbone
+
+        return load_backbone(backbone)
+    return backbone
 
 
 def cpu_threads() -> int:
@@ -52,7 +66,8 @@ CPU_MICRO_BATCH = 4
 class TorchEngine:
     """The backbone in eager PyTorch, on whatever device its weights live on."""
 
-    def __init__(self, backbone: Backbone, threads: int | None = None):
+    def __init__(self, backbone: Backbone | SavedBackbone, threads: int | None = None):
+        backbone = network(backbone)
         self.backbone = backbone
         self.config = backbone.config
         self.fingerprint = backbone.fingerprint
@@ -61,6 +76,8 @@ class TorchEngine:
         self.threads = threads
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
         if self.threads and torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
         # Eager PyTorch on a CPU is fastest on a few images at a time (activations stay in cache):
@@ -97,7 +114,7 @@ class OnnxEngine:
         return self.session.run(None, {"images": np.ascontiguousarray(batch, dtype=np.float32)})[0]
 
 
-def onnx_path(backbone: Backbone, cache_dir: str | os.PathLike, quantized: bool = False) -> Path:
+def onnx_path(backbone: Backbone | SavedBackbone, cache_dir: str | os.PathLike, quantized: bool = False) -> Path:
     """Where the exported model of `backbone` lives: next to the feature cache, keyed by fingerprint and resolution."""
     size = backbone.config.input_size
     return Path(cache_dir) / "onnx" / f"{backbone.fingerprint}-{size}{'-int8' if quantized else ''}.onnx"
@@ -105,6 +122,8 @@ def onnx_path(backbone: Backbone, cache_dir: str | os.PathLike, quantized: bool 
 
 def export_onnx(backbone: Backbone, path: str | os.PathLike) -> Path:
     """Export whatever `Backbone.forward` computes (trunk, pooling, optional head) with a dynamic batch axis; written atomically."""
+    import torch
+
     size = backbone.config.input_size
     dummy = torch.zeros(2, 3, size, size, device=next(backbone.parameters()).device)
     buffer = io.BytesIO()
@@ -128,6 +147,7 @@ def export_onnx(backbone: Backbone, path: str | os.PathLike) -> Path:
 def _check_export(backbone: Backbone, model: bytes) -> None:
     """Refuse an export whose outputs differ from PyTorch's: the two engines share one feature cache."""
     import onnxruntime as ort
+    import torch
 
     size = backbone.config.input_size
     x = np.random.default_rng(0).normal(size=(2, 3, size, size)).astype(np.float32)
@@ -175,7 +195,7 @@ def onnx_available() -> bool:
 
 
 def create_engine(
-    backbone: Backbone,
+    backbone: Backbone | SavedBackbone,
     kind: str = "auto",
     quantize: bool = False,
     cache_dir: str | os.PathLike | None = None,
@@ -186,8 +206,8 @@ def create_engine(
     """The engine for `kind` ("auto", "torch" or "onnx"); "auto" takes ONNX Runtime when it imports and the export works.
 
     The exported (and quantised) models are cached in `cache_dir`/onnx, so the export runs once per
-    backbone fingerprint and resolution. `quantize` needs ONNX Runtime and, the first time, images
-    to calibrate on (`calibration_paths`).
+    backbone fingerprint and resolution; with the export cached, a SavedBackbone is never built (no torch).
+    `quantize` needs ONNX Runtime and, the first time, images to calibrate on (`calibration_paths`).
     """
     report = report or log.info
     if kind not in ENGINE_KINDS:
@@ -205,7 +225,7 @@ def create_engine(
     path = onnx_path(backbone, cache_dir)
     try:
         if not path.is_file():
-            export_onnx(backbone, path)
+            export_onnx(network(backbone), path)
         engine: Engine = OnnxEngine(path, backbone.config, backbone.fingerprint, threads)
     except LookalikeError:
         raise
@@ -221,7 +241,7 @@ def create_engine(
     return engine
 
 
-def _quantized_engine(backbone: Backbone, float_path: Path, cache_dir: Path, calibration_paths: Sequence, threads: int | None) -> OnnxEngine:
+def _quantized_engine(backbone: Backbone | SavedBackbone, float_path: Path, cache_dir: Path, calibration_paths: Sequence, threads: int | None) -> OnnxEngine:
     path = onnx_path(backbone, cache_dir, quantized=True)
     if not path.is_file():
         calibration = _calibration_batch(backbone, calibration_paths)
@@ -230,7 +250,7 @@ def _quantized_engine(backbone: Backbone, float_path: Path, cache_dir: Path, cal
     return OnnxEngine(path, backbone.config, fingerprint, threads, name="onnx-int8")
 
 
-def _calibration_batch(backbone: Backbone, paths: Sequence) -> np.ndarray:
+def _calibration_batch(backbone: Backbone | SavedBackbone, paths: Sequence) -> np.ndarray:
     """Up to CALIBRATION_IMAGES readable images spread evenly over `paths` (datasets list attributes in turn)."""
     pre = Preprocessor(backbone.config)
     step = max(1, len(paths) // CALIBRATION_IMAGES)
@@ -251,11 +271,20 @@ def _onnx_preferred() -> bool:
     """ONNX Runtime wins on CPU; on a GPU it only runs there with its CUDA provider."""
     if not onnx_available():
         return False
-    if torch.cuda.is_available():
+    if _gpu_present():
         import onnxruntime as ort
 
         return "CUDAExecutionProvider" in ort.get_available_providers()
     return True
+
+
+def _gpu_present() -> bool:
+    """Whether torch can run on a GPU; torch is imported for it only where a GPU driver is installed."""
+    if "torch" not in sys.modules and not any(os.path.exists(p) for p in ("/proc/driver/nvidia/version", "/dev/kfd", "/dev/nvidiactl")):
+        return False
+    import torch
+
+    return torch.cuda.is_available()
 
 
 @contextmanager

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
 
-from ..backbones import Backbone, Preprocessor
+from ..backbones import Preprocessor
 from ..errors import BadImageError, LookalikeError
 from ..fileio import sha256_file
 from ..images import Skipped, skipped_file
 from ..prefetch import prefetch_map
 from ..progress import tqdm
 from .cache import FeatureCache
-from .engines import Engine, cpu_threads, create_engine
+from .engines import Engine, OnnxEngine, TorchEngine, cpu_threads, create_engine
+
+if TYPE_CHECKING:
+    from ..backbones import Backbone, SavedBackbone
 
 
 @dataclass
@@ -35,7 +38,7 @@ def batch_for(batch_size: int, input_size: int) -> int:
 
 
 def embed_paths(
-    model: Backbone | Engine,
+    model: "Backbone | SavedBackbone | Engine",
     paths: Sequence[str | os.PathLike],
     batch_size: int = 32,
     cache: FeatureCache | None = None,
@@ -69,7 +72,7 @@ def embed_paths(
     todo = [i for i, d in enumerate(digests) if d not in known]
     computed: dict[str, np.ndarray] = {}
     if todo:
-        if isinstance(model, Backbone):
+        if not isinstance(model, (OnnxEngine, TorchEngine)):
             cache_dir = cache.path.parent if cache is not None else None
             model = create_engine(model, engine, cache_dir=cache_dir)
         pre = Preprocessor(model.config)
