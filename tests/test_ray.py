@@ -127,6 +127,7 @@ def test_ray_embeddings_equal_single_process(single, on_ray, ray_shards):
 @needs_ray
 def test_index_from_ray_shards_returns_same_neighbours(single, ray_shards, photos, tmp_path):
     from lookalike.distributed import build_index_from_shards
+    from lookalike.index.backends import IndexLocation
     from lookalike.index.catalog import NewImage
     from lookalike.index.metric import IndexMetric
     from lookalike.index.search import search_vectors
@@ -141,9 +142,15 @@ def test_index_from_ray_shards_returns_same_neighbours(single, ray_shards, photo
         ref.add([NewImage(p, Path(p).parent.name, d, 0, 0.0) for p, d in zip(absolute, digests)], X)
         ref.merge(force=True)
         ref.finish_build()
-    with ImageIndex.open(tmp_path / "ray-index") as a, ImageIndex.open(tmp_path / "single-index") as b:
+    # the same shards into a Milvus collection (Milvus Lite file): --executor ray --backend milvus
+    milvus = IndexLocation("from_ray", "milvus", str(tmp_path / "catalog.db"))
+    assert build_index_from_shards(ray_shards, milvus, IndexMetric("l2"), kind="flat", progress=False)["images"] == len(paths)
+    with ImageIndex.open(tmp_path / "ray-index") as a, ImageIndex.open(tmp_path / "single-index") as b, milvus.open() as c:
         found_ray = [[m.path for m in ms] for ms in search_vectors(a, X, k=5)]
         found_single = [[m.path for m in ms] for ms in search_vectors(b, X, k=5)]
+        in_milvus = search_vectors(c, X, k=5)
+        assert [[m.path for m in ms] for ms in in_milvus] == found_single
+        np.testing.assert_allclose([[m.distance for m in ms] for ms in in_milvus], [[m.distance for m in ms] for ms in search_vectors(b, X, k=5)], atol=1e-5)
     assert found_ray == found_single
     assert all(ms[0] == p for ms, p in zip(found_ray, absolute))
 

@@ -87,14 +87,12 @@ def build(
 ):
     """Embed every image under --images into a new index (rerun the same command to resume an interrupted build)."""
     location = IndexLocation.parse(out_dir, backend, uri)
-    if executor == "ray" and location.backend != "faiss":
-        raise ConfigError("--executor ray builds a FAISS index for now; build the Milvus collection with --executor local (see docs/scale-out.md)")
     if executor == "ray":
         from ..distributed import ModelSpec, featurize_and_index
 
         model, _ = load_model(run)
         result = featurize_and_index(
-            images, out_dir, ModelSpec.of(run=str(run)), IndexMetric.from_ranker(model.ranker_, distance),
+            images, location, ModelSpec.of(run=str(run)), IndexMetric.from_ranker(model.ranker_, distance),
             backbone=model.backbone_, address=address, kind=kind, run_dir=absolute(run), overwrite=overwrite,
         )
         if as_json:

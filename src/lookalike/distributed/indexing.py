@@ -1,10 +1,10 @@
-"""Build a lookalike index (SQLite catalog + raw vectors + FAISS) from the Parquet shards of a Ray run.
+"""Build a lookalike index from the Parquet shards of a Ray run: a FAISS folder, or a Milvus collection.
 
 The shards already hold everything the catalog needs (path, attribute, sha256, size, mtime) and
 the unit-length vectors, so no image is read again. Rows are committed in large groups; an
-interrupted build resumes (ImageIndex.create reopens it and rows already catalogued are skipped).
-The FAISS index is built once at the end; for large sets the store picks HNSW or IVF-PQ and trains
-it on a random sample of the vectors (`train_sample`), not on all of them.
+interrupted build resumes (the index is reopened and rows already catalogued are skipped).
+The search index is built once at the end; for large sets the FAISS store picks HNSW or IVF-PQ and
+trains it on a random sample of the vectors (`train_sample`), not on all of them.
 """
 
 from __future__ import annotations
@@ -14,13 +14,14 @@ import os
 import numpy as np
 
 from ..errors import LookalikeError
+from ..index.backends import IndexLocation, as_location
 from ..progress import tqdm
 from . import shards as sh
 
 
 def build_index_from_shards(
     shards_dir: str,
-    index_dir: str | os.PathLike,
+    index: str | os.PathLike | IndexLocation,
     metric,
     kind: str = "auto",
     params: dict | None = None,
@@ -29,15 +30,14 @@ def build_index_from_shards(
     commit_rows: int = 50_000,
     progress: bool = True,
 ) -> dict:
-    """Catalogue every shard's rows into a new index at `index_dir`, then build its FAISS index; returns its stats."""
+    """Catalogue every shard's rows into a new index (a folder path, or an IndexLocation), then build its search index; returns its stats."""
     from ..index.catalog import NewImage
-    from ..index.store import ImageIndex
 
     shards_dir = str(shards_dir)
     info = sh.read_manifest(shards_dir)
     if metric.kind == "learned" and metric.weights is not None and metric.weights.size != info["dim"]:
         raise LookalikeError(f"the run's learned distance has {metric.weights.size} weights but the shards in {shards_dir} hold {info['dim']}-d vectors; use the run they were embedded with")
-    index = ImageIndex.create(index_dir, info["dim"], metric, info["backbone_fingerprint"], kind, params, run_dir, overwrite)
+    index = as_location(index).create(info["dim"], metric, info["backbone_fingerprint"], kind, params, run_dir, overwrite)
     try:
         known = set(index.entries_by_path())
         images: list = []
@@ -65,7 +65,7 @@ def build_index_from_shards(
 
 def featurize_and_index(
     source: str,
-    index_dir: str | os.PathLike,
+    index: str | os.PathLike | IndexLocation,
     spec,
     metric,
     shards_dir: str | None = None,
@@ -80,15 +80,25 @@ def featurize_and_index(
 ) -> dict:
     """`lookalike index build --executor ray`: embed on Ray into shards, then index them.
 
-    Shards asked for with `shards_dir` are kept; the default ones (INDEX_DIR.shards beside the index)
-    are removed once the index is built, and kept after a failure so that a re-run resumes.
+    `index` is a FAISS index folder or an IndexLocation (a Milvus collection too). Shards asked for with
+    `shards_dir` are kept; the default ones (beside the index: INDEX_DIR.shards, or for Milvus
+    URI.COLLECTION.shards beside a Milvus Lite file and COLLECTION.shards here for a server) are removed once
+    the index is built, and kept after a failure so that a re-run resumes.
     """
     from .pipeline import featurize_ray
 
+    location = as_location(index)
     keep = shards_dir is not None
-    shards_dir = str(shards_dir or f"{os.fspath(index_dir).rstrip('/')}.shards")
+    shards_dir = str(shards_dir or default_shards_dir(location))
     info = featurize_ray(source, shards_dir, spec, backbone, address, shard_size, progress=progress)
-    stats = build_index_from_shards(shards_dir, index_dir, metric, kind, params, run_dir, overwrite, progress=progress)
+    stats = build_index_from_shards(shards_dir, location, metric, kind, params, run_dir, overwrite, progress=progress)
     if not keep:
         sh.remove_shards(shards_dir)
     return {"index": stats, "embedded": info["n"], "failed": info["failed"]} | ({"shards": shards_dir} if keep else {})
+
+
+def default_shards_dir(location: IndexLocation) -> str:
+    """Where a build's shards wait for the index: beside the FAISS folder or the Milvus Lite file; here for a Milvus server."""
+    if location.backend == "faiss":
+        return f"{location.name.rstrip('/')}.shards"
+    return f"{location.uri}.{location.name}.shards" if "://" not in location.uri else f"{location.name}.shards"
