@@ -3,10 +3,11 @@
 1. Copy test. `lookalike run` trains on each split; its model then embeds every photo of the dataset as a
    catalog, and an altered copy of every photo (cropped to 70-85% of the area, shrunk to 60%, 10% brighter,
    JPEG quality 50; seeded) is searched in it. Reported: how often the original comes first.
-2. Unseen attributes. For each attribute in turn, a run is trained on the others only (a folder of links,
-   nothing copied). Its catalog is that run's test photos plus the same share of the held-out attribute's
-   photos, drawn at random; every photo queries the rest (leave-one-out 1-NN), and the label of its
-   nearest match is scored, separately for the held-out attribute and for the trained ones.
+2. Unseen attributes. For each attribute in turn, a run is trained on the others only. Its catalog is that
+   run's test photos plus the same share of the held-out attribute's photos, drawn at random; every photo
+   queries the rest (leave-one-out 1-NN), and the label of its nearest match is scored, separately for the
+   held-out attribute and for the trained ones. This is `lookalike.pipeline.unseen_attribute_test`, which
+   `lookalike run` makes for one attribute drawn with its seed; here every attribute is held out, each split.
 3. Ties: among each catalog photo's 15 nearest same-attribute matches, two at exactly the same distance.
 
 The pretrained backbone (EfficientNet-Lite0 pooled features at 224 px, L2 on unit vectors) is the reference
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 from pathlib import Path
 
@@ -33,8 +33,9 @@ from lookalike.evaluation.lookalike import altered_copy, copy_ranks, copy_summar
 from lookalike.features import configured_cache_dir
 from lookalike.images import open_image
 from lookalike.metric.distances import L2, LearnedWeightedL2
+from lookalike.data import Dataset
 from lookalike.model import ImageEmbedder, SimilarityModel
-from lookalike.pipeline import run_pipeline
+from lookalike.pipeline import run_pipeline, unseen_attribute_test
 from lookalike.rundir import RunDir
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "fashionTexture"
@@ -63,32 +64,14 @@ def copy_test(run_dir: Path, splits: int, pretrained: ImageEmbedder) -> dict:
     return {name: {key: float(np.mean([r[key] for r in runs])) for key in runs[0]} for name, runs in rows.items()}
 
 
-def unseen_test(data: Path, work: Path, splits: int, pretrained: ImageEmbedder, overrides: dict) -> list[dict]:
-    attributes = sorted(p.name for p in data.iterdir() if p.is_dir() and not p.name.startswith("."))
+def unseen_test(dataset: Dataset, work: Path, splits: int, overrides: dict) -> list[dict]:
     rows = []
-    for held_out in attributes:
-        subset = work / f"without-{held_out}" / "data"
-        subset.mkdir(parents=True, exist_ok=True)
-        for a in attributes:
-            if a != held_out and not (subset / a).exists():
-                os.symlink((data / a).resolve(), subset / a)
-        unseen_paths = sorted(str(p) for p in (data / held_out).rglob("*") if p.is_file())
+    for held_out in dataset.attributes:
         for k in range(splits):
             cfg = load_config(None, overrides | {"data.seed": k})
-            run_dir = work / f"without-{held_out}" / f"run-{k}"
-            run_pipeline(subset, run_dir, cfg, splits=1, progress=False)
-            run = RunDir(run_dir)
-            dataset, split = run.dataset(), run.split(0)
-            test_share = len(split.parts["test"]) / len(dataset.images)
-            rng = np.random.default_rng(k)
-            sample = sorted(rng.choice(unseen_paths, size=max(2, round(test_share * len(unseen_paths))), replace=False).tolist())
-            paths = [str(dataset.absolute_path(i)) for i in split.parts["test"]] + sample
-            labels = np.array([dataset.images[i].attribute for i in split.parts["test"]] + [held_out] * len(sample))
-            groups = {"unseen": labels == held_out, "trained": labels != held_out}
-            model = SimilarityModel.load(run_dir, 0)
-            trained = nearest_neighbour_accuracy(LearnedWeightedL2(model.ranker_), embed(model.embedder_, paths), labels, groups)
-            base = nearest_neighbour_accuracy(L2(), embed(pretrained, paths), labels, groups)
-            rows.append({"held_out": held_out, "split": k, "catalog": len(paths)} | {f"trained_model_{g}": v for g, v in trained.items()} | {f"pretrained_{g}": v for g, v in base.items()})
+            r = unseen_attribute_test(dataset, held_out, work / f"without-{held_out}" / f"run-{k}", cfg, progress=False)
+            scores = {f"trained_model_{g}": v for g, v in r["learned"].items()} | {f"pretrained_{g}": v for g, v in r["pretrained"].items()}
+            rows.append({"held_out": held_out, "split": k, "catalog": r["catalog"]} | scores)
     return rows
 
 
@@ -105,9 +88,10 @@ def main() -> None:
         cfg = load_config(args.config)
         overrides = {f"{section}.{key}": value for section, values in cfg.model_dump().items() for key, value in values.items()}
         pretrained = ImageEmbedder(create_backbone("efficientnet-lite0"), configured_cache_dir(cfg.features.cache_dir))
+        cfg.evaluate.unseen_attribute = False  # every attribute is held out below, not only the one the run would draw
         run_pipeline(args.data, work / "all", cfg, splits=args.splits, progress=False)
         copies = copy_test(work / "all", args.splits, pretrained)
-        unseen = unseen_test(args.data, work, args.splits, pretrained, overrides)
+        unseen = unseen_test(RunDir(work / "all").dataset(), work, args.splits, overrides)
     summary = {key: float(np.mean([r[key] for r in unseen])) for key in unseen[0] if key.startswith(("trained_model", "pretrained"))}
     if args.json:
         print(json.dumps({"data": str(args.data), "splits": args.splits, "copies": copies, "unseen": summary, "unseen_runs": unseen}, indent=2))

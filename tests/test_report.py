@@ -86,6 +86,11 @@ def test_report_reads_well_in_a_browser(small_run, tmp_path):
                 assert "How to read this" in text and all(term in text for term in ("top-1 / top-5", "mAP", "copy found first", "tied matches"))
                 (negatives,) = _negatives_per_query(run)
                 assert f"1 positive among {negatives} negatives" in text and "allows up to 100" in text
+                unseen = json.loads((run / "metrics.json").read_text())["lookalike_search"]["unseen"]
+                rows = page.locator("table#unseen tr[data-model]").evaluate_all("rows => rows.map(r => [r.dataset.model, ...[...r.cells].slice(1).map(c => c.textContent)])")
+                assert rows == [[model, f"{100 * unseen[model]['unseen']:.1f}%", f"{100 * unseen[model]['trained']:.1f}%"] for model in ("learned", "pretrained")], rows
+                assert f"1-NN, {unseen['held_out']} (never trained on)" in text and "1-NN, never trained on / trained attributes" in text
+                assert f"{unseen['unseen_in_catalog']} photos of {unseen['held_out']}" in text and "benchmarks/lookalike_search.py" not in text
         finally:
             browser.close()
     assert (tmp_path / "report-5-splits.png").stat().st_size > 10_000

@@ -96,6 +96,7 @@ class EvaluateConfig(_Section):
     query_pictures: int = Field(12, ge=0)
     gallery: bool = True
     copy_test: bool = True
+    unseen_attribute: bool = True
 
 
 class LookalikeConfig(_Section):

@@ -15,17 +15,17 @@ import numpy as np
 
 from . import visualize
 from .backbones.heads import visual_dims
-from .backbones.registry import check_backbone
+from .backbones.registry import check_backbone, create_backbone
 from .config import LookalikeConfig
 from .data import Dataset, Split, make_fit_split, make_split, scan_dataset
 from .data.splits import NearDuplicateLeak
 from .errors import LookalikeError
 from .evaluation import example_queries, gallery_metrics, positive_ranks, rank_summary
-from .evaluation.lookalike import tied_fraction
+from .evaluation.lookalike import nearest_neighbour_accuracy, tied_fraction
 from .features import FeatureCache, configured_cache_dir, create_engine, embed_paths
 from .features.extract import embed_images, l2_normalize
 from .fileio import load_npy, read_json, save_npy, write_json
-from .metric import LABELS, HardNegativeMiner, LearnedWeightedL2, WeightedL2Ranker, pair_features, pairs_from_sets, standard_distances
+from .metric import L2, LABELS, HardNegativeMiner, LearnedWeightedL2, WeightedL2Ranker, pair_features, pairs_from_sets, standard_distances
 from .rundir import RunDir, fingerprint, up_to_date
 
 DISTANCE_ORDER = ("random", "l1", "l2", "cosine", "weighted_l2")
@@ -151,18 +151,23 @@ def featurize(run_dir: str | os.PathLike, split: int = 0, force: bool = False, p
         return load_npy(out)
     engine = engine or make_engine()
     start = time.perf_counter()
-    with FeatureCache(cache_dir, engine.fingerprint, backbone.config.embedding_dim) as cache:
-        result = embed_paths(engine, paths, cfg.features.batch_size, cache=cache, digests=digests, progress=progress)
-    if result.skipped:
-        bad = ", ".join(f"{x['path']} ({x['reason']})" for x in result.skipped)
-        raise LookalikeError(f"could not embed {len(result.skipped)} image(s) that passed the scan: {bad}; prepare the run again, forced (its images changed after the scan)")
-    features = l2_normalize(result.features)
+    features = _embed_scanned(engine, paths, digests, cache_dir, cfg.features.batch_size, progress)
     save_npy(out, features)
     described = asdict(backbone.config) | ({"head": backbone.head_description} if backbone.head_description is not None else {})
     meta = {"fingerprint": fp, "backbone": described, "backbone_fingerprint": backbone.fingerprint, "embedding_fingerprint": engine.fingerprint, "engine": engine.name}
     write_json(meta_path, meta | {"rows": members})
     run.log(f"split {split}: {len(members)} embeddings ({backbone.config.name}, {backbone.config.embedding_dim}-d, {engine.name}) in {time.perf_counter() - start:.1f}s")
     return features
+
+
+def _embed_scanned(engine, paths: list[str], digests: list[str], cache_dir: Path, batch_size: int, progress: bool) -> np.ndarray:
+    """Unit-length embeddings of images the scan accepted (their content hashes known), through the feature cache."""
+    with FeatureCache(cache_dir, engine.fingerprint, engine.config.embedding_dim) as cache:
+        result = embed_paths(engine, paths, batch_size, cache=cache, digests=digests, progress=progress)
+    if result.skipped:
+        bad = ", ".join(f"{x['path']} ({x['reason']})" for x in result.skipped)
+        raise LookalikeError(f"could not embed {len(result.skipped)} image(s) that passed the scan: {bad}; prepare the run again, forced (its images changed after the scan)")
+    return l2_normalize(result.features)
 
 
 # ---------------------------------------------------------------- train-metric
@@ -314,9 +319,103 @@ def _query_pictures(dataset: Dataset, sets, ranks, features, row_of, ranker, sdi
     return pictures
 
 
+# ---------------------------------------------------------------- unseen attribute
+#: Part of the unseen test's fingerprint: raise it when unseen.json gains content, so tests made before are redone.
+UNSEEN_FORMAT = 1
+
+
+def held_out_attribute(attributes: list[str], seed: int) -> str | None:
+    """The attribute a run's unseen test holds out, drawn with the run's seed (no name is preferred).
+
+    None below 3 attributes: the model trained without it needs 2 to learn what separates attributes.
+    """
+    if len(attributes) < 3:
+        return None
+    ordered = sorted(attributes)
+    return ordered[int(np.random.default_rng(seed).integers(len(ordered)))]
+
+
+def unseen_attribute_test(dataset: Dataset, held_out: str, run_dir: str | os.PathLike, cfg: LookalikeConfig, force: bool = False, progress: bool = True) -> dict:
+    """Do photos of an attribute the model never saw still find each other? Train without it, then search.
+
+    A run of one split in `run_dir` (prepare -> train-metric, seed data.seed; no evaluation) learns from every
+    attribute of `dataset` but `held_out`. Its catalog is that split's test photos plus the same share of
+    `held_out`'s photos, drawn with data.seed; every catalog photo searches the others (leave-one-out), and the
+    share whose nearest match has its attribute is given for the held-out ("unseen") photos and the trained
+    ones, under the learned distance and, as the reference, on the pretrained backbone's pooled features with
+    L2. Writes run_dir/unseen.json; skipped when up to date.
+    """
+    from .refine.stage import refine
+
+    if held_out not in dataset.attributes:
+        raise LookalikeError(f"cannot hold out {held_out!r}: it is not one of the dataset's attributes ({', '.join(dataset.attributes)})")
+    trained_on = Dataset(dataset.root, [im for im in dataset.images if im.attribute != held_out])
+    if len(trained_on.attributes) < 2:
+        raise LookalikeError(f"cannot hold out {held_out!r}: the model trained without it needs 2 other attributes, the dataset has {', '.join(dataset.attributes)}")
+    run = RunDir(run_dir)
+    prepare(trained_on, run_dir, cfg, force=force)
+    refine(run_dir, force=force, progress=progress)
+    featurize(run_dir, force=force, progress=progress)
+    train_metric(run_dir, force=force)
+    unseen = [i for i, im in enumerate(dataset.images) if im.attribute == held_out]
+    reference = create_backbone(cfg.features.backbone, cfg.features.weights or None)
+    out = run.root / "unseen.json"
+    trained_fp = read_json(run.split_dir(0) / "train_metric.json")["fingerprint"]
+    fp = fingerprint(trained_fp, [dataset.images[i].sha256 for i in unseen], reference.fingerprint, cfg.data.seed, UNSEEN_FORMAT)
+    if not force and up_to_date(out, fp):
+        return read_json(out)
+    nested, test = run.dataset(), run.split(0).parts["test"]
+    share = len(test) / len(nested.images)
+    drawn = np.random.default_rng(cfg.data.seed).choice(unseen, size=min(len(unseen), max(2, round(share * len(unseen)))), replace=False)
+    catalog = [nested.images[i] for i in test] + [dataset.images[i] for i in sorted(drawn.tolist())]
+    paths = [str(Path(dataset.root) / im.path) for im in catalog]
+    digests = [im.sha256 for im in catalog]
+    labels = np.array([im.attribute for im in catalog])
+    groups = {"unseen": labels == held_out, "trained": labels != held_out}
+    cache_dir = configured_cache_dir(cfg.features.cache_dir)
+    model = create_engine(run.backbone(0, cfg), cfg.features.engine, cfg.features.quantize, cache_dir, calibration_paths=paths)
+    learned = LearnedWeightedL2(WeightedL2Ranker.load(run.split_dir(0) / "metric.json"))
+    pretrained = create_engine(reference, cfg.features.engine, False, cache_dir)
+    result = {
+        "fingerprint": fp,
+        "held_out": held_out,
+        "trained_on": trained_on.attributes,
+        "catalog": len(catalog),
+        "unseen_in_catalog": int(groups["unseen"].sum()),
+        "learned": nearest_neighbour_accuracy(learned, _embed_scanned(model, paths, digests, cache_dir, cfg.features.batch_size, progress), labels, groups),
+        "pretrained": nearest_neighbour_accuracy(L2(), _embed_scanned(pretrained, paths, digests, cache_dir, cfg.features.batch_size, progress), labels, groups),
+        "reference": f"pretrained {reference.config.name}, {reference.config.input_size} px, pooled features, L2",
+    }
+    write_json(out, result)
+    return result
+
+
+def _unseen_stage(run: RunDir, cfg: LookalikeConfig, force: bool, progress: bool) -> None:
+    """The unseen test of a run, once (not per split): one attribute, drawn with data.seed, held out in RUN_DIR/unseen/."""
+    dataset = run.dataset()
+    held_out = held_out_attribute(dataset.attributes, cfg.data.seed)
+    if held_out is None:
+        run.log(
+            f"unseen-attribute test skipped: it holds one attribute out and trains on the others, so it needs 3 attributes and this dataset has "
+            f"{len(dataset.attributes)} ({', '.join(dataset.attributes)}); set evaluate.unseen_attribute = false to leave this note out"
+        )
+        return
+    others = ", ".join(a for a in dataset.attributes if a != held_out)
+    run.log(f"unseen-attribute test: {held_out} held out, a model trained on {others} only ({run.unseen_dir})", style="bold")
+    try:
+        r = unseen_attribute_test(dataset, held_out, run.unseen_dir, cfg, force=force, progress=progress)
+    except LookalikeError as e:
+        raise LookalikeError(f"the unseen-attribute test (a run without {held_out} in {run.unseen_dir}) failed: {e}; or set evaluate.unseen_attribute = false to skip it") from None
+    run.log(
+        f"unseen attribute {held_out}: 1-NN accuracy {r['learned']['unseen']:.1%} (pretrained {r['pretrained']['unseen']:.1%}), "
+        f"trained attributes {r['learned']['trained']:.1%} (pretrained {r['pretrained']['trained']:.1%}); "
+        f"catalog of {r['catalog']} photos, {r['unseen_in_catalog']} of them {held_out}"
+    )
+
+
 # ---------------------------------------------------------------- whole run
 def run_pipeline(data_dir, run_dir, cfg: LookalikeConfig, splits: int = 1, force: bool = False, progress: bool = True) -> dict:
-    """prepare -> refine -> featurize -> train-metric -> evaluate for each split, then the summary and report."""
+    """prepare -> refine -> featurize -> train-metric -> evaluate for each split, the unseen-attribute test once, then the summary and report."""
     from .refine.stage import refine
     from .report import write_report
 
@@ -330,6 +429,8 @@ def run_pipeline(data_dir, run_dir, cfg: LookalikeConfig, splits: int = 1, force
         featurize(run_dir, split=k, force=force, progress=progress)
         train_metric(run_dir, split=k, force=force)
         evaluate(run_dir, split=k, force=force)
+    if cfg.evaluate.unseen_attribute:
+        _unseen_stage(run, cfg, force, progress)
     metrics = summarize(run_dir, splits=list(range(splits)))
     write_report(run_dir)
     run.log(f"done in {time.perf_counter() - start:.0f}s")
@@ -388,6 +489,9 @@ def summarize(run_dir, splits: list[int] | None = None) -> dict:
         rows = [e[part] for e in evals if e.get(part)]
         if rows:
             search[part] = {name: _mean_of(r[name] for r in rows) for name in rows[0]}
+    unseen = _unseen_result(run, cfg, dataset)
+    if unseen:
+        search["unseen"] = unseen
     backbone = read_json(run.split_dir(splits[0]) / "features.json")["backbone"]["name"]
     negatives = [len(cset.negatives) for k in splits for cset in run.split(k).sets["test"]]
     metrics = {
@@ -407,6 +511,16 @@ def summarize(run_dir, splits: list[int] | None = None) -> dict:
     }
     write_json(run.metrics, metrics)
     return metrics
+
+
+def _unseen_result(run: RunDir, cfg: LookalikeConfig, dataset: Dataset) -> dict | None:
+    """The run's unseen-attribute test, when it is on and was made for the attribute the run's seed holds out."""
+    path = run.unseen_dir / "unseen.json"
+    held_out = held_out_attribute(dataset.attributes, cfg.data.seed)
+    if not cfg.evaluate.unseen_attribute or held_out is None or not path.exists():
+        return None
+    result = read_json(path)
+    return {key: value for key, value in result.items() if key != "fingerprint"} if result["held_out"] == held_out else None
 
 
 def _mean_of(values) -> float | dict:

@@ -46,6 +46,7 @@ def best_rows(metrics: dict) -> dict[str, set[str]]:
         "rank": _best(metrics["distances"], lambda d: (d["top1"], -d["mean_rank"])),
         "gallery": _best(metrics.get("gallery_by_distance") or {}, lambda g: (g["map"], g["recall_at_1"])),
         "search": _best(searched, lambda s: (s["found_first"], -s["ties"])) if search else set(),
+        "unseen": _best({key: unseen[key] for key in ("learned", "pretrained")}, lambda r: (r["unseen"], r["trained"])) if (unseen := search.get("unseen")) else set(),
     }
 
 

@@ -30,7 +30,8 @@ _LEVELS = {"": logging.INFO, "bold": logging.INFO, "yellow": logging.WARNING, "r
 
 
 class RunDir:
-    """Paths inside RUN_DIR and loaders for what the stages wrote there; split k's files live in RUN_DIR/split-k/."""
+    """Paths inside RUN_DIR and loaders for what the stages wrote there; split k's files live in RUN_DIR/split-k/,
+    the unseen-attribute test's run (itself a RunDir) in RUN_DIR/unseen/."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
@@ -54,6 +55,10 @@ class RunDir:
     @property
     def log_file(self) -> Path:
         return self.root / "log.txt"
+
+    @property
+    def unseen_dir(self) -> Path:
+        return self.root / "unseen"
 
     def split_dir(self, k: int) -> Path:
         return self.root / f"split-{k}"

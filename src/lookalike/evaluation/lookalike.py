@@ -3,7 +3,8 @@
 The rank test only asks whether photos of one attribute come before photos of another. A search user also
 needs the photo itself (a shopper's snapshot of a product) to come first, photos within an attribute to be
 ordered by how alike they look, and patterns the model was never taught to stay apart. These three checks
-say so; `lookalike run` reports the copy test, `benchmarks/lookalike_search.py` all three.
+say so; `lookalike run` reports all three (the unseen test for one attribute, `pipeline.unseen_attribute_test`),
+`benchmarks/lookalike_search.py` holds every attribute out in turn.
 """
 
 from __future__ import annotations
