@@ -24,13 +24,14 @@ test: install
 	$(PY) -m pytest -n 2 --dist loadfile
 
 # Mutation testing (not part of `test`): mutants of the ranking-quality modules set in pyproject.toml [tool.mutmut],
-# each checked by the unit tests that reach it; ends with one line per module, `MODULE killed/total (PCT%)`.
+# each checked by the unit tests that reach it (one thread each, so CPU-time limits mean the same on any machine);
+# ends with one line per module, `MODULE killed/total (PCT%)`.
 # MUTANTS narrows the run, e.g. make mutation MUTANTS='lookalike.metric*'; see docs/testing.md.
 MUTATION_JOBS ?= 2
 MUTANTS ?=
 mutation: install
 	rm -rf mutants
-	PYTHONPATH=src $(VENV)/bin/mutmut run --max-children $(MUTATION_JOBS) $(MUTANTS)
+	OMP_NUM_THREADS=1 PYTHONPATH=src $(VENV)/bin/mutmut run --max-children $(MUTATION_JOBS) $(MUTANTS)
 	$(PY) tests/mutation_scores.py
 
 clean:

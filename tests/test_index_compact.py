@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import threading
 
+import faiss
 import numpy as np
 import pytest
 
 from conftest import lookalike_cli, make_dataset
 from index_helpers import PixelEmbedder, brute_force, clustered_vectors, images, mixed_weights
 from lookalike.index import ImageIndex, IndexMetric, ingest, search_vectors
-from lookalike.index.vectors import exact_neighbours
+from lookalike.index.vectors import TUNE_K, AnnIndex, _recall, exact_neighbours
 
 DIM = 32
 PARAMS = {"pca_dim": 32, "hnsw_pca_dim": 32, "pq_m": 16, "train_sample": 20_000, "nprobe": 32}
@@ -183,10 +184,65 @@ def test_compact_and_stats_from_the_command_line(tmp_path):
         assert snapshot(ix, X[:5]) == before
 
 
-def test_exact_neighbours_across_chunks_match_brute_force():
+@pytest.mark.parametrize("k,chunk", [(1, 700), (3, 7), (16, 700), (16, 1), (40, 333)])
+def test_exact_neighbours_across_chunks_match_brute_force(k, chunk):
+    """The brute force behind compaction's and tuning's ground truth, for any k and chunking (a one-off in the partition loses neighbours)."""
     X = clustered_vectors(2500, DIM, seed=71)
     ids = np.arange(10_000, 12_500)
     Q = clustered_vectors(30, DIM, seed=72)
-    got = exact_neighbours(Q, ((ids[s : s + 700], X[s : s + 700]) for s in range(0, 2500, 700)), 16)
+    got = exact_neighbours(Q, ((ids[s : s + chunk], X[s : s + chunk]) for s in range(0, 2500, chunk)), k)
     d = ((Q[:, None, :].astype(np.float64) - X[None]) ** 2).sum(-1)
-    np.testing.assert_array_equal(got, ids[np.argsort(d, axis=1, kind="stable")[:, :16]])
+    np.testing.assert_array_equal(got, ids[np.argsort(d, axis=1, kind="stable")[:, :k]])
+
+
+def test_recall_counts_each_querys_true_neighbours_without_itself_or_padding():
+    """How tuning scores a setting: the share of each query's first TUNE_K true neighbours found, itself and -1 padding left out."""
+    truth = np.array([[7, 0, 3, -1, -1], [4, 5, 6, 8, 9]])
+    found = np.array([[0, 3, 11, 12], [4, 5, 20, 21]])
+    own = np.array([7, 9])
+    # query 7: true neighbours {0, 3} (itself and the padding dropped), both found; query 9: {4, 5, 6, 8}, 2 found
+    assert _recall(found, truth, own) == pytest.approx((2 / 2 + 2 / 4) / 2)
+    many = np.arange(TUNE_K + 5)[None]
+    assert _recall(many[:, :TUNE_K], many + 100, np.array([-5])) == 0.0
+    assert _recall(many[:, TUNE_K:], many, np.array([-5])) == 0.0  # only the first TUNE_K true neighbours count
+    assert _recall(np.array([[5]]), np.array([[3, 5]]), np.array([3])) == 1.0  # one true neighbour, found
+    assert _recall(np.array([[1]]), np.array([[3, -1]]), np.array([3])) == 0.0  # nothing left to find: no division by zero
+
+
+class _ScriptedIVF(AnnIndex):
+    """An IVF index whose searches are scripted: for each nprobe, where in the shortlist each true neighbour lands."""
+
+    size = 100_000
+
+    def __init__(self, landing: dict[int, list[int]]):
+        self.quantizer = faiss.IndexFlatL2(4)
+        super().__init__(faiss.IndexIVFFlat(self.quantizer, 4, 16), "ivfpq")  # 16 cells: nprobe 1, 2, 3, 4, 6, 8, 11, 16
+        self.landing, self.calls = landing, []
+
+    def search(self, queries, k, params):
+        self.calls.append((params["nprobe"], k))
+        found = 50_000 + np.tile(np.arange(k), (len(queries), 1))  # ids that are nobody's true neighbour
+        for j, position in enumerate(self.landing[min(params["nprobe"], max(self.landing))]):
+            if position < k:
+                found[:, position] = 1000 + j
+        return found
+
+
+@pytest.mark.parametrize(
+    "landing, chosen, calls",
+    [
+        # the shortest shortlist wins even at more cells, and nothing shorter is left to find: stop there
+        ({1: [*range(12), 550], 2: [*range(13), 250], 3: [*range(14), 700]}, (3, 100, 14 / 15), [1, 2, 3]),
+        # the target is met at the third shortlist (x3); more cells no longer raise recall: stop, keep the first nprobe
+        ({1: [*range(13), 290], 2: [*range(13), 290]}, (1, 300, 14 / 15), [1, 2]),
+        # never met: the longest shortlist at the last nprobe tried, which stops once recall stops growing
+        ({1: [*range(10)], 2: [*range(10), 700], 3: [*range(10), 700, 710], 4: [*range(10), 700, 710]}, (4, 800, 12 / 15), [1, 2, 3, 4]),
+    ],
+)
+def test_tuning_takes_the_shortest_shortlist_then_the_fewest_cells(landing, chosen, calls):
+    """IVF-PQ's build-time choice of nprobe and shortlist, on scripted searches (shortlists x1, 1.5, 2, 3, 4, 6, 8 of 100)."""
+    ivf = _ScriptedIVF(landing)
+    truth = (1000 + np.arange(TUNE_K + 2))[None]  # one query (a mean over several could round below the target)
+    got = ivf.tune(np.zeros((1, 4), np.float32), truth, own=np.array([-7]), rerank=100, target=14 / 15)
+    assert (got["nprobe"], got["rerank"]) == chosen[:2] and got["recall"] == pytest.approx(chosen[2])
+    assert ivf.calls == [(p, 801) for p in calls]  # one search per nprobe, as long as the longest shortlist + itself
