@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 
@@ -14,6 +15,7 @@ from index_helpers import brute_force, clustered_vectors, images, mixed_weights
 from lookalike.errors import LookalikeError
 from lookalike.index import ImageIndex, IndexMetric, search_vectors
 from lookalike.index.ingest import check_embedder
+from lookalike.index.vectors import IVFPQ_MIN_TRAIN, AnnIndex
 
 DIM = 48
 SMALL = {"pca_dim": 48, "pq_m": 24, "hnsw_m": 16, "ef_construction": 40, "train_sample": 20_000, "nprobe": 64}
@@ -303,3 +305,39 @@ def test_ivfpq_chooses_nprobe_and_shortlist_for_the_recall_target_at_build_time(
         ix.add(images(12_000), X)
         ix.merge()
         assert ix.stats()["tuned"] == {} and ix.search_params["nprobe"] == SMALL["nprobe"]
+
+
+def test_each_kind_is_built_as_its_parameters_say():
+    """What `train` builds: flat is exact, hnsw and ivfpq search PCA-reduced vectors (each its own size, never more
+    than there are training vectors), IVF-PQ has ~sqrt(n) cells within what its sample can train, in L2."""
+    dim = 64
+    sample = np.random.default_rng(3).normal(size=(IVFPQ_MIN_TRAIN, dim)).astype(np.float32)
+    flat = AnnIndex.train("flat", dim, sample[:10], 10, {})
+    assert isinstance(faiss.downcast_index(flat.index.index), faiss.IndexFlatL2) and flat.index.d == dim
+
+    def hnsw_parts(index):
+        inner = faiss.downcast_index(index.index.index)
+        graph = faiss.downcast_index(inner.index) if isinstance(inner, faiss.IndexPreTransform) else inner
+        pca = faiss.downcast_VectorTransform(inner.chain.at(0)).d_out if isinstance(inner, faiss.IndexPreTransform) else None
+        return pca, graph.d, graph.hnsw.nb_neighbors(1), graph.hnsw.efConstruction
+
+    params = {"hnsw_pca_dim": 24, "pca_dim": 40, "hnsw_m": 8, "ef_construction": 20}
+    assert hnsw_parts(AnnIndex.train("hnsw", dim, sample[:500], 500, params)) == (24, 24, 8, 20)
+    assert hnsw_parts(AnnIndex.train("hnsw", dim, sample[:20], 20, params)) == (20, 20, 8, 20)  # 20 training vectors: PCA to 20
+    assert hnsw_parts(AnnIndex.train("hnsw", dim, sample[:500], 500, params | {"hnsw_pca_dim": 0})) == (None, dim, 8, 20)
+    assert hnsw_parts(AnnIndex.train("hnsw", dim, sample[:500], 500, params | {"hnsw_pca_dim": 2 * dim})) == (None, dim, 8, 20)
+
+    def ivf_parts(index):
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index.index))
+        return isinstance(index.index, faiss.IndexPreTransform), ivf.d, ivf.nlist, ivf.M, ivf.metric_type == faiss.METRIC_L2
+
+    ivf_params = {"pca_dim": 32, "pq_m": 16}
+    assert ivf_parts(AnnIndex.train("ivfpq", dim, sample, 250_000, ivf_params)) == (True, 32, IVFPQ_MIN_TRAIN // 39, 16, True)  # sqrt: 500
+    assert ivf_parts(AnnIndex.train("ivfpq", dim, sample, 100, ivf_params | {"pca_dim": dim}))[:3] == (False, dim, 16)  # sqrt: 10
+    assert ivf_parts(AnnIndex.train("ivfpq", dim, sample, 40_000, ivf_params | {"pca_dim": 0}))[:3] == (False, dim, 200)
+    with pytest.raises(LookalikeError, match=r"IVF-PQ needs at least 10,000 images to train, this catalog has 9,999; use --kind flat \(exact\) or --kind hnsw"):
+        AnnIndex.train("ivfpq", dim, sample[:-1], 100, ivf_params)
+    with pytest.raises(LookalikeError, match="pq_m=24 must divide the reduced dimension 32"):
+        AnnIndex.train("ivfpq", dim, sample, 100, ivf_params | {"pq_m": 24})
+    with pytest.raises(LookalikeError, match="unknown index kind 'annoy'; choose one of: auto, flat, hnsw, ivfpq"):
+        AnnIndex.train("annoy", dim, sample, 100, {})
