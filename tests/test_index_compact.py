@@ -246,3 +246,25 @@ def test_tuning_takes_the_shortest_shortlist_then_the_fewest_cells(landing, chos
     got = ivf.tune(np.zeros((1, 4), np.float32), truth, own=np.array([-7]), rerank=100, target=14 / 15)
     assert (got["nprobe"], got["rerank"]) == chosen[:2] and got["recall"] == pytest.approx(chosen[2])
     assert ivf.calls == [(p, 801) for p in calls]  # one search per nprobe, as long as the longest shortlist + itself
+
+
+def test_a_reader_with_a_manifest_a_compaction_has_just_superseded_reads_the_new_one(tmp_path, monkeypatch):
+    """The race behind a rare failure of the test above: a reader reads the manifest, a compaction then deletes the
+    ids file that manifest names, and the reader must take the next manifest, not fail with FileNotFoundError."""
+    from lookalike.index import store
+
+    X = clustered_vectors(300, DIM, seed=61)
+    with ImageIndex.create(tmp_path / "ix", DIM, IndexMetric("l2"), kind="flat") as writer:
+        writer.add(images(300), X)
+        writer.merge(force=True)
+        writer.remove(range(0, 300, 3))
+        assert writer.compact()
+        stale = json.loads((tmp_path / "ix" / "manifest.json").read_text())
+        writer.remove(range(1, 300, 3))
+        assert writer.compact()
+    assert not (tmp_path / "ix" / stale["vectors"]["ids"]).exists()
+    manifests = iter([stale])
+    real = store._read_manifest
+    monkeypatch.setattr(store, "_read_manifest", lambda directory: next(manifests, None) or real(directory))
+    with ImageIndex.open(tmp_path / "ix") as ix:
+        assert ix.size == 100 and search_vectors(ix, X[2], 1)[0][0].id == 2

@@ -143,7 +143,11 @@ class ImageIndex:
         lock = WriterLock(directory).acquire() if writable and directory.is_dir() else None
         try:
             for _ in range(5):
-                index = cls(directory, _read_manifest(directory), lock)
+                manifest = _read_manifest(directory)
+                try:
+                    index = cls(directory, manifest, lock)
+                except FileNotFoundError:
+                    continue  # a compaction deleted the ids file this manifest names (before any file was opened): read the new one
                 if writable:
                     index._recover()
                 try:
