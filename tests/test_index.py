@@ -341,3 +341,50 @@ def test_each_kind_is_built_as_its_parameters_say():
         AnnIndex.train("ivfpq", dim, sample, 100, ivf_params | {"pq_m": 24})
     with pytest.raises(LookalikeError, match="unknown index kind 'annoy'; choose one of: auto, flat, hnsw, ivfpq"):
         AnnIndex.train("annoy", dim, sample, 100, {})
+
+
+def test_index_metric_round_trips_and_names_itself():
+    """What an index records of its distance (manifest, fingerprint, `index stats`), exactly."""
+    m = IndexMetric("learned", [-0.5, -0.25, 0.0], bias=0.3, platt_a=-2.0, platt_b=0.5, norm_bound=1.5)
+    recorded = {"kind": "learned", "weights": [-0.5, -0.25, 0.0], "bias": 0.3, "platt_a": -2.0, "platt_b": 0.5, "norm_bound": 1.5}
+    assert m.to_dict() == recorded and IndexMetric.from_dict(json.loads(json.dumps(recorded))).to_dict() == recorded
+    assert IndexMetric.from_dict({"kind": "learned", "weights": [-1.0]}).to_dict() == {
+        "kind": "learned", "weights": [-1.0], "bias": 0.0, "platt_a": None, "platt_b": None, "norm_bound": 1.0
+    }
+    fingerprints = [
+        IndexMetric(*args).fingerprint()
+        for args in (("learned", [-0.5, -0.25, 0.0], 0.3), ("learned", [-0.5, -0.25, 0.0], 0.31), ("learned", [-0.5, -0.2, 0.0], 0.3), ("l2",), ("cosine",))
+    ]
+    assert len(set(fingerprints)) == 5 and all(len(f) == 16 and int(f, 16) >= 0 for f in fingerprints)
+    assert IndexMetric.from_dict(recorded).fingerprint() == fingerprints[0]  # calibration is not part of the distance
+    assert m.describe() == "learned weighted L2 (3 weights, 2 negative)"
+    assert (IndexMetric("l2").describe(), IndexMetric("cosine").describe()) == ("Euclidean (L2)", "cosine (1 - cos)")
+    with pytest.raises(LookalikeError, match=r"^unknown distance 'manhattan'; choose one of: learned, l2, cosine$"):
+        IndexMetric("manhattan")
+    with pytest.raises(LookalikeError, match=r"^the learned distance needs the SVM weights of a trained run$"):
+        IndexMetric()
+
+
+def test_index_metric_distances_and_search_spaces_on_vectors_that_are_not_unit_length():
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(20, 6)) * rng.uniform(0.5, 3.0, size=(20, 1))
+    q = rng.normal(size=6)
+    l2, cos = IndexMetric("l2"), IndexMetric("cosine")
+    np.testing.assert_allclose(l2.distance(q, X), np.sqrt(((X - q) ** 2).sum(1)))
+    np.testing.assert_allclose(cos.distance(q, X), 1 - X @ q / (np.linalg.norm(X, axis=1) * np.linalg.norm(q)))
+    assert l2.data_space(X).dtype == np.float32 and np.allclose(l2.data_space(X), X, atol=1e-6)
+    np.testing.assert_allclose(cos.data_space(X), X / np.linalg.norm(X, axis=1, keepdims=True), atol=1e-6)
+    assert l2.probability([0.5]) is None and IndexMetric("learned", [-1.0] * 6).probability([0.5]) is None
+    calibrated = IndexMetric("learned", [-1.0] * 6, bias=0.4, platt_a=-3.0, platt_b=0.2)
+    np.testing.assert_allclose(calibrated.probability([0.5, 1.0]), 1 / (1 + np.exp(-(-3.0 * (0.4 - np.array([0.5, 1.0])) + 0.2))))
+
+    weights = -rng.uniform(0.1, 2.0, 6)
+    weights[2] = 0.3  # an old ranker's positive weight: still searchable exactly
+    learned = IndexMetric("learned", weights, norm_bound=3.0)
+    inside = X / np.linalg.norm(X, axis=1, keepdims=True) * rng.uniform(0.5, 3.0, size=(20, 1))
+    gap = ((learned.query_space(q)[0] - learned.data_space(inside)) ** 2).sum(1) - learned.distance(q, inside)
+    assert np.ptp(gap) < 1e-4  # L2 in the search space = the learned distance + a constant per query
+    at_bound = np.eye(6)[2:3] * 3.0  # only the positive weight's coordinate can run out of headroom
+    assert learned.data_space(at_bound).shape == (1, 7) and learned.data_space(at_bound)[0, -1] == pytest.approx(0.0, abs=1e-3)
+    with pytest.raises(LookalikeError, match=r"a vector of norm 3\.300 is longer than this index allows \(3\.000\); embeddings must be L2-normalised"):
+        learned.data_space(at_bound * 1.1)
