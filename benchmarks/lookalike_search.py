@@ -29,11 +29,11 @@ import numpy as np
 
 from lookalike.backbones import create_backbone
 from lookalike.config import load_config
-from lookalike.evaluation.lookalike import altered_copy, copy_ranks, copy_summary, nearest_neighbour_accuracy, tied_fraction
+from lookalike.data import Dataset
+from lookalike.evaluation.lookalike import altered_copy, copy_ranks, copy_summary, tied_fraction
 from lookalike.features import configured_cache_dir
 from lookalike.images import open_image
 from lookalike.metric.distances import L2, LearnedWeightedL2
-from lookalike.data import Dataset
 from lookalike.model import ImageEmbedder, SimilarityModel
 from lookalike.pipeline import run_pipeline, unseen_attribute_test
 from lookalike.rundir import RunDir

@@ -17,7 +17,7 @@ from conftest import REAL_DATA, held_out_reliability, make_dataset
 from conftest import lookalike_cli as lookalike
 from lookalike.backbones import create_backbone
 from lookalike.evaluation import gallery_metrics
-from lookalike.evaluation.lookalike import altered_copy, nearest_neighbour_accuracy
+from lookalike.evaluation.lookalike import altered_copy
 from lookalike.images import open_image
 from lookalike.metric.distances import L2, LearnedWeightedL2
 from lookalike.model import ImageEmbedder, SimilarityModel
