@@ -28,6 +28,8 @@ from lookalike.refine.trainer import epoch_order, learning_rate
 #: without CUDA refinement caches the frozen part's output; with it, mode "auto" trains every block
 CUDA = torch.cuda.is_available()
 AUTO_MODE, DEVICE = ("full", "cuda") if CUDA else ("cached", "cpu")
+#: the default lookalike embedding: 4 attribute members of 64 numbers, then a 64-number visual part
+EMBEDDING_DIM = 4 * 64 + 64
 
 TINY = {"data": {"train_ratio": 0.6, "validation_ratio": 0.25}, "features": {"resolution": 64, "batch_size": 16}}
 
@@ -60,7 +62,7 @@ def test_refinement_lowers_the_training_loss_and_writes_its_outputs(textures, tm
     # the head sees the mean and standard deviation of each channel of stages 10, 12, 14 and 16
     head = {
         "kind": "lookalike-embedding", "in_features": 2 * (112 + 192 + 192 + 320), "classes": ["checks", "dots", "stripes"],
-        "attribute_dim": 64, "visual_dim": 64, "temperature": 0.1,
+        "attribute_dim": 64, "attribute_members": 4, "visual_dim": 64, "temperature": 0.1,
     }
     saved = json.loads((out / "backbone.json").read_text())
     assert saved["head"] == head and saved["taps"] == [10, 12, 14, 16]
@@ -72,7 +74,7 @@ def test_refinement_lowers_the_training_loss_and_writes_its_outputs(textures, tm
     # featurize embeds with the refined model: [attribute part, visual part], and the vectors refine stored
     # from its cached activations are the ones the model computes from the images
     features = featurize(run, progress=False)
-    assert features.shape == (24, 128)
+    assert features.shape == (24, EMBEDDING_DIM)
     model = load_backbone(out)
     meta = json.loads((run / "split-0" / "features.json").read_text())
     dataset = json.loads((run / "dataset.json").read_text())
@@ -93,7 +95,7 @@ def test_saved_model_reloads_to_identical_outputs(textures, tmp_path):
     x = torch.randn(3, 3, 64, 64)
     with torch.inference_mode():
         assert torch.equal(a(x), b(x))
-    assert a.fingerprint == b.fingerprint and a.config.embedding_dim == 128 and a.config.input_size == 64
+    assert a.fingerprint == b.fingerprint and a.config.embedding_dim == EMBEDDING_DIM and a.config.input_size == 64
     pretrained = create_backbone("efficientnet-lite0", resolution=64)
     changed = changed_parameters(pretrained.trunk, a.trunk)
     # weights, not only batch-norm running statistics (which move without any learning)
@@ -135,7 +137,7 @@ def test_full_mode_trains_every_block(textures, tmp_path):
     record = refine(run, progress=False)
     assert record["mode"] == "full" and record["trained_stages"] == "all"
     refined = load_backbone(run / "split-0" / "refined")
-    assert refined.config.embedding_dim == 128
+    assert refined.config.embedding_dim == EMBEDDING_DIM
     pretrained = create_backbone("efficientnet-lite0", resolution=64)
     assert not torch.equal(pretrained.trunk._conv_stem.weight, refined.trunk._conv_stem.weight)
 
@@ -268,7 +270,7 @@ def test_refinement_works_with_a_torchvision_resnet(textures, tmp_path):
     assert changed and all(k.startswith(("layer3.1.", "layer4.0.")) or CUDA for k in changed), changed
     # the first block of each of layer1..layer4: 64, 128, 256 and 512 channels, mean and std each
     assert refined.config.name == "resnet18" and refined.head.in_features == 2 * (64 + 128 + 256 + 512)
-    assert featurize(run, progress=False).shape == (24, 128)
+    assert featurize(run, progress=False).shape == (24, EMBEDDING_DIM)
 
 
 @pytest.mark.parametrize("embedding", ["posterior", "logits"])
@@ -329,3 +331,40 @@ def test_label_smoothing_reaches_both_objectives():
     scores = [lookalike.proxy_logits(part, proxies) for a, v in parts for part, proxies in ((a, lookalike.attribute_proxies), (v, lookalike.visual_proxies))]
     assert torch.allclose(smoothed, sum((1 - eps) * torch.nn.functional.cross_entropy(z, target) - eps * z.log_softmax(-1).mean() for z in scores), atol=1e-5)
     assert not torch.allclose(plain, smoothed)
+
+
+def test_attribute_members_are_an_ensemble_whose_distances_average():
+    from lookalike.backbones.heads import LookalikeHead, head_from_description
+    from lookalike.refine.objectives import objective_for
+
+    torch.manual_seed(0)
+    classes = ["a", "b", "c"]
+    head = LookalikeHead(10, classes, attribute_dim=4, visual_dim=3, attribute_members=3).eval()
+    x = torch.randn(5, 10)
+    embedding = head(x)
+    assert embedding.shape == (5, 15) and torch.allclose(embedding.norm(dim=1), torch.ones(5))
+    # each member is its own unit vector, and the attribute part's squared distance is the members' mean
+    members = torch.nn.functional.normalize(head.attribute(head.standardized(x)).view(5, 3, 4), dim=2)
+    attribute = embedding[:, :12] * 2**0.5
+    assert torch.allclose(((attribute[0] - attribute[1]) ** 2).sum(), ((members[0] - members[1]) ** 2).sum(1).mean(), atol=1e-6)
+    # each member scores the attributes against its own proxies; the head's logits are their mean
+    proxies = torch.nn.functional.normalize(head.attribute_proxies.view(3, 3, 4), dim=2)
+    own = torch.stack([members[:, m] @ proxies[m].T / head.temperature for m in range(3)])
+    assert torch.allclose(head.member_logits(head.parts(x)[0]), own, atol=1e-5) and torch.allclose(head.logits(x), own.mean(0), atol=1e-5)
+    # training pulls every member to its own proxies: the loss is the members' mean cross-entropy, plus the visual part's
+    target = torch.tensor([0, 1, 2, 1, 0])
+    views = [x, torch.randn(5, 10)]
+    loss, first = objective_for(head, 0.0, 0.1, 0.0)(head, views, target)
+    ce = torch.nn.functional.cross_entropy
+    expected = sum(
+        sum(ce(m, target) for m in head.member_logits(a)) / 3 + ce(head.proxy_logits(v, head.visual_proxies), target) for a, v in (head.parts(d) for d in views)
+    )
+    assert torch.allclose(loss, expected, atol=1e-5) and torch.allclose(first, head.logits(x), atol=1e-5)
+    # saved and rebuilt from its description: the same embedding
+    again = head_from_description(head.describe())
+    again.load_state_dict(head.state_dict())
+    assert head.describe()["attribute_members"] == 3 and torch.equal(again.eval()(x), embedding)
+    # a model saved before members existed describes one projection, with the same weight shapes as then
+    old = {k: v for k, v in LookalikeHead(10, classes, 4, 3).describe().items() if k != "attribute_members"}
+    single = head_from_description(old)
+    assert single.attribute_members == 1 and single.attribute_proxies.shape == (3, 4) and single.attribute.weight.shape == (4, 10)

@@ -62,6 +62,7 @@ class RefineConfig(_Section):
     last_layer_only: bool = False
     embedding: Literal["lookalike", "posterior", "logits", "pooled"] = "lookalike"
     attribute_dim: int = Field(64, ge=1)
+    attribute_members: int = Field(4, ge=1)
     visual_dim: int = Field(64, ge=1)
     temperature: float = Field(0.1, gt=0)
     view_weight: float = Field(1.0, ge=0)

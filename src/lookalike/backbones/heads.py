@@ -92,34 +92,55 @@ class AttributeHead(Head):
 class LookalikeHead(Head):
     """[attribute part, visual part] / sqrt(2): two unit vectors, so the embedding has unit length.
 
+    The attribute part is an ensemble: `attribute_members` projections, each with its own proxies and each
+    scaled to unit length, side by side and divided by sqrt(members). Its squared distance is the members'
+    mean, so members that disagree on a doubtful photo average out instead of one of them deciding.
     `visual_dim` trailing coordinates are the visual part; the learned distance gives them one shared weight.
     """
 
     kind = "lookalike-embedding"
 
-    def __init__(self, in_features: int, classes: list[str], attribute_dim: int = 64, visual_dim: int = 64, temperature: float = 0.1, dropout: float = 0.0):
+    def __init__(
+        self,
+        in_features: int,
+        classes: list[str],
+        attribute_dim: int = 64,
+        visual_dim: int = 64,
+        temperature: float = 0.1,
+        dropout: float = 0.0,
+        attribute_members: int = 1,
+    ):
         super().__init__(in_features, classes, dropout)
         self.attribute_dim, self.visual_dim, self.temperature = attribute_dim, visual_dim, temperature
-        self.attribute = nn.Linear(in_features, attribute_dim, bias=False)
+        self.attribute_members = attribute_members
+        self.attribute = nn.Linear(in_features, attribute_members * attribute_dim, bias=False)
         self.visual = nn.Linear(in_features, visual_dim, bias=False)
-        self.attribute_proxies = nn.Parameter(torch.randn(len(self.classes), attribute_dim))
+        # member m's proxies are rows m*classes .. (m+1)*classes; one member keeps the single-projection layout
+        self.attribute_proxies = nn.Parameter(torch.randn(attribute_members * len(self.classes), attribute_dim))
         self.visual_proxies = nn.Parameter(torch.randn(len(self.classes), visual_dim))
 
     @property
     def embedding_dim(self) -> int:
-        return self.attribute_dim + self.visual_dim
+        return self.attribute_members * self.attribute_dim + self.visual_dim
 
     def parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The attribute and the visual part, each of unit length."""
         z = self.standardized(x)
-        return F.normalize(self.attribute(z), dim=1), F.normalize(self.visual(z), dim=1)
+        members = F.normalize(self.attribute(z).unflatten(1, (self.attribute_members, self.attribute_dim)), dim=2)
+        return members.flatten(1) / self.attribute_members**0.5, F.normalize(self.visual(z), dim=1)
 
     def proxy_logits(self, part: torch.Tensor, proxies: torch.Tensor) -> torch.Tensor:
         """Cosine to each attribute's proxy, sharpened by the temperature (NormSoftmax)."""
         return part @ F.normalize(proxies, dim=1).T / self.temperature
 
+    def member_logits(self, attribute: torch.Tensor) -> torch.Tensor:
+        """(members, images, attributes): each member's NormSoftmax logits for an attribute part."""
+        members = attribute.unflatten(1, (self.attribute_members, self.attribute_dim)) * self.attribute_members**0.5
+        proxies = F.normalize(self.attribute_proxies.view(self.attribute_members, len(self.classes), self.attribute_dim), dim=2)
+        return torch.einsum("nmd,mcd->mnc", members, proxies) / self.temperature
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proxy_logits(self.parts(x)[0], self.attribute_proxies)
+        return self.member_logits(self.parts(x)[0]).mean(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         attribute, visual = self.parts(x)
@@ -132,7 +153,12 @@ class LookalikeHead(Head):
             nn.init.normal_(proxies)
 
     def describe(self) -> dict:
-        return super().describe() | {"attribute_dim": self.attribute_dim, "visual_dim": self.visual_dim, "temperature": self.temperature}
+        return super().describe() | {
+            "attribute_dim": self.attribute_dim,
+            "attribute_members": self.attribute_members,
+            "visual_dim": self.visual_dim,
+            "temperature": self.temperature,
+        }
 
 
 def head_from_description(desc: dict) -> Head:
@@ -141,7 +167,9 @@ def head_from_description(desc: dict) -> Head:
     if kind == AttributeHead.kind:
         return AttributeHead(desc["in_features"], desc["classes"], desc["output"])
     if kind == LookalikeHead.kind:
-        return LookalikeHead(desc["in_features"], desc["classes"], desc["attribute_dim"], desc["visual_dim"], desc["temperature"])
+        return LookalikeHead(
+            desc["in_features"], desc["classes"], desc["attribute_dim"], desc["visual_dim"], desc["temperature"], attribute_members=desc.get("attribute_members", 1)
+        )
     raise LookalikeError(f"unknown embedding head kind '{kind}'")
 
 

@@ -41,15 +41,17 @@ class LookalikeObjective:
         self.view_weight, self.view_temperature, self.label_smoothing = view_weight, view_temperature, label_smoothing
 
     def __call__(self, head: LookalikeHead, descriptors: list[torch.Tensor], target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, the attribute members' mean logits for the first view); each member is pulled to its own proxies."""
         parts = [head.parts(d) for d in descriptors]
-        logits = [
-            [head.proxy_logits(part.float(), proxies.float()) for part, proxies in ((attribute, head.attribute_proxies), (visual, head.visual_proxies))]
-            for attribute, visual in parts
-        ]
-        loss = sum(F.cross_entropy(scores, target, label_smoothing=self.label_smoothing) for view in logits for scores in view)
+        members = [head.member_logits(attribute.float()) for attribute, _ in parts]
+        loss = sum(self._cross_entropy(scores, target) for view in members for scores in view) / head.attribute_members
+        loss = loss + sum(self._cross_entropy(head.proxy_logits(visual.float(), head.visual_proxies.float()), target) for _, visual in parts)
         if self.view_weight:
             loss = loss + self.view_weight * view_contrast(parts[0][1].float(), parts[1][1].float(), self.view_temperature)
-        return loss, logits[0][0]
+        return loss, members[0].mean(0)
+
+    def _cross_entropy(self, scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(scores, target, label_smoothing=self.label_smoothing)
 
 
 def objective_for(head: Head, view_weight: float, view_temperature: float, label_smoothing: float):

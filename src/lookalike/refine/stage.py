@@ -154,7 +154,7 @@ def refine(run_dir: str | os.PathLike, split: int = 0, force: bool = False, prog
 def make_head(rc: RefineConfig, in_features: int, classes: list[str]) -> Head:
     """The head `refine.embedding` asks for ("pooled" trains a classifier and then drops it)."""
     if rc.embedding == "lookalike":
-        return LookalikeHead(in_features, classes, rc.attribute_dim, rc.visual_dim, rc.temperature, rc.dropout)
+        return LookalikeHead(in_features, classes, rc.attribute_dim, rc.visual_dim, rc.temperature, rc.dropout, rc.attribute_members)
     return AttributeHead(in_features, classes, "logits" if rc.embedding == "pooled" else rc.embedding, rc.dropout)
 
 
