@@ -23,6 +23,7 @@ from .routes.catalog import catalog_router
 from .routes.health import service_router
 from .routes.search import search_router
 from .service import Service
+from .similar import SimilarAnswers
 
 log = logging.getLogger("lookalike.serve")
 STATIC = Path(__file__).with_name("static")
@@ -43,7 +44,7 @@ def create_app(service: Service) -> FastAPI:
     _install_error_handlers(app)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.include_router(service_router(service, metrics, (STATIC / "index.html").read_text()))
-    app.include_router(search_router(service))
+    app.include_router(search_router(service, SimilarAnswers(service)))
     app.include_router(catalog_router(service))
     return app
 

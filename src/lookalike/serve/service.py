@@ -271,6 +271,10 @@ class Service:
         rows = self._with_probability(index, vector, filtered_search(index, vector, top, attribute, exclude=exclude))
         return [r for r in rows if min_probability is None or r["probability"] >= min_probability]
 
+    def similar(self, index: IndexStore, image_id: int, top: int, attribute: str | None, min_probability: float | None) -> list[dict]:
+        """Top matches of a catalog image's stored vector, the image itself left out."""
+        return self.search(index, self.vector_of(index, image_id), top, attribute, [image_id], min_probability)
+
     def _with_probability(self, index: IndexStore, vector: np.ndarray, matches: list[Match]) -> list[dict]:
         """Matches as dicts; an index ranked by a plain distance still reports the run's calibrated probability."""
         rows = [dict(vars(m)) for m in matches]  # Match's fields are flat: asdict's deep copy cost a tenth of a /similar answer

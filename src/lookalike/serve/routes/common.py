@@ -11,6 +11,8 @@ from ..uploads import sniff_format
 
 #: Largest catalog id accepted in a URL (SQLite integers are 64-bit).
 MAX_ID = 2**53
+#: Matches a search returns when `top` is not given.
+DEFAULT_TOP = 15
 ImageId = Annotated[int, PathParam(ge=0, le=MAX_ID, description="Catalog id.")]
 AttributeForm = Annotated[str | None, Form(max_length=200, description="Only return catalog images with this attribute.")]
 AttributeQuery = Annotated[str | None, Query(max_length=200, description="Only return catalog images with this attribute.")]
