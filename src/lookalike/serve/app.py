@@ -40,7 +40,7 @@ def create_app(service: Service) -> FastAPI:
         version=__version__,
         description="Search a catalog of images for look-alikes, ranked by a learned, calibrated similarity. The web page is at /.",
     )
-    answers = SimilarAnswers(service)
+    answers = SimilarAnswers(service, metrics.similar_lookups)
     searches = search_router(service, answers)
     similar_route = next(r for r in searches.routes if r.path == SIMILAR_PATH)
     app.add_middleware(SimilarLane, answers=answers, route=similar_route, max_top=settings.max_top)
@@ -48,7 +48,7 @@ def create_app(service: Service) -> FastAPI:
     app.add_middleware(metrics.middleware)
     _install_error_handlers(app)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    app.include_router(service_router(service, metrics, (STATIC / "index.html").read_text()))
+    app.include_router(service_router(service, metrics, answers.cache, (STATIC / "index.html").read_text()))
     app.include_router(searches)
     app.include_router(catalog_router(service))
     return app

@@ -102,6 +102,20 @@ class IndexAccess:
         """Run fn(index, *args) on the index thread."""
         return self._thread.submit(lambda: fn(self._current(), *args))
 
+    @property
+    def stamp(self) -> tuple | None:
+        """The version of the index the index thread searches now (read it there)."""
+        return self._stamp
+
+    def version_now(self) -> tuple | None:
+        """The index's committed version where that is cheap enough to read on the event loop (a FAISS folder: one stat), else None."""
+        if self.location.backend != "faiss":
+            return None
+        try:
+            return self.location.version()
+        except LookalikeError:
+            return None  # the index thread gives the error
+
     def _current(self) -> IndexStore:
         stamp = self.location.version()
         if stamp != self._stamp:

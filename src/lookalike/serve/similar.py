@@ -4,6 +4,13 @@ The answer has `SearchOut`'s shape and values (the OpenAPI schema documents it),
 with orjson from plain values rather than built as pydantic models and validated again by FastAPI:
 that cost more CPU than the index search itself.
 
+Catalog pages ask for the look-alikes of the same ids over and over, so `AnswerCache` keeps the
+encoded answers (LRU, bounded in bytes by --similar-cache-mb) of one index version: its key is the
+id and every query parameter, and the version the index thread searched. A FAISS index's version
+(its manifest's inode and mtime, which every committed add, remove or compact changes) is read on
+the event loop with one stat, so a hit needs no trip to the index thread; the cache serves nothing
+the service's own reload of the index would not (the same version decides both).
+
 `SimilarLane` answers a well-formed request before FastAPI routes it and validates its parameters
 one by one, which cost as much again: it takes only requests whose id and query parameters are
 written plainly (`/images/12/similar?top=20&attribute=striped&min_probability=0.5`, each at most
@@ -14,10 +21,13 @@ the 422 answers. Both give the same bytes from `SimilarAnswers`.
 from __future__ import annotations
 
 import re
+import threading
 import time
 from urllib.parse import parse_qsl
 
 import orjson
+from cachetools import LRUCache
+from prometheus_client import Counter
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -50,19 +60,66 @@ def finish(answer: bytes, took_ms: float) -> bytes:
     return answer + b',"took_ms":' + orjson.dumps(took_ms) + b"}"
 
 
-class SimilarAnswers:
-    """Answers to GET /images/{id}/similar as JSON bytes."""
+class AnswerCache:
+    """Encoded answers of one index version, least recently used dropped beyond `max_bytes`; a new version empties it. Thread-safe."""
 
-    def __init__(self, service: Service):
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._answers: LRUCache[tuple, bytes] = LRUCache(max(max_bytes, 1), getsizeof=len)
+        self._version: tuple | None = None
+        self._lock = threading.Lock()
+
+    def get(self, version: tuple | None, key: tuple) -> bytes | None:
+        if version is None or not self.max_bytes:
+            return None
+        with self._lock:
+            return self._answers.get(key) if version == self._version else None
+
+    def put(self, version: tuple | None, key: tuple, answer: bytes) -> None:
+        if version is None or len(answer) > self.max_bytes:
+            return
+        with self._lock:
+            if version != self._version:
+                self._answers.clear()
+                self._version = version
+            self._answers[key] = answer
+
+    @property
+    def held_bytes(self) -> int:
+        return int(self._answers.currsize)
+
+
+class SimilarAnswers:
+    """Answers to GET /images/{id}/similar as JSON bytes, from the cache or the index thread; `lookups` counts hits and misses."""
+
+    def __init__(self, service: Service, lookups: Counter):
         self.service = service
+        self.cache = AnswerCache(int(service.settings.similar_cache_mb * 1024 * 1024))
+        self._hit = lookups.labels("hit")
+        self._miss = lookups.labels("miss")
 
     async def body(self, image_id: int, top: int, attribute: str | None, min_probability: float | None) -> bytes:
         start = time.perf_counter()
-        answer = await self.service.on_index(self._answer, image_id, top, attribute, min_probability)
+        key = (image_id, top, attribute, min_probability)
+        answer = self.cache.get(self.service.index.version_now(), key)
+        if answer is None:
+            answer = await self.service.on_index(self._answer, key)
+        else:
+            self._hit.inc()
         return finish(answer, (time.perf_counter() - start) * 1000)
 
-    def _answer(self, index, image_id: int, top: int, attribute: str | None, min_probability: float | None) -> bytes:
-        return encode_answer(image_id, attribute, min_probability, self.service.similar(index, image_id, top, attribute, min_probability))
+    def _answer(self, index, key: tuple) -> bytes:
+        """On the index thread: the answer for the version it searches (looked up again: a Milvus index's version is only known here)."""
+        version = self.service.index.stamp
+        answer = self.cache.get(version, key)
+        if answer is not None:
+            self._hit.inc()
+            return answer
+        self._miss.inc()
+        image_id, top, attribute, min_probability = key
+        answer = encode_answer(image_id, attribute, min_probability, self.service.similar(index, image_id, top, attribute, min_probability))
+        self.cache.put(version, key, answer)
+        return answer
 
 
 def plain_query(query_string: bytes, max_top: int) -> tuple[int, str | None, float | None] | None:
