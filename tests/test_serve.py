@@ -753,22 +753,36 @@ def raw_get(port: int, target: bytes) -> bytes:
     return answer
 
 
-def test_cli_serves_on_loopback_and_stops(served):
+@contextmanager
+def cli_service(served, *options: str):
+    """`lookalike serve` on an ephemeral loopback port, once /healthz answers: the port and a holder of its output (filled when it stops)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = os.environ | {"LOOKALIKE_CACHE_DIR": str(served.root / "cache")}
-    proc = subprocess.Popen([sys.executable, "-m", "lookalike", "serve", "--index", str(served.index), "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    cmd = [sys.executable, "-m", "lookalike", "serve", "--index", str(served.index), "--port", str(port), *options]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    output: list[str] = []
     try:
         deadline = time.monotonic() + 90
         while True:
             assert proc.poll() is None, proc.stdout.read()
             try:
-                r = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+                httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
                 break
             except httpx.TransportError:
                 assert time.monotonic() < deadline, "the service did not come up"
                 time.sleep(0.3)
+        yield port, output
+    finally:
+        proc.terminate()
+        output.append(proc.communicate(timeout=30)[0])
+
+
+def test_cli_serves_on_loopback_and_stops(served):
+    env = os.environ | {"LOOKALIKE_CACHE_DIR": str(served.root / "cache")}
+    with cli_service(served) as (port, output):
+        r = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
         assert r.json()["images"] == 42
         r = httpx.post(f"http://127.0.0.1:{port}/search", files={"image": upload(photo(served, "dotted", 5))}, data={"top": "2"}, timeout=30)
         assert r.status_code == 200 and r.json()["results"][0]["name"] == photo(served, "dotted", 5).name
@@ -777,8 +791,10 @@ def test_cli_serves_on_loopback_and_stops(served):
             answer = raw_get(port, sneaky)
             assert answer.startswith((b"HTTP/1.1 404", b"HTTP/1.1 422")), (sneaky, answer[:100])
             assert b"root:" not in answer and b"import" not in answer
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    assert '"POST /search HTTP/1.1" 200' in output[0], "a line per request by default"
+    with cli_service(served, "--no-access-log", "--similar-cache-mb", "0") as (port, output):
+        assert httpx.get(f"http://127.0.0.1:{port}/images/1/similar", timeout=10).status_code == 200
+        assert "lookalike_similar_cache_lookups_total{result=\"miss\"} 1.0" in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    assert "/similar HTTP/1.1" not in output[0] and "/metrics HTTP/1.1" not in output[0]
     bad = subprocess.run([sys.executable, "-m", "lookalike", "serve", "--index", str(served.index), "--allow-writes"], capture_output=True, text=True, env=env | {"LOOKALIKE_API_KEY": ""})
     assert bad.returncode == 2 and "--api-key" in bad.stderr and "Traceback" not in bad.stderr
