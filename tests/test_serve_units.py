@@ -221,65 +221,6 @@ def test_header_deadline_closes_slow_headers_and_spares_kept_alive_connections()
         thread.join(10)
 
 
-class Wire(asyncio.Transport):
-    """A transport that notes what the protocol writes, call by call."""
-
-    def __init__(self):
-        super().__init__()
-        self.writes: list[bytes] = []
-        self.closed = False
-
-    def write(self, data) -> None:
-        if data:  # an empty write sends nothing
-            self.writes.append(bytes(data))
-
-    def close(self) -> None:
-        self.closed = True
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def get_extra_info(self, name, default=None):
-        return {"peername": ("127.0.0.1", 5000), "sockname": ("127.0.0.1", 8000)}.get(name, default)
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-
-def test_each_response_head_leaves_with_its_body_in_one_write():
-    app = FastAPI()
-
-    @app.get("/ping")
-    async def ping() -> dict:
-        return {"ok": True}
-
-    @app.post("/echo")
-    async def echo(request: Request) -> dict:
-        return {"bytes": len(await request.body())}
-
-    async def exchange(*chunks: bytes) -> Wire:
-        config = uvicorn.Config(app, log_level="warning")
-        config.load()
-        protocol = header_deadline_protocol(5)(config=config, server_state=uvicorn.server.ServerState(), app_state={})
-        wire = Wire()
-        protocol.connection_made(wire)
-        for chunk in chunks:
-            protocol.data_received(chunk)
-            await asyncio.sleep(0.05)
-        protocol.connection_lost(None)
-        return wire
-
-    wire = asyncio.run(exchange(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n", b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n"))
-    assert len(wire.writes) == 2 and all(w.startswith(b"HTTP/1.1 200 OK\r\n") and w.endswith(b'\r\n\r\n{"ok":true}') for w in wire.writes)
-    # an interim 100 Continue is not held back: the client waits for it before sending the body
-    wire = asyncio.run(exchange(b"POST /echo HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n", b"abc"))
-    assert wire.writes[0] == b"HTTP/1.1 100 Continue\r\n\r\n"
-    assert len(wire.writes) == 2 and wire.writes[1].startswith(b"HTTP/1.1 200 OK\r\n") and wire.writes[1].endswith(b'{"bytes":3}')
-
-
 def encoded(fmt: str, size=(30, 20), mode="RGB") -> bytes:
     buf = io.BytesIO()
     Image.new(mode, size, 128).save(buf, fmt)
