@@ -3,7 +3,10 @@
 The service runs as its own process (`python -m lookalike serve`, as users start it). Each client
 keeps one connection and sends one request at a time, cycling through real photos of the example
 dataset (or through the catalog's ids); each phase stops after --duration seconds or --max-requests
-requests, whichever comes first. The clients encode each request with h11 and send it on a raw
+requests, whichever comes first. /similar is measured twice with the same requests: on the service
+as it starts by default, whose answer cache holds every id after its first request (a catalog page
+asking for the same ids again and again: `similar`), and on a second service started with
+--similar-cache-mb 0, which searches the index for every request (`similar_uncached`). The clients encode each request with h11 and send it on a raw
 socket: httpx costs about as much CPU per request as the service's /similar answer, and on a small
 machine the load generator would measure itself.
 
@@ -15,7 +18,7 @@ Without --index, a run and an index are built first in a temporary folder from -
 photos per attribute of --data (the default lookalike embedding; a few minutes on 2 cores; not
 part of the measurement).
 
-    .venv/bin/python benchmarks/serve_load.py --json                  # 8 clients, 20 s + 10 s
+    .venv/bin/python benchmarks/serve_load.py --json                  # 8 clients, 20 s + 10 s + 10 s
     .venv/bin/python benchmarks/serve_load.py --index runs/demo-index --clients 16 --duration 60
 """
 
@@ -188,6 +191,18 @@ def catalog_ids(index: Path) -> list[int]:
         return sorted(entry.id for entry in ix.entries_by_path().values())
 
 
+def similar_phase(index: Path, log, options: list[str], requests: list[Request], args) -> dict:
+    """GET /images/{id}/similar on a service of its own started with `options` (after a short warm-up, not measured)."""
+    port = free_port()
+    server = start_server(index, port, log, *options)
+    try:
+        asyncio.run(load(port, requests, args.clients, 60, 2 * args.clients))
+        return measured(server, lambda: asyncio.run(load(port, requests, args.clients, args.similar_duration, args.max_requests)))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def run_benchmark(args, index: Path, log) -> dict:
     from lookalike.model import SimilarityModel
     from lookalike.serve.service import resolve_run_dir
@@ -199,8 +214,8 @@ def run_benchmark(args, index: Path, log) -> dict:
     searches = [http_request("POST", "/search", files={"image": (p.name, p.read_bytes(), "image/jpeg")}, data={"top": str(args.top)}) for p in photos]
     similar = [http_request("GET", f"/images/{i}/similar?top={args.top}") for i in catalog_ids(index)]
     port = free_port()
-    options = ["--max-concurrency", args.max_concurrency, "--max-batch", args.max_batch, "--batch-wait-ms", args.batch_wait_ms]
-    server = start_server(index, port, log, *map(str, options))
+    options = list(map(str, ["--max-concurrency", args.max_concurrency, "--max-batch", args.max_batch, "--batch-wait-ms", args.batch_wait_ms]))
+    server = start_server(index, port, log, *options)
     try:
         asyncio.run(load(port, searches, args.clients, 60, 2 * args.clients))  # warm-up, not measured
         load_before = os.getloadavg()[0]
@@ -208,10 +223,11 @@ def run_benchmark(args, index: Path, log) -> dict:
         search = measured(server, lambda: asyncio.run(load(port, searches, args.clients, args.duration, args.max_requests)))
         after = featurizer_rate(model, photos)
         by_id = measured(server, lambda: asyncio.run(load(port, similar, args.clients, args.similar_duration, args.max_requests))) if args.similar_duration > 0 else None
-        load_after = os.getloadavg()[0]
     finally:
         server.terminate()
         server.wait(timeout=30)
+    uncached = similar_phase(index, log, [*options, "--similar-cache-mb", "0"], similar, args) if args.similar_duration > 0 else None
+    load_after = os.getloadavg()[0]
     featurize = (before + after) / 2
     return {
         "route": "POST /search",
@@ -220,6 +236,9 @@ def run_benchmark(args, index: Path, log) -> dict:
         "featurize_img_s_before_after": [round(before, 1), round(after, 1)],
         "search_vs_featurizer": round(search["req_s"] / featurize, 2),
         "similar": by_id and {"route": "GET /images/{id}/similar", **by_id},
+        "similar_uncached": uncached and {"route": "GET /images/{id}/similar, no cache", **uncached},
+        "similar_req_s": by_id and by_id["req_s"],
+        "similar_uncached_req_s": uncached and uncached["req_s"],
         "images": manifest["rows"],
         "dim": manifest["dim"],
         "max_concurrency": args.max_concurrency,
@@ -238,7 +257,7 @@ def main() -> None:
     ap.add_argument("--per-attribute", type=int, default=40, help="photos per attribute in the index built without --index")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--duration", type=float, default=20.0, help="seconds of load on POST /search")
-    ap.add_argument("--similar-duration", type=float, default=10.0, help="seconds of load on GET /images/{id}/similar (0: skip)")
+    ap.add_argument("--similar-duration", type=float, default=10.0, help="seconds of load on GET /images/{id}/similar, with the answer cache and without (0: skip)")
     ap.add_argument("--max-requests", type=int, default=20000, help="most requests per phase")
     ap.add_argument("--max-concurrency", type=int, default=2, help="the service's --max-concurrency")
     ap.add_argument("--max-batch", type=int, default=16, help="the service's --max-batch")
@@ -257,10 +276,10 @@ def main() -> None:
         return
     print(f"{result['images']} images ({result['dim']}-d), {result['clients']} clients, service --max-concurrency {args.max_concurrency} "
           f"--max-batch {args.max_batch} --batch-wait-ms {args.batch_wait_ms:g}, {result['cpus']} CPUs, loopback, load average {result['load_average_before_after']}")
-    print(f"{'route':<28} {'requests':>9} {'req/s':>7} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8} {'errors':>7} {'server CPU ms/req':>18}")
-    for row in filter(None, (result, result["similar"])):
+    print(f"{'route':<36} {'requests':>9} {'req/s':>7} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8} {'errors':>7} {'server CPU ms/req':>18}")
+    for row in filter(None, (result, result["similar"], result["similar_uncached"])):
         print(
-            f"{row['route']:<28} {row['requests']:>9} {row['req_s']:>7} {row['p50_ms']:>8} {row['p90_ms']:>8} {row['p99_ms']:>8} "
+            f"{row['route']:<36} {row['requests']:>9} {row['req_s']:>7} {row['p50_ms']:>8} {row['p90_ms']:>8} {row['p99_ms']:>8} "
             f"{row['max_ms']:>8} {row['errors']:>7} {row['server_cpu_ms_per_req']:>18}"
         )
     print(f"featurizer alone: {result['featurize_img_s']} images/s (before, after: {result['featurize_img_s_before_after']}); "

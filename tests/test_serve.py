@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import struct
@@ -30,11 +31,13 @@ from PIL import Image
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance, status_code_conformance
 
-from conftest import launch_chromium, require_playwright
+from conftest import launch_chromium, lookalike_cli, require_playwright
 from lookalike.serve.app import create_app
 from lookalike.index import ImageIndex
+from lookalike.index.catalog import ImageEntry
 from lookalike.serve.service import Service
 from lookalike.index.build import build_index
+from lookalike.results import SearchOut
 from lookalike.serve.settings import ServeSettings
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
@@ -219,6 +222,111 @@ def test_similar_by_id_matches_upload_search_without_the_image_itself(served, cl
     assert [m["id"] for m in by_id["results"]] == [m["id"] for m in by_upload[1:]]
     np.testing.assert_allclose([m["distance"] for m in by_id["results"]], [m["distance"] for m in by_upload[1:]], rtol=1e-4, atol=1e-5)
     assert_error(client.get("/images/100000/similar"), 404, "not_found")
+
+
+def similar_answer(response) -> dict:
+    """A /similar answer without its took_ms, the one field that differs between two answers to one question; of SearchOut's shape."""
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert SearchOut.model_validate(body).model_dump(mode="json") == body, "the same keys and values as the documented model"
+    assert body.pop("took_ms") >= 0
+    return body
+
+
+def cache_lookups(client) -> dict[str, float]:
+    text = client.get("/metrics").text
+    return {result: float(re.search(rf'lookalike_similar_cache_lookups_total{{result="{result}"}} (\S+)', text)[1]) for result in ("hit", "miss")}
+
+
+def catalog(index: Path) -> dict[int, ImageEntry]:
+    with ImageIndex.open(index) as ix:
+        return {e.id: e for e in ix.entries_by_path().values()}
+
+
+SIMILAR_QUERIES = [{}, {"top": "5"}, {"top": "40", "attribute": "leopard"}, {"top": "100", "min_probability": "0.5"}, {"attribute": "striped", "min_probability": "0.25"}]
+
+
+def test_cached_similar_answers_equal_searched_ones(served, client):
+    uncached_engine = Service(ServeSettings(index_dir=served.index, similar_cache_mb=0))
+    try:
+        with TestClient(create_app(uncached_engine)) as uncached:
+            before = cache_lookups(client)
+            for image_id in (2, 7):
+                for params in SIMILAR_QUERIES:
+                    searched = similar_answer(uncached.get(f"/images/{image_id}/similar", params=params))
+                    assert searched["query"]["id"] == image_id and (searched["results"] or "attribute" in params or "min_probability" in params)
+                    assert similar_answer(client.get(f"/images/{image_id}/similar", params=params)) == searched
+                    assert similar_answer(client.get(f"/images/{image_id}/similar", params=params)) == searched  # from the cache
+                    # written with a leading zero, the request goes through FastAPI's validation instead of the lane: the same answer
+                    routed = {**params, "top": "0" + params.get("top", "15")}
+                    assert similar_answer(uncached.get(f"/images/{image_id}/similar", params=routed)) == searched
+            after = cache_lookups(client)
+            assert after["hit"] - before["hit"] >= 2 * len(SIMILAR_QUERIES)
+            assert cache_lookups(uncached) == {"hit": 0, "miss": 4 * len(SIMILAR_QUERIES)}
+            assert_error(client.get("/images/100000/similar"), 404, "not_found")
+            assert_error(client.get("/images/2/similar", params={"attribute": "plaid"}), 422, "unknown_attribute")
+            assert_error(client.get("/images/2/similar", params={"top": "0"}), 422, "invalid_request", "top")
+            lane = client.get("/images/2/similar")
+            assert lane.headers["x-content-type-options"] == "nosniff" and lane.headers["content-type"] == "application/json"
+            assert 'lookalike_http_requests_total{method="GET",route="/images/{image_id}/similar",status="200"}' in client.get("/metrics").text
+    finally:
+        uncached_engine.close()
+
+
+def test_similar_answers_follow_every_change_of_the_index(served):
+    """Answers come from the cache until the index changes: through the API, or the CLI in another process."""
+    eng, index = writable_app(served, "index-similar")
+    auth = {"X-API-Key": KEY}
+    env = os.environ | {"LOOKALIKE_CACHE_DIR": str(served.root / "cache")}
+    query = photo(served, "striped", 5)
+    entries = catalog(index)
+    own = next(i for i, e in entries.items() if e.attribute == "striped" and Path(e.path).name == query.name)
+    url = f"/images/{own}/similar?top=5"
+    try:
+        with TestClient(create_app(eng)) as c:
+            first = similar_answer(c.get(url))
+            assert similar_answer(c.get(url)) == first and cache_lookups(c) == {"hit": 1, "miss": 1}
+            ids = [m["id"] for m in first["results"]]
+
+            buf = io.BytesIO()
+            with Image.open(query) as img:
+                img.save(buf, "PNG")  # the query photo as new content: its nearest look-alike once added
+            r = c.post("/catalog", files=[("images", upload(buf.getvalue(), "copy.png", "image/png"))], data={"attribute": "striped"}, headers=auth)
+            copy_id = r.json()["added"][0]["id"]
+            assert [m["id"] for m in similar_answer(c.get(url))["results"]] == [copy_id] + ids[:4]
+            assert c.delete(f"/catalog/{copy_id}", headers=auth).status_code == 200
+            assert similar_answer(c.get(url)) == first
+
+            nearest = entries[ids[0]]
+            lookalike_cli("index", "remove", index, nearest.path, env=env)
+            without = similar_answer(c.get(url))
+            assert [m["id"] for m in without["results"]][:4] == ids[1:] and ids[0] not in {m["id"] for m in without["results"]}
+            lookalike_cli("index", "compact", index, env=env)
+            assert similar_answer(c.get(url)) == without, "compaction keeps ids and answers"
+            lookalike_cli("index", "add", index, Path(nearest.path).parent, env=env)
+            back = similar_answer(c.get(url))
+            assert [m["name"] for m in back["results"]] == [m["name"] for m in first["results"]] and back["results"][0]["id"] not in ids
+            assert cache_lookups(c)["hit"] == 1, "every answer after a change was searched again"
+    finally:
+        eng.close()
+
+
+def test_the_similar_cache_stays_within_its_memory_bound(served):
+    eng = Service(ServeSettings(index_dir=served.index, similar_cache_mb=0.01))  # 10 KiB: a few answers of 15 matches
+    ids = sorted(catalog(served.index))
+    try:
+        with TestClient(create_app(eng)) as c:
+            for image_id in ids:
+                similar_answer(c.get(f"/images/{image_id}/similar"))
+            held = float(re.search(r"^lookalike_similar_cache_bytes (\S+)$", c.get("/metrics").text, re.M)[1])
+            assert 0 < held <= 0.01 * 1024 * 1024
+            before = cache_lookups(c)
+            similar_answer(c.get(f"/images/{ids[0]}/similar"))  # long since dropped
+            similar_answer(c.get(f"/images/{ids[-1]}/similar"))  # the last one asked for
+            after = cache_lookups(c)
+            assert (after["miss"] - before["miss"], after["hit"] - before["hit"]) == (1, 1)
+    finally:
+        eng.close()
 
 
 def test_compare_agrees_with_search_and_fuses_rankers(served, client, writable):
@@ -645,22 +753,36 @@ def raw_get(port: int, target: bytes) -> bytes:
     return answer
 
 
-def test_cli_serves_on_loopback_and_stops(served):
+@contextmanager
+def cli_service(served, *options: str):
+    """`lookalike serve` on an ephemeral loopback port, once /healthz answers: the port and a holder of its output (filled when it stops)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = os.environ | {"LOOKALIKE_CACHE_DIR": str(served.root / "cache")}
-    proc = subprocess.Popen([sys.executable, "-m", "lookalike", "serve", "--index", str(served.index), "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    cmd = [sys.executable, "-m", "lookalike", "serve", "--index", str(served.index), "--port", str(port), *options]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    output: list[str] = []
     try:
         deadline = time.monotonic() + 90
         while True:
             assert proc.poll() is None, proc.stdout.read()
             try:
-                r = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+                httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
                 break
             except httpx.TransportError:
                 assert time.monotonic() < deadline, "the service did not come up"
                 time.sleep(0.3)
+        yield port, output
+    finally:
+        proc.terminate()
+        output.append(proc.communicate(timeout=30)[0])
+
+
+def test_cli_serves_on_loopback_and_stops(served):
+    env = os.environ | {"LOOKALIKE_CACHE_DIR": str(served.root / "cache")}
+    with cli_service(served) as (port, output):
+        r = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
         assert r.json()["images"] == 42
         r = httpx.post(f"http://127.0.0.1:{port}/search", files={"image": upload(photo(served, "dotted", 5))}, data={"top": "2"}, timeout=30)
         assert r.status_code == 200 and r.json()["results"][0]["name"] == photo(served, "dotted", 5).name
@@ -669,8 +791,10 @@ def test_cli_serves_on_loopback_and_stops(served):
             answer = raw_get(port, sneaky)
             assert answer.startswith((b"HTTP/1.1 404", b"HTTP/1.1 422")), (sneaky, answer[:100])
             assert b"root:" not in answer and b"import" not in answer
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    assert '"POST /search HTTP/1.1" 200' in output[0], "a line per request by default"
+    with cli_service(served, "--no-access-log", "--similar-cache-mb", "0") as (port, output):
+        assert httpx.get(f"http://127.0.0.1:{port}/images/1/similar", timeout=10).status_code == 200
+        assert "lookalike_similar_cache_lookups_total{result=\"miss\"} 1.0" in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    assert "/similar HTTP/1.1" not in output[0] and "/metrics HTTP/1.1" not in output[0]
     bad = subprocess.run([sys.executable, "-m", "lookalike", "serve", "--index", str(served.index), "--allow-writes"], capture_output=True, text=True, env=env | {"LOOKALIKE_API_KEY": ""})
     assert bad.returncode == 2 and "--api-key" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,4 +1,4 @@
-"""Service pieces that need no model: request limits, upload sniffing, micro-batching, settings and CLI option parsing."""
+"""Service pieces that need no model: request limits, upload sniffing, micro-batching, the /similar answer cache and lane, settings and CLI option parsing."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -23,6 +24,7 @@ from lookalike.serve.connections import header_deadline_protocol
 from lookalike.serve.errors import ApiError
 from lookalike.serve.middleware import RequestGuard
 from lookalike.serve.settings import ServeSettings
+from lookalike.serve.similar import AnswerCache, SimilarLane, plain_query
 from lookalike.serve.uploads import sniff_format
 
 
@@ -257,6 +259,9 @@ def test_settings_are_safe_by_default_and_validated(tmp_path):
         settings_from_options(index_dir=tmp_path, api_key="short")
     with pytest.raises(LookalikeError, match="--max-concurrency"):
         settings_from_options(index_dir=tmp_path, max_concurrency=0)
+    assert s.similar_cache_mb == 32 and settings_from_options(index_dir=tmp_path, similar_cache_mb=0).similar_cache_mb == 0
+    with pytest.raises(LookalikeError, match="--similar-cache-mb"):
+        settings_from_options(index_dir=tmp_path, similar_cache_mb=-1)
 
 
 def test_ranker_options():
@@ -264,3 +269,93 @@ def test_ranker_options():
     for bad in (["sleeve"], ["=runs/x"], ["a=x", "a=y"], ["a=x", " a =y"]):
         with pytest.raises(LookalikeError, match="--ranker"):
             parse_rankers(bad)
+
+
+# ---- GET /images/{id}/similar: the answer cache and the lane ----------------------------------
+
+
+def test_answer_cache_holds_one_index_version_within_its_byte_bound():
+    cache = AnswerCache(max_bytes=1000)
+    for i in range(10):
+        cache.put(("v1",), (i,), bytes(300))
+        cache.get(("v1",), (0,))  # the first answer is read again and again: it stays
+        assert cache.held_bytes <= 1000
+    assert cache.held_bytes == 900
+    assert cache.get(("v1",), (0,)) == bytes(300) and cache.get(("v1",), (9,)) == bytes(300)
+    assert cache.get(("v1",), (1,)) is None, "the least recently used answers were dropped"
+    assert cache.get(("v2",), (0,)) is None, "an answer of another index version is never given"
+    cache.put(("v2",), (5,), b"new")
+    assert cache.held_bytes == 3 and cache.get(("v1",), (0,)) is None and cache.get(("v2",), (5,)) == b"new"
+    cache.put(("v2",), (6,), bytes(1001))
+    assert cache.get(("v2",), (6,)) is None and cache.get(("v2",), (5,)) == b"new", "an answer larger than the bound is not kept"
+    cache.put(None, (7,), b"x")
+    assert cache.get(None, (7,)) is None, "without a known version nothing is cached"
+    off = AnswerCache(max_bytes=0)
+    off.put(("v1",), (0,), b"x")
+    assert off.get(("v1",), (0,)) is None and off.held_bytes == 0
+
+
+@pytest.mark.parametrize(
+    "query, params",
+    [
+        (b"", (15, None, None)),
+        (b"top=20", (20, None, None)),
+        (b"top=100&attribute=dotted+silk&min_probability=0.25", (100, "dotted silk", 0.25)),
+        (b"attribute=le%6Fpard&min_probability=1", (15, "leopard", 1.0)),
+        (b"min_probability=0.0", (15, None, 0.0)),
+        (b"attribute=" + b"a" * 200, (15, "a" * 200, None)),
+        (b"top=5&", (5, None, None)),  # an empty field is no field, for Starlette too
+    ],
+)
+def test_plainly_written_similar_queries_are_read_by_the_lane(query, params):
+    assert plain_query(query, max_top=100) == params
+
+
+@pytest.mark.parametrize(
+    "query",
+    [b"top=0", b"top=101", b"top=015", b"top=+5", b"top=5.0", b"top=%205", b"top=5&top=6", b"top=", b"top", b"attribute=", b"attribute=" + b"a" * 201,
+     b"min_probability=1.5", b"min_probability=.5", b"min_probability=nan", b"min_probability=1e-1", b"min_probability=-0", b"x=1"],
+)
+def test_other_similar_queries_are_left_to_the_route(query):
+    assert plain_query(query, max_top=100) is None
+
+
+def test_the_lane_answers_plain_requests_and_passes_on_the_rest():
+    asked, passed = [], []
+
+    class Answers:
+        async def body(self, image_id, top, attribute, min_probability):
+            asked.append((image_id, top, attribute, min_probability))
+            if image_id == 404:
+                raise ApiError(404, "not_found", "no such image")
+            if image_id == 400:
+                raise LookalikeError("the index has gone away")
+            return b'{"answer":1}'
+
+    async def route(scope, receive, send):
+        passed.append(scope["path"] + "?" + scope["query_string"].decode())
+        await send({"type": "http.response.start", "status": 422, "headers": []})
+        await send({"type": "http.response.body", "body": b"route"})
+
+    template = SimpleNamespace(path="/images/{image_id}/similar")
+    lane = SimilarLane(route, Answers(), template, max_top=100)
+    seen_routes = []
+
+    async def app(scope, receive, send):
+        await lane(scope, receive, send)
+        seen_routes.append(scope.get("route"))
+
+    async def get(*urls):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+            return [await c.get(u) for u in urls]
+
+    ok, missing, gone, odd, big, head_like = asyncio.run(
+        get("/images/7/similar?top=3&attribute=dotted", "/images/404/similar", "/images/400/similar", "/images/07/similar", "/images/9007199254740993/similar", "/images/7/similar/")
+    )
+    assert ok.status_code == 200 and ok.content == b'{"answer":1}' and ok.headers["content-type"] == "application/json"
+    assert missing.status_code == 404 and missing.json() == {"error": "not_found", "detail": "no such image"}
+    assert gone.status_code == 400 and gone.json() == {"error": "bad_request", "detail": "the index has gone away"}
+    assert asked == [(7, 3, "dotted", None), (404, 15, None, None), (400, 15, None, None)]
+    assert [r.status_code for r in (odd, big, head_like)] == [422, 422, 422]
+    assert passed == ["/images/07/similar?", "/images/9007199254740993/similar?", "/images/7/similar/?"]
+    assert seen_routes[:3] == [template] * 3, "the lane's requests are counted under the route's template"

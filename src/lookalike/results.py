@@ -48,17 +48,23 @@ class MatchOut(BaseModel):
     @classmethod
     def from_match(cls, m: dict, with_path: bool = False) -> "MatchOut":
         """A match as `index.search.Match.to_dict()` or the service's engine gives it; the path only when asked for."""
+        return cls(**cls.fields(m, with_path))
+
+    @staticmethod
+    def fields(m: dict, with_path: bool = False) -> dict:
+        """`from_match`'s fields as plain JSON values, in the model's order: what the service encodes without building the model."""
         image_id = m.get("id")
-        return cls(
-            id=image_id,
-            name=os.path.basename(m["path"]),
-            path=m["path"] if with_path else None,
-            attribute=m["attribute"],
-            distance=max(m["distance"], 0.0),  # float rounding of a 0 distance, never a negative one
-            probability=m["probability"],
-            image_url=None if with_path or image_id is None else f"/images/{image_id}",
-            thumbnail_url=None if with_path or image_id is None else f"/images/{image_id}/thumbnail",
-        )
+        probability = m["probability"]
+        return {
+            "id": image_id,
+            "name": os.path.basename(m["path"]),
+            "path": m["path"] if with_path else None,
+            "attribute": m["attribute"],
+            "distance": max(float(m["distance"]), 0.0),  # float rounding of a 0 distance, never a negative one
+            "probability": None if probability is None else float(probability),
+            "image_url": None if with_path or image_id is None else f"/images/{image_id}",
+            "thumbnail_url": None if with_path or image_id is None else f"/images/{image_id}/thumbnail",
+        }
 
 
 class QueryOut(BaseModel):

@@ -17,12 +17,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import BadImageError, LookalikeError
 from ..version import __version__
-from .errors import ApiError, ErrorBody
+from .errors import ApiError, error_response
 from .middleware import Metrics, RequestGuard
 from .routes.catalog import catalog_router
 from .routes.health import service_router
 from .routes.search import search_router
 from .service import Service
+from .similar import PATH as SIMILAR_PATH
+from .similar import SimilarAnswers, SimilarLane
 
 log = logging.getLogger("lookalike.serve")
 STATIC = Path(__file__).with_name("static")
@@ -38,31 +40,32 @@ def create_app(service: Service) -> FastAPI:
         version=__version__,
         description="Search a catalog of images for look-alikes, ranked by a learned, calibrated similarity. The web page is at /.",
     )
+    answers = SimilarAnswers(service, metrics.similar_lookups)
+    searches = search_router(service, answers)
+    similar_route = next(r for r in searches.routes if r.path == SIMILAR_PATH)
+    app.add_middleware(SimilarLane, answers=answers, route=similar_route, max_top=settings.max_top)
     app.add_middleware(RequestGuard, max_body=settings.max_upload_bytes, stall_s=settings.timeout_s, deadline_s=settings.upload_deadline_s)
     app.add_middleware(metrics.middleware)
     _install_error_handlers(app)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    app.include_router(service_router(service, metrics, (STATIC / "index.html").read_text()))
-    app.include_router(search_router(service))
+    app.include_router(service_router(service, metrics, answers.cache, (STATIC / "index.html").read_text()))
+    app.include_router(searches)
     app.include_router(catalog_router(service))
     return app
 
 
 def _install_error_handlers(app: FastAPI) -> None:
-    def reply(status: int, error: str, detail: str, headers: dict | None = None) -> JSONResponse:
-        return JSONResponse(ErrorBody(error=error, detail=detail).model_dump(), status, headers)
-
     @app.exception_handler(ApiError)
     async def api_error(_: Request, e: ApiError) -> JSONResponse:
-        return reply(e.status, e.error, e.detail, e.headers)
+        return error_response(e.status, e.error, e.detail, e.headers)
 
     @app.exception_handler(BadImageError)
     async def bad_image(_: Request, e: BadImageError) -> JSONResponse:
-        return reply(422, "bad_image", f"{e.path}: {e.reason}")
+        return error_response(422, "bad_image", f"{e.path}: {e.reason}")
 
     @app.exception_handler(LookalikeError)
     async def lookalike_error(_: Request, e: LookalikeError) -> JSONResponse:
-        return reply(400, "bad_request", str(e))
+        return error_response(400, "bad_request", str(e))
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, e: RequestValidationError) -> JSONResponse:
@@ -70,13 +73,13 @@ def _install_error_handlers(app: FastAPI) -> None:
         for err in e.errors():
             where = ".".join(str(p) for p in err.get("loc", ())[1:]) or "request"
             problems.append(f"{where}: {err.get('msg', 'invalid')}")
-        return reply(422, "invalid_request", "; ".join(problems) or "the request is not valid")
+        return error_response(422, "invalid_request", "; ".join(problems) or "the request is not valid")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        return reply(e.status_code, STATUS_CODES.get(e.status_code, "error"), str(e.detail), e.headers)
+        return error_response(e.status_code, STATUS_CODES.get(e.status_code, "error"), str(e.detail), e.headers)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, e: Exception) -> JSONResponse:
         log.exception("unexpected error answering %s %s", request.method, request.url.path)
-        return reply(500, "internal_error", "the service failed to answer this request; the error has been logged on the server")
+        return error_response(500, "internal_error", "the service failed to answer this request; the error has been logged on the server")

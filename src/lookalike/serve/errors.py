@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pydantic import BaseModel, Field
+from starlette.responses import JSONResponse
 
 
 class ErrorBody(BaseModel):
@@ -24,3 +25,8 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         return ErrorBody(error=self.error, detail=self.detail).model_dump()
+
+
+def error_response(status: int, error: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The JSON answer of a failed request."""
+    return JSONResponse(ErrorBody(error=error, detail=detail).model_dump(), status, headers)

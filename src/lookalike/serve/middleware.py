@@ -122,6 +122,8 @@ class Metrics:
         self.in_progress = Gauge("lookalike_http_requests_in_progress", "Requests being answered now.", registry=self.registry)
         self.model_jobs = Gauge("lookalike_model_jobs_running", "Embedding and thumbnail jobs running now.", registry=self.registry)
         self.catalog_images = Gauge("lookalike_catalog_images", "Images in the catalog.", registry=self.registry)
+        self.similar_lookups = Counter("lookalike_similar_cache_lookups", "GET /images/{id}/similar answers found in the answer cache (hit) or searched (miss).", ["result"], registry=self.registry)
+        self.similar_cache_bytes = Gauge("lookalike_similar_cache_bytes", "JSON bytes of /similar answers held in the answer cache.", registry=self.registry)
 
     def middleware(self, app: ASGIApp) -> ASGIApp:
         async def measured(scope: Scope, receive: Receive, send: Send) -> None:

@@ -102,6 +102,20 @@ class IndexAccess:
         """Run fn(index, *args) on the index thread."""
         return self._thread.submit(lambda: fn(self._current(), *args))
 
+    @property
+    def stamp(self) -> tuple | None:
+        """The version of the index the index thread searches now (read it there)."""
+        return self._stamp
+
+    def version_now(self) -> tuple | None:
+        """The index's committed version where that is cheap enough to read on the event loop (a FAISS folder: one stat), else None."""
+        if self.location.backend != "faiss":
+            return None
+        try:
+            return self.location.version()
+        except LookalikeError:
+            return None  # the index thread gives the error
+
     def _current(self) -> IndexStore:
         stamp = self.location.version()
         if stamp != self._stamp:
@@ -270,6 +284,10 @@ class Service:
             raise ApiError(422, "unknown_attribute", f"no catalog image has the attribute {attribute!r}; known attributes: {known}")
         rows = self._with_probability(index, vector, filtered_search(index, vector, top, attribute, exclude=exclude))
         return [r for r in rows if min_probability is None or r["probability"] >= min_probability]
+
+    def similar(self, index: IndexStore, image_id: int, top: int, attribute: str | None, min_probability: float | None) -> list[dict]:
+        """Top matches of a catalog image's stored vector, the image itself left out."""
+        return self.search(index, self.vector_of(index, image_id), top, attribute, [image_id], min_probability)
 
     def _with_probability(self, index: IndexStore, vector: np.ndarray, matches: list[Match]) -> list[dict]:
         """Matches as dicts; an index ranked by a plain distance still reports the run's calibrated probability."""

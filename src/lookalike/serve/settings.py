@@ -34,6 +34,7 @@ class ServeSettings(BaseModel):
     max_files: int = Field(32, ge=1, le=1000, description="Most images one POST /catalog request may add.")
     thumbnail_px: int = Field(256, ge=32, le=1024)
     thumbnail_cache: int = Field(2048, ge=0, description="Thumbnails kept in memory (LRU).")
+    similar_cache_mb: float = Field(32.0, ge=0, le=65536, description="Memory for /images/{id}/similar answers of the current index version (LRU, JSON bytes; 0 = off).")
 
     @field_validator("api_key")
     @classmethod

@@ -11,9 +11,13 @@ from ..uploads import sniff_format
 
 #: Largest catalog id accepted in a URL (SQLite integers are 64-bit).
 MAX_ID = 2**53
+#: Matches a search returns when `top` is not given.
+DEFAULT_TOP = 15
+#: Longest attribute filter accepted, in characters.
+MAX_ATTRIBUTE = 200
 ImageId = Annotated[int, PathParam(ge=0, le=MAX_ID, description="Catalog id.")]
-AttributeForm = Annotated[str | None, Form(max_length=200, description="Only return catalog images with this attribute.")]
-AttributeQuery = Annotated[str | None, Query(max_length=200, description="Only return catalog images with this attribute.")]
+AttributeForm = Annotated[str | None, Form(max_length=MAX_ATTRIBUTE, description="Only return catalog images with this attribute.")]
+AttributeQuery = Annotated[str | None, Query(max_length=MAX_ATTRIBUTE, description="Only return catalog images with this attribute.")]
 FloorForm = Annotated[float | None, Form(ge=0, le=1, description="Only return matches at least this likely to share the query's attribute.")]
 FloorQuery = Annotated[float | None, Query(ge=0, le=1, description="Only return matches at least this likely to share the query's attribute.")]
 ImageFile = Annotated[UploadFile, File(description="The query image (JPEG, PNG, WebP, BMP or TIFF).")]

@@ -4,16 +4,18 @@ import time
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi.responses import Response
 
 from ...results import MatchOut, QueryOut, SearchOut
 from ..schemas import CompareOut
 from ..service import Service
+from ..similar import SimilarAnswers
 from .common import COMMON_ERRORS as common
-from .common import AttributeForm, AttributeQuery, FloorForm, FloorQuery, ImageFile, ImageId, read_upload
+from .common import DEFAULT_TOP, AttributeForm, AttributeQuery, FloorForm, FloorQuery, ImageFile, ImageId, read_upload
 from .common import errors as _errors
 
 
-def search_router(service: Service) -> APIRouter:
+def search_router(service: Service, answers: SimilarAnswers) -> APIRouter:
     router = APIRouter(tags=["search"])
     TopForm = Annotated[int, Form(ge=1, le=service.settings.max_top, description="How many matches to return.")]
     TopQuery = Annotated[int, Query(ge=1, le=service.settings.max_top, description="How many matches to return.")]
@@ -21,7 +23,7 @@ def search_router(service: Service) -> APIRouter:
     @router.post("/search", response_model=SearchOut, responses=_errors(400, 408, 413, 415, 422, 503), tags=["search"])
     async def search(
         image: ImageFile,
-        top: TopForm = 15,
+        top: TopForm = DEFAULT_TOP,
         attribute: AttributeForm = None,
         min_probability: FloorForm = None,
     ) -> SearchOut:
@@ -38,20 +40,9 @@ def search_router(service: Service) -> APIRouter:
         )
 
     @router.get("/images/{image_id}/similar", response_model=SearchOut, responses=_errors(404, 422, 503), tags=["search"])
-    async def similar(image_id: ImageId, top: TopQuery = 15, attribute: AttributeQuery = None, min_probability: FloorQuery = None) -> SearchOut:
+    async def similar(image_id: ImageId, top: TopQuery = DEFAULT_TOP, attribute: AttributeQuery = None, min_probability: FloorQuery = None) -> Response:
         """Search with a catalog image as the query (its stored vector; the image itself is left out)."""
-        start = time.perf_counter()
-
-        def by_id(index):
-            vector = service.vector_of(index, image_id)
-            return service.search(index, vector, top, attribute, [image_id], min_probability)
-
-        matches = await service.on_index(by_id)
-        took = (time.perf_counter() - start) * 1000
-        return SearchOut(
-            query=QueryOut(width=0, height=0, format=None, id=image_id), attribute=attribute, min_probability=min_probability,
-            results=[MatchOut.from_match(m) for m in matches], took_ms=took,
-        )
+        return Response(await answers.body(image_id, top, attribute, min_probability), media_type="application/json")
 
     @router.post("/compare", response_model=CompareOut, responses=common | _errors(415), tags=["search"])
     async def compare(
