@@ -66,6 +66,9 @@ def test_auto_uses_onnx_and_reuses_the_export(backbone, onnx_dir, monkeypatch):
     engine = create_engine(backbone, "auto", cache_dir=onnx_dir, report=messages.append)
     assert engine.name == "onnx-cpu" and path.stat().st_mtime_ns == stamp
     assert messages and "onnx-cpu" in messages[0]
+    # another lookalike version exports the same weights again: its head's forward may differ
+    monkeypatch.setattr(engines, "__version__", "0.0.0-other")
+    assert engines.onnx_path(backbone, onnx_dir) != path
 
 
 def test_auto_falls_back_to_torch_and_says_why(backbone, tmp_path, monkeypatch):

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..backbones import BackboneConfig, Preprocessor, SavedBackbone
 from ..errors import BadImageError, LookalikeError
+from ..version import __version__
 from ..fileio import atomic_path, sha256_file, write_bytes
 from .cache import default_cache_dir
 
@@ -115,9 +116,13 @@ class OnnxEngine:
 
 
 def onnx_path(backbone: Backbone | SavedBackbone, cache_dir: str | os.PathLike, quantized: bool = False) -> Path:
-    """Where the exported model of `backbone` lives: next to the feature cache, keyed by fingerprint and resolution."""
+    """Where the exported model of `backbone` lives: next to the feature cache, keyed by fingerprint and resolution.
+
+    The lookalike version is part of the name: the export is of the code as much as of the weights, so after an
+    upgrade that changes a head's forward the same weights are exported again instead of reusing the old graph.
+    """
     size = backbone.config.input_size
-    return Path(cache_dir) / "onnx" / f"{backbone.fingerprint}-{size}{'-int8' if quantized else ''}.onnx"
+    return Path(cache_dir) / "onnx" / f"{backbone.fingerprint}-{size}-v{__version__}{'-int8' if quantized else ''}.onnx"
 
 
 def export_onnx(backbone: Backbone, path: str | os.PathLike) -> Path:
