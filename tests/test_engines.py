@@ -140,6 +140,21 @@ def test_cache_of_another_model_is_refused(backbone, onnx_dir, photos, tmp_path)
             embed_paths(engine, photos[:1], cache=cache, progress=False)
 
 
+class BatchOfTheTrace(torch.nn.Module):
+    """A head whose reshape takes the batch size from `len()`: tracing turns it into the export's constant."""
+
+    def forward(self, x):
+        return x.view(len(x), 2, -1).sum(1)
+
+
+def test_export_that_only_runs_on_the_traced_batch_is_refused(backbone, tmp_path):
+    frozen = Backbone(backbone.trunk, backbone.config, "frozen-batch-test", BatchOfTheTrace())
+    messages = []
+    assert create_engine(frozen, "auto", cache_dir=tmp_path, report=messages.append).name == "torch-cpu"
+    assert "ONNX export failed" in messages[0]
+    assert not any(tmp_path.rglob("*.onnx"))
+
+
 def test_export_includes_the_learned_head_and_keeps_module_modes(backbone, tmp_path):
     """A stand-in for refinement's learned head (Linear + BatchNorm on the pooled features)."""
     torch.manual_seed(0)

@@ -150,15 +150,21 @@ def export_onnx(backbone: Backbone, path: str | os.PathLike) -> Path:
 
 
 def _check_export(backbone: Backbone, model: bytes) -> None:
-    """Refuse an export whose outputs differ from PyTorch's: the two engines share one feature cache."""
+    """Refuse an export whose outputs differ from PyTorch's: the two engines share one feature cache.
+
+    The check batch (3) is not the traced one (2), so a graph that froze the batch size is refused too.
+    """
     import onnxruntime as ort
     import torch
 
     size = backbone.config.input_size
-    x = np.random.default_rng(0).normal(size=(2, 3, size, size)).astype(np.float32)
+    x = np.random.default_rng(0).normal(size=(3, 3, size, size)).astype(np.float32)
     with torch.inference_mode(), _eval_mode(backbone):
         expected = backbone(torch.from_numpy(x).to(next(backbone.parameters()).device)).float().cpu().numpy()
-    got = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
+    try:
+        got = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
+    except Exception as exc:  # ONNX Runtime's own error types: a graph it cannot run on this batch
+        raise RuntimeError(f"the exported model fails on a batch of {len(x)}: {exc}") from exc
     error = float(np.abs(got - expected).max()) if got.shape == expected.shape else float("inf")
     if error > 1e-4 * max(1.0, float(np.abs(expected).max())):
         raise RuntimeError(f"the exported model differs from PyTorch by {error:.2g}")
