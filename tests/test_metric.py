@@ -173,7 +173,7 @@ def test_mining_is_repeatable_and_calibrates_on_the_given_pairs():
 
 def test_ranker_defaults_class_weights_visual_part_and_refusals():
     assert WeightedL2Ranker().get_params() == {
-        "C": 0.1, "class_weight": "balanced", "max_iter": 10000, "platt_negative_ratio": 10.0, "visual_dims": 0, "visual_weight": 0.3,
+        "C": 0.1, "class_weight": "balanced", "max_iter": 10000, "platt_negative_ratio": 10.0, "visual_dims": 0, "visual_weight": 0.5,
     }
     x, labels, X, y = toy_pairs(separation=0.5)
     keep = (y == 0) | (np.arange(len(y)) % 4 == 0)  # a quarter of the positives: imbalanced

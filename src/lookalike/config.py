@@ -90,7 +90,7 @@ class MetricConfig(_Section):
     hard_negative_max_per_iteration: int = Field(5000, ge=1)
     hard_negative_sampling_rounds: int = Field(10, ge=1)
     platt_negative_ratio: float = Field(10.0, gt=0)
-    visual_weight: float = Field(0.3, ge=0)
+    visual_weight: float = Field(0.5, ge=0)
 
 
 class EvaluateConfig(_Section):

@@ -53,7 +53,7 @@ class WeightedL2Ranker(ClassifierMixin, BaseEstimator):
         max_iter: int = 10000,
         platt_negative_ratio: float = 10.0,
         visual_dims: int = 0,
-        visual_weight: float = 0.3,
+        visual_weight: float = 0.5,
     ):
         self.C = C
         self.class_weight = class_weight
