@@ -129,7 +129,11 @@ def test_comparative_sets_flatten_into_labelled_row_pairs():
     first, second, labels = pairs_from_sets(sets, {10: 0, 11: 1, 20: 2, 21: 3})
     assert first.tolist() == [0, 0, 0, 2, 2] and second.tolist() == [1, 2, 3, 3, 0] and labels.tolist() == [1, 0, 0, 1, 0]
     assert first.dtype == second.dtype == labels.dtype == np.int64
-    assert [a.size for a in pairs_from_sets([], {})] == [0, 0, 0]
+    # no sets (a part of a split too small to hold any): no pairs, but still row indices and integer labels, so
+    # `features[first]` is an empty selection rather than an IndexError (an empty list becomes float64 by default)
+    features = np.arange(8.0).reshape(4, 2)
+    first, second, labels = pairs_from_sets([], {})
+    assert features[first].shape == features[second].shape == (0, 2) and labels.size == 0 and labels.dtype == np.int64
     np.testing.assert_array_equal(pair_features(np.array([[1.0, 0.0]]), np.array([[0.5, 2.0]])), [[0.25, 4.0]])
     assert pair_features(np.zeros((1, 2), np.float64), np.zeros((1, 2))).dtype == np.float32
 
