@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -44,7 +45,11 @@ def crash_before_commit(ix: ImageIndex, monkeypatch, update) -> None:
 # ---- stats -------------------------------------------------------------------------------------
 
 
-def test_stats_report_the_counts_layout_and_settings_of_a_known_index(tmp_path):
+def test_stats_report_the_counts_layout_and_settings_of_a_known_index(tmp_path, monkeypatch):
+    from lookalike.index import store
+
+    clock = [1_600_000_000.0]  # the index's clock, set by the test
+    monkeypatch.setattr(store, "time", SimpleNamespace(time=lambda: clock[0], strftime=time.strftime, localtime=time.localtime))
     X = clustered_vectors(35, DIM, seed=1)
     path = tmp_path / "ix"
     with ImageIndex.create(path, DIM, L2, backbone_fingerprint="bb", kind="flat", params={"hnsw_m": 8}, run_dir="runs/demo") as ix:
@@ -57,7 +62,7 @@ def test_stats_report_the_counts_layout_and_settings_of_a_known_index(tmp_path):
         assert ix.merge()  # generation 2: the FAISS file holds ids 0-29
         # generation 3: ids 30-34 wait in the exact tail, and 3 is retired (as a changed file's old version is)
         ix.add(images(5, start=30), X[30:], replaced_ids=[3])
-        started = int(time.time())
+        clock[0] += 3600.4  # an hour later
         assert ix.remove([0, 30]) == 2  # generation 4: 0 and 3 still in the FAISS file, 30 in the tail (all a's)
         (path / ".ann-000005.faiss.tmp").write_bytes(b"a writer's file in the making")
         (path / "old").mkdir()  # a folder is not a file of the index
@@ -75,8 +80,7 @@ def test_stats_report_the_counts_layout_and_settings_of_a_known_index(tmp_path):
     assert "old" not in files and not any(name.startswith(".") for name in files)  # nor is another writer's file in the making
     assert files["vectors.f32"] == 35 * DIM * 4 and files["manifest.json"] == manifest_bytes
     assert files["ann-000002.faiss"] >= 30 * DIM * 4  # the flat index holds the 30 merged vectors
-    updated = time.mktime(time.strptime(stats["updated"], "%Y-%m-%d %H:%M:%S"))
-    assert started <= updated <= time.time()
+    assert stats["updated"] == time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(1_600_003_600))  # the last update's time
 
 
 # ---- creating: refusals, resuming, overwriting -------------------------------------------------
@@ -288,6 +292,7 @@ def test_vectors_of_and_is_live_follow_additions_removals_and_compactions(tmp_pa
     X = clustered_vectors(41, DIM, seed=6)
     with ImageIndex.create(tmp_path / "ix", DIM, L2, kind="flat") as ix:
         ix.add(images(30), X[:30])
+        assert [m.id for m in search_vectors(ix, X[7], 5)[0]] == list(brute_force(L2, X[7], X[:30], 5)[0])  # no FAISS index yet: all tail
         np.testing.assert_array_equal(ix.vectors_of([7, 2, 7]), X[[7, 2, 7]])
         mine = ix.vectors_of(np.array([5]))
         mine *= 2  # a copy the caller may change
@@ -390,7 +395,7 @@ def test_merging_an_empty_index_builds_nothing(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["flat", "hnsw"])
-def test_removals_fold_into_the_faiss_index_as_its_kind_allows(tmp_path, kind):
+def test_removals_fold_into_the_faiss_index_as_its_kind_allows(tmp_path, capsys, kind):
     """Flat drops removed rows at each merge; an HNSW graph cannot, so its tombstones stay until they pass 30% of
     the graph, which then is rebuilt."""
     X = clustered_vectors(110, DIM, seed=7)
@@ -410,6 +415,7 @@ def test_removals_fold_into_the_faiss_index_as_its_kind_allows(tmp_path, kind):
         assert ix.merge() == (kind == "hnsw")
         expected = {"flat": (4, 80), "hnsw": (0, 76)}[kind]
         assert (ix.stats()["tombstones"], ix.ann.size) == expected
+        assert capsys.readouterr().out == ""  # merges print nothing unless asked to (`--json` output, the service)
         alive = np.r_[np.zeros(34, bool), np.ones(76, bool)]
         for q in X[[0, 40, 105]]:
             assert [m.id for m in search_vectors(ix, q, 10)[0]] == list(brute_force(L2, q, X, 10, alive)[0])
@@ -436,7 +442,7 @@ def test_an_hnsw_graph_is_not_rewritten_for_tombstones_it_cannot_drop(tmp_path):
 def test_ivfpq_is_trained_and_tuned_on_live_catalog_images(tmp_path, monkeypatch, capsys):
     """The training sample and the tuning's queries come from images in the catalog, never removed ones; tuning
     scores each query against its exact nearest live images in the search space (itself left out), and asks for
-    a shortlist at least as long as the results a search returns."""
+    a shortlist at least as long as the results a search returns. The same catalog builds the same index."""
     import lookalike.index.vectors as vectors
 
     monkeypatch.setattr(vectors, "IVFPQ_MIN_TRAIN", 300)  # train on a test-sized sample
@@ -457,12 +463,16 @@ def test_ivfpq_is_trained_and_tuned_on_live_catalog_images(tmp_path, monkeypatch
     monkeypatch.setattr(AnnIndex, "train", classmethod(train))
     monkeypatch.setattr(AnnIndex, "tune", tune)
     params = {"pca_dim": DIM, "pq_m": 8, "nprobe": 0, "rerank": 10, "tune_queries": 40, "train_sample": 400, "target_recall": 0.9}
-    with ImageIndex.create(tmp_path / "ix", DIM, metric, kind="ivfpq", params=params) as ix:
-        ix.add(images(720), X)
-        ix.remove(range(0, 720, 4))
-        assert ix.merge(progress=True)
-        live = np.flatnonzero(ix.alive)
-        stats = ix.stats()
+
+    def build(path, progress):
+        with ImageIndex.create(path, DIM, metric, kind="ivfpq", params=params) as ix:
+            ix.add(images(720), X)
+            ix.remove(range(0, 720, 4))
+            assert ix.merge(progress=progress)
+            return np.flatnonzero(ix.alive), ix.stats(), (path / ix.manifest["ann"]["file"]).read_bytes()
+
+    live, stats, faiss_file = build(tmp_path / "ix", progress=True)
+    printed = capsys.readouterr().out
 
     sample, n_expected = seen["train"]
     assert n_expected == len(live) == 540 and sample.shape == (400, DIM + 1)
@@ -484,7 +494,14 @@ def test_ivfpq_is_trained_and_tuned_on_live_catalog_images(tmp_path, monkeypatch
     assert stats["tuned"] == {"nprobe": chosen["nprobe"], "rerank": chosen["rerank"], "recall": round(chosen["recall"], 4)}
     assert stats["kind"] == "ivfpq" and chosen["rerank"] >= TUNE_K and chosen["recall"] >= 0.9
     # what `lookalike index build` prints meanwhile
-    assert capsys.readouterr().out == (
+    assert printed == (
         "Training the ivfpq index on 400 vectors\n"
         f"nprobe {chosen['nprobe']}, shortlist {chosen['rerank']}: recall@15 {chosen['recall']:.3f} on 40 catalog images (target 0.9)\n"
     )
+
+    # built again from the same catalog: the same sample, the same tuning queries, the same index
+    first = dict(seen)
+    _, again, same_file = build(tmp_path / "again", progress=False)
+    assert again["tuned"] == stats["tuned"] and same_file == faiss_file
+    np.testing.assert_array_equal(seen["train"][0], first["train"][0])
+    np.testing.assert_array_equal(seen["tune"][2], first["tune"][2])
