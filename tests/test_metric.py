@@ -1,7 +1,10 @@
 import copy
+import json
+import re
 
 import numpy as np
 import pytest
+from sklearn.exceptions import ConvergenceWarning
 
 from lookalike.errors import LookalikeError
 from lookalike.metric import Cosine, HardNegativeMiner, L1, L2, LearnedWeightedL2, RandomDistance, WeightedL2Ranker, pair_features, standard_distances
@@ -129,7 +132,11 @@ def test_comparative_sets_flatten_into_labelled_row_pairs():
     first, second, labels = pairs_from_sets(sets, {10: 0, 11: 1, 20: 2, 21: 3})
     assert first.tolist() == [0, 0, 0, 2, 2] and second.tolist() == [1, 2, 3, 3, 0] and labels.tolist() == [1, 0, 0, 1, 0]
     assert first.dtype == second.dtype == labels.dtype == np.int64
-    assert [a.size for a in pairs_from_sets([], {})] == [0, 0, 0]
+    # no sets (a part of a split too small to hold any): no pairs, but still row indices and integer labels, so
+    # `features[first]` is an empty selection rather than an IndexError (an empty list becomes float64 by default)
+    features = np.arange(8.0).reshape(4, 2)
+    first, second, labels = pairs_from_sets([], {})
+    assert features[first].shape == features[second].shape == (0, 2) and labels.size == 0 and labels.dtype == np.int64
     np.testing.assert_array_equal(pair_features(np.array([[1.0, 0.0]]), np.array([[0.5, 2.0]])), [[0.25, 4.0]])
     assert pair_features(np.zeros((1, 2), np.float64), np.zeros((1, 2))).dtype == np.float32
 
@@ -192,3 +199,91 @@ def test_ranker_defaults_class_weights_visual_part_and_refusals():
         WeightedL2Ranker().fit(X, y, X[y == 0], y[y == 0])
     # scores that say the opposite of the labels cannot make the probability rise with distance
     assert r.calibrate(X, 1 - y).platt_a_ == 1e-6
+
+
+def test_ranker_refusals_name_the_problem_and_its_settings_reach_the_solver():
+    x, labels, X, y = toy_pairs(separation=0.5)
+    with pytest.raises(LookalikeError, match=r"^training pairs need both positive and negative examples; only one class was found$"):
+        WeightedL2Ranker().fit(X[y == 1], y[y == 1])
+    with pytest.raises(LookalikeError, match=r"^Only binary classification is supported: a pair is alike \(1\) or not \(0\), but the target is multiclass$"):
+        WeightedL2Ranker().fit(X, y + (np.arange(len(y)) % 7 == 0))
+    with pytest.raises(LookalikeError, match=r"^calibration pairs need both positive and negative examples$"):
+        WeightedL2Ranker().fit(X, y, X[y == 1], y[y == 1])
+    one_negative = np.r_[np.flatnonzero(y == 1)[:20], np.flatnonzero(y == 0)[:1]]
+    assert WeightedL2Ranker().fit(X, y, X[one_negative], y[one_negative]).platt_a_ > 0  # few, but both kinds
+    # a visual part may leave a single feature to learn from
+    r = WeightedL2Ranker(visual_dims=X.shape[1] - 1).fit(X, y)
+    assert r.weights_.shape == (X.shape[1],) and np.all(r.weights_[1:] == r.weights_[-1])
+    # C is the SVM's: stronger regularisation, smaller weights
+    assert np.abs(WeightedL2Ranker(C=0.001).fit(X, y).weights_).sum() < 0.5 * np.abs(WeightedL2Ranker(C=1.0).fit(X, y).weights_).sum()
+    # so is max_iter: a solver stopped early says so
+    with pytest.warns(ConvergenceWarning):
+        assert WeightedL2Ranker(max_iter=2).fit(X, y).n_iter_ == 2
+
+
+def test_a_weight_that_would_make_differences_alike_is_clipped_to_zero():
+    """An SVM weight above 0 says "alike when they differ here": not a distance; the ranker sets it to 0, so every
+    learned distance stays >= 0 and 0 means the same vector."""
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 2, 600)
+    X = rng.uniform(0, 0.05, (600, 3))
+    X[:, 0] += np.where(y == 1, 0.0, 0.3)  # alike pairs differ little here
+    X[:, 1] += np.where(y == 1, 0.3, 0.0)  # and a lot here: the SVM's weight is positive
+    r = WeightedL2Ranker(C=1.0).fit(X, y)
+    assert r.weights_[0] < 0 and r.weights_[1] == 0.0
+    q = np.array([0.0, 0.0, 0.0])
+    assert np.all(r.distance(q, rng.uniform(-1, 1, (50, 3))) >= 0)
+
+
+def test_platt_scaling_is_the_weighted_maximum_likelihood_fit_even_on_few_pairs():
+    """Negatives weigh `platt_negative_ratio` x n_pos / n_neg each, and (a, b) maximise that weighted likelihood with
+    no shrinkage: at the ratio it was told, the weighted mean probability is 1 / (1 + ratio)."""
+    x, labels, X, y = toy_pairs(separation=0.5)
+    r = WeightedL2Ranker(platt_negative_ratio=10).fit(X[:2000], y[:2000])
+    calib = np.r_[np.flatnonzero(y[2000:] == 1)[:10], np.flatnonzero(y[2000:] == 0)[:50]] + 2000  # 10 alike, 50 not
+    r.calibrate(X[calib], y[calib])
+    s, alike = r.decision_function(X[calib]), y[calib] == 1
+    w = np.where(alike, 1.0, 10 * 10 / 50)
+    p = r.probability_from_score(s)
+    gradient = np.array([np.sum(w * (alike - p) * s), np.sum(w * (alike - p))]) / w.sum()
+    assert np.abs(gradient).max() < 1e-3, gradient
+    assert np.average(p, weights=w) == pytest.approx(1 / 11, abs=1e-3)
+
+
+def test_probabilities_of_float32_distances_are_those_of_float64_ones():
+    x, labels, X, y = toy_pairs()
+    r = WeightedL2Ranker().fit(X, y)
+    d = r.distance(x[0], x[1:200])
+    d32 = d.astype(np.float32)
+    np.testing.assert_allclose(r.probability(d32), r.probability(d32.astype(np.float64)), rtol=1e-13, atol=0)
+    s32 = (r.bias_ - d).astype(np.float32)
+    np.testing.assert_allclose(r.probability_from_score(s32), r.probability_from_score(s32.astype(np.float64)), rtol=1e-13, atol=0)
+
+
+def test_a_model_file_that_cannot_be_used_is_refused_with_the_reason(tmp_path):
+    x, labels, X, y = toy_pairs()
+    r = WeightedL2Ranker(C=0.3).fit(X, y)
+    r.save(tmp_path / "m.json")
+    loaded = WeightedL2Ranker.load(tmp_path / "m.json")
+    # the loaded model is the fitted one: its parameters, its yes/no answers, the pair features it takes
+    assert loaded.get_params() == r.get_params() and loaded.predict(X).tolist() == r.predict(X).tolist()
+    for model in (r, loaded):
+        with pytest.raises(ValueError, match=f"X has 10 features, but WeightedL2Ranker is expecting {X.shape[1]} features"):
+            model.decision_function(X[:, :10])
+        assert model.decision_function(X[:3]).shape == (3,)  # and still takes the right ones
+
+    missing = tmp_path / "none.json"
+    with pytest.raises(LookalikeError, match=f"^{re.escape(str(missing))} not found; run `lookalike train-metric` first$"):
+        WeightedL2Ranker.load(missing)
+    text = (tmp_path / "m.json").read_text()
+    (tmp_path / "cut.json").write_text(text[: len(text) // 2])
+    with pytest.raises(LookalikeError, match=f"^{re.escape(str(tmp_path / 'cut.json'))} is not a valid lookalike model file \\((?:Unterminated|Expecting) "):
+        WeightedL2Ranker.load(tmp_path / "cut.json")
+    d = json.loads(text)
+    del d["platt_a"]
+    (tmp_path / "old.json").write_text(json.dumps(d))
+    with pytest.raises(LookalikeError, match=f"^{re.escape(str(tmp_path / 'old.json'))} is not a valid lookalike model file \\('platt_a'\\)$"):
+        WeightedL2Ranker.load(tmp_path / "old.json")
+    (tmp_path / "other.json").write_text(json.dumps({**d, "format": "lookalike.weighted_l2/9"}))
+    with pytest.raises(LookalikeError, match=r"^not a lookalike weighted-L2 model \(format 'lookalike.weighted_l2/9', expected lookalike.weighted_l2/1\)$"):
+        WeightedL2Ranker.load(tmp_path / "other.json")

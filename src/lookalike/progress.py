@@ -22,4 +22,9 @@ def tqdm(*args, disable: bool = False, **kwargs):
     return _tqdm(*args, disable=True if disable or not _enabled else None, **kwargs)
 
 
+def write(line: str) -> None:
+    """Print a line of its own above any progress bar (tqdm's `write`), e.g. what a long step is about to do."""
+    _tqdm.write(line)
+
+
 external_write_mode = _tqdm.external_write_mode

@@ -32,7 +32,7 @@ import numpy as np
 
 from ..errors import LookalikeError
 from ..fileio import read_json, write_json
-from ..progress import tqdm
+from ..progress import tqdm, write
 from .catalog import Catalog, ImageEntry, NewImage, WriterLock
 from .metric import IndexMetric
 from .vectors import DEFAULT_PARAMS, KINDS, PLAIN_LAYOUT, TUNE_K, AnnIndex, IdRows, RawVectors, choose_kind, exact_neighbours
@@ -388,7 +388,7 @@ class ImageIndex:
         sample_rows = np.sort(np.random.default_rng(0).choice(live, n_sample, replace=False))
         sample = self.metric.data_space(self.vectors()[sample_rows])
         if progress and kind != "flat":
-            tqdm.write(f"Training the {kind} index on {n_sample:,} vectors")
+            write(f"Training the {kind} index on {n_sample:,} vectors")
         return AnnIndex.train(kind, sample.shape[1], sample, len(live), self.manifest["params"])
 
     def _tune(self, progress: bool) -> dict:
@@ -403,7 +403,7 @@ class ImageIndex:
         truth = exact_neighbours(queries, chunks, TUNE_K + 1)
         tuned = self._ann.tune(queries, truth, own, max(int(p["rerank"]), TUNE_K), float(p["target_recall"]))
         if progress:
-            tqdm.write(f"nprobe {tuned['nprobe']}, shortlist {tuned['rerank']}: recall@{TUNE_K} {tuned['recall']:.3f} on {len(own)} catalog images (target {p['target_recall']})")
+            write(f"nprobe {tuned['nprobe']}, shortlist {tuned['rerank']}: recall@{TUNE_K} {tuned['recall']:.3f} on {len(own)} catalog images (target {p['target_recall']})")
         return {**tuned, "recall": round(tuned["recall"], 4)}
 
     def _add_rows(self, rows: np.ndarray, progress: bool, chunk: int = 50_000) -> None:
