@@ -2,7 +2,8 @@
 
 - `ClassifierObjective`: cross-entropy of the attribute classifier on one random view (the tutorial's).
 - `LookalikeObjective`: for two random views of every image in the batch, each part of the lookalike
-  embedding is pulled to its attribute's proxy (NormSoftmax cross-entropy), and the visual part must also
+  embedding is pulled to its attribute's proxy (NormSoftmax cross-entropy; each attribute member to its own
+  proxies, their losses averaged), and the visual part must also
   pick out the other view of the same photo among the batch's other photos (a symmetric InfoNCE term).
 """
 
