@@ -23,8 +23,8 @@ import numpy as np
 
 from ..backbones import BackboneConfig, Preprocessor, SavedBackbone
 from ..errors import BadImageError, LookalikeError
-from ..version import __version__
 from ..fileio import atomic_path, sha256_file, write_bytes
+from ..version import __version__
 from .cache import default_cache_dir
 
 ENGINE_KINDS = ("auto", "torch", "onnx")

@@ -15,9 +15,9 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import BadImageError, LookalikeError
+from ..errors import LookalikeError
 from ..version import __version__
-from .errors import ApiError, error_response
+from .errors import ApiError, error_response, expected_error_response
 from .middleware import Metrics, RequestGuard
 from .routes.catalog import catalog_router
 from .routes.health import service_router
@@ -55,17 +55,11 @@ def create_app(service: Service) -> FastAPI:
 
 
 def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def api_error(_: Request, e: ApiError) -> JSONResponse:
-        return error_response(e.status, e.error, e.detail, e.headers)
+    async def expected(_: Request, e: ApiError | LookalikeError) -> JSONResponse:
+        return expected_error_response(e)
 
-    @app.exception_handler(BadImageError)
-    async def bad_image(_: Request, e: BadImageError) -> JSONResponse:
-        return error_response(422, "bad_image", f"{e.path}: {e.reason}")
-
-    @app.exception_handler(LookalikeError)
-    async def lookalike_error(_: Request, e: LookalikeError) -> JSONResponse:
-        return error_response(400, "bad_request", str(e))
+    for kind in (ApiError, LookalikeError):  # a BadImageError finds the LookalikeError handler through its class
+        app.add_exception_handler(kind, expected)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, e: RequestValidationError) -> JSONResponse:

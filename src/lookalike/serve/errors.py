@@ -5,6 +5,8 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse
 
+from ..errors import BadImageError, LookalikeError
+
 
 class ErrorBody(BaseModel):
     """Every 4xx (and the never-expected 5xx) answer has this body; no traceback is ever included."""
@@ -30,3 +32,12 @@ class ApiError(Exception):
 def error_response(status: int, error: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
     """The JSON answer of a failed request."""
     return JSONResponse(ErrorBody(error=error, detail=detail).model_dump(), status, headers)
+
+
+def expected_error_response(e: ApiError | LookalikeError) -> JSONResponse:
+    """The answer to an expected failure, the same whether the app's handlers or a pure-ASGI lane caught it."""
+    if isinstance(e, ApiError):
+        return error_response(e.status, e.error, e.detail, e.headers)
+    if isinstance(e, BadImageError):
+        return error_response(422, "bad_image", f"{e.path}: {e.reason}")
+    return error_response(400, "bad_request", str(e))

@@ -33,7 +33,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..errors import LookalikeError
 from ..results import MatchOut
-from .errors import ApiError, error_response
+from .errors import ApiError, expected_error_response
 from .routes.common import DEFAULT_TOP, MAX_ATTRIBUTE, MAX_ID
 from .service import Service
 
@@ -163,10 +163,8 @@ class SimilarLane:
         scope["route"] = self.route
         try:
             body = await self.answers.body(int(found[1]), *params)
-        except ApiError as e:
-            await error_response(e.status, e.error, e.detail, e.headers)(scope, receive, send)
-        except LookalikeError as e:
-            await error_response(400, "bad_request", str(e))(scope, receive, send)
+        except (ApiError, LookalikeError) as e:
+            await expected_error_response(e)(scope, receive, send)
         else:
             await send({"type": "http.response.start", "status": 200, "headers": [_JSON, (b"content-length", b"%d" % len(body))]})
             await send({"type": "http.response.body", "body": body})
