@@ -103,6 +103,8 @@ def test_build_search_add_remove_stats_on_real_photos(trained):
     assert (rebuilt["kind"], rebuilt["images"], rebuilt["tombstones"], rebuilt["tail_rows"]) == ("hnsw", 48, 0, 0)
     again = json.loads(lookalike("index", "search", index, query, "--top", "15", "--json", env=env).stdout)["results"]
     assert [m["path"] for m in again] == exact[:15]
+    kept = json.loads(lookalike("index", "reindex", index, "--json", env=env).stdout)  # no --kind: the index keeps its kind
+    assert (kept["kind"], kept["images"]) == ("hnsw", 48)
 
     manifest = json.loads((index / "manifest.json").read_text())
     manifest["backbone_fingerprint"] = "some-other-backbone"

@@ -245,7 +245,7 @@ def compact(index_dir: Path = IndexDirArg, as_json: bool = JsonOpt):
 @index_app.command()
 def reindex(
     index_dir: Path = IndexDirArg,
-    kind: str = KindOpt,
+    kind: Optional[str] = typer.Option(None, "--kind", help="the kind to rebuild as (see `index build --kind`); default: the index's own kind, so a rebuild that only drops removed images' leftovers changes nothing else"),
     backend: str = BackendOpt,
     uri: Optional[str] = UriOpt,
     as_json: bool = JsonOpt,
