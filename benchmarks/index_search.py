@@ -1,7 +1,7 @@
 """Index benchmark: build time, index RAM, single-query latency and recall@15 per index kind and size.
 
 Vectors are synthetic but derived from real image embeddings: the default model (a trained run's
-128-d lookalike embedding, EfficientNet-Lite0 trunk) embeds the fashionTexture photos, and those
+320-d lookalike embedding, EfficientNet-Lite0 trunk) embeds the fashionTexture photos, and those
 557 unit vectors seed a smoothed bootstrap, i.e. samples from a Gaussian kernel density estimate
 with the embeddings' own covariance:
 
@@ -17,10 +17,10 @@ vectors, catalog lookup; recall@15 is measured against exact brute force (NumPy,
 each size). `build_s` is `reindex` to that kind (wall time; `build_cpu_s` the CPU time of all
 threads, which says more on shared cores): training, adding, and for IVF-PQ the build-time choice
 of nprobe and shortlist (`nprobe`, `rerank` in its rows). `ram_mb` is the FAISS index (its file size, which is what a reader loads); the
-raw vectors (n x 128 x 4 bytes) stay on disk, memory-mapped, and are read only for the shortlist.
+raw vectors (n x d x 4 bytes; d = 320 for the default model) stay on disk, memory-mapped, and are read only for the shortlist.
 
     .venv/bin/python benchmarks/index_search.py --sizes 10000,100000 --json        # minutes
-    nice .venv/bin/python benchmarks/index_search.py --sizes 1000000 --json       # about 15 minutes on 2 cores
+    nice .venv/bin/python benchmarks/index_search.py --sizes 1000000 --json       # about 5 minutes on 2 cores
 
 With no --run, a one-split run is trained on --data first (a few minutes, kept in --workdir).
 """
