@@ -4,7 +4,7 @@ import torch
 
 from conftest import texture
 from lookalike.backbones import Preprocessor, create_backbone, list_backbones, load_backbone
-from lookalike.backbones.registry import save_backbone
+from lookalike.backbones.registry import pretrained_fingerprint, save_backbone
 from lookalike.errors import LookalikeError
 
 
@@ -63,6 +63,13 @@ def test_fingerprint_tracks_weights_resolution_and_normalisation():
     assert a.fingerprint == create_backbone().fingerprint
     assert a.fingerprint != create_backbone(resolution=256).fingerprint
     assert a.fingerprint != create_backbone(normalization="imagenet").fingerprint
+
+
+def test_pretrained_fingerprint_is_create_backbones_without_the_network():
+    for kwargs in ({}, {"resolution": 320}, {"normalization": "imagenet", "resolution": 256}):
+        assert pretrained_fingerprint(**kwargs) == create_backbone(**kwargs).fingerprint
+    with pytest.raises(LookalikeError, match="unknown normalization"):
+        pretrained_fingerprint(normalization="sepia")
 
 
 def test_saved_backbone_reloads_to_identical_outputs(tmp_path):

@@ -150,6 +150,7 @@ def test_an_attribute_never_trained_on_keeps_apart(workspace, monkeypatch):
         assert all(0 <= r[model][group] <= 1 for model in ("learned", "pretrained") for group in ("unseen", "trained")), r
     written = root / "default" / "unseen" / "unseen.json"
     before = written.stat().st_mtime_ns
+    monkeypatch.setattr("lookalike.pipeline.create_backbone", lambda *a, **k: pytest.fail("an up-to-date test builds no network"))
     assert unseen_attribute_test(dataset, held_out, root / "default" / "unseen", cfg, progress=False) | {"fingerprint": None} == recorded | {"fingerprint": None}
     assert written.stat().st_mtime_ns == before, "an up-to-date test is read back, not redone"
     mean = {model: {g: float(np.mean([r[model][g] for r in results.values()])) for g in ("unseen", "trained")} for model in ("learned", "pretrained")}

@@ -15,7 +15,7 @@ import numpy as np
 
 from . import visualize
 from .backbones.heads import visual_dims
-from .backbones.registry import check_backbone, create_backbone
+from .backbones.registry import check_backbone, create_backbone, pretrained_fingerprint
 from .config import LookalikeConfig
 from .data import Dataset, Split, make_fit_split, make_split, scan_dataset
 from .data.splits import NearDuplicateLeak
@@ -358,12 +358,14 @@ def unseen_attribute_test(dataset: Dataset, held_out: str, run_dir: str | os.Pat
     featurize(run_dir, force=force, progress=progress)
     train_metric(run_dir, force=force)
     unseen = [i for i, im in enumerate(dataset.images) if im.attribute == held_out]
-    reference = create_backbone(cfg.features.backbone, cfg.features.weights or None)
+    reference_fp = pretrained_fingerprint(cfg.features.backbone, cfg.features.weights or None)
+    reference = None if reference_fp else create_backbone(cfg.features.backbone, cfg.features.weights or None)
     out = run.root / "unseen.json"
     trained_fp = read_json(run.split_dir(0) / "train_metric.json")["fingerprint"]
-    fp = fingerprint(trained_fp, [dataset.images[i].sha256 for i in unseen], reference.fingerprint, cfg.data.seed, UNSEEN_FORMAT)
+    fp = fingerprint(trained_fp, [dataset.images[i].sha256 for i in unseen], reference_fp or reference.fingerprint, cfg.data.seed, UNSEEN_FORMAT)
     if not force and up_to_date(out, fp):
         return read_json(out)
+    reference = reference or create_backbone(cfg.features.backbone, cfg.features.weights or None)
     nested, test = run.dataset(), run.split(0).parts["test"]
     share = len(test) / len(nested.images)
     drawn = np.random.default_rng(cfg.data.seed).choice(unseen, size=min(len(unseen), max(2, round(share * len(unseen)))), replace=False)

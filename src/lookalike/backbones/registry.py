@@ -107,6 +107,7 @@ def create_backbone(
     source; a missing file is an error naming where we looked, never a silent random init.
     """
     spec, path = check_backbone(name, weights)
+    config = _pretrained_config(spec, name, resolution, normalization)
     trunk = spec.build()
     if path is not None:
         state = load_state_dict_file(path)
@@ -117,12 +118,29 @@ def create_backbone(
         source = sha256_file(path) if path else "downloaded"
     _load_into(trunk, state, name)
     trunk.eval()
+    return Backbone(trunk, config, backbone_fingerprint(config, source))
+
+
+def _pretrained_config(spec: _Spec, name: str, resolution: int | None, normalization: str) -> BackboneConfig:
     norm = spec.normalization if normalization == "backbone" else normalization
     if norm not in NORMALIZATIONS:
         raise LookalikeError(f"unknown normalization '{normalization}'; choose backbone, imagenet or inception")
     mean, std = NORMALIZATIONS[norm]
-    config = BackboneConfig(name, resolution or 224, mean, std, spec.embedding_dim, norm)
-    return Backbone(trunk, config, backbone_fingerprint(config, source))
+    return BackboneConfig(name, resolution or 224, mean, std, spec.embedding_dim, norm)
+
+
+def pretrained_fingerprint(
+    name: str = "efficientnet-lite0",
+    weights: str | os.PathLike | None = None,
+    resolution: int | None = None,
+    normalization: str = "backbone",
+) -> str | None:
+    """The fingerprint `create_backbone` gives these arguments, without building the network (a cache check
+    should not cost a model load); None when the weights are not on this machine but would be downloaded."""
+    spec, path = check_backbone(name, weights)
+    if path is None:
+        return None
+    return backbone_fingerprint(_pretrained_config(spec, name, resolution, normalization), sha256_file(path))
 
 
 def load_backbone(source: str | os.PathLike | SavedBackbone) -> Backbone:
