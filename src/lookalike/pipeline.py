@@ -359,7 +359,7 @@ def unseen_attribute_test(dataset: Dataset, held_out: str, run_dir: str | os.Pat
     train_metric(run_dir, force=force)
     unseen = [i for i, im in enumerate(dataset.images) if im.attribute == held_out]
     reference_fp = pretrained_fingerprint(cfg.features.backbone, cfg.features.weights or None)
-    reference = None if reference_fp else create_backbone(cfg.features.backbone, cfg.features.weights or None)
+    reference = None if reference_fp else create_backbone(cfg.features.backbone, cfg.features.weights or None)  # weights to download: only the model knows its fingerprint
     out = run.root / "unseen.json"
     trained_fp = read_json(run.split_dir(0) / "train_metric.json")["fingerprint"]
     fp = fingerprint(trained_fp, [dataset.images[i].sha256 for i in unseen], reference_fp or reference.fingerprint, cfg.data.seed, UNSEEN_FORMAT)
