@@ -17,7 +17,7 @@ from conftest import REAL_DATA, held_out_reliability, make_dataset
 from conftest import lookalike_cli as lookalike
 from lookalike.backbones import create_backbone
 from lookalike.evaluation import gallery_metrics
-from lookalike.evaluation.lookalike import altered_copy
+from lookalike.evaluation.lookalike import altered_copy, unseen_shortfall_warning
 from lookalike.images import open_image
 from lookalike.metric.distances import L2, LearnedWeightedL2
 from lookalike.model import ImageEmbedder, SimilarityModel
@@ -110,6 +110,17 @@ def test_index_finds_copies_and_the_photo_itself_first_with_many_queries_at_once
         own = json.loads(lookalike("index", "search", index, photo, "--keep-self", "--json", env=env).stdout)
         assert own["query"]["id"] is not None and own["results"][0]["id"] == own["query"]["id"]
         assert own["results"][0]["distance"] < own["results"][1]["distance"]
+
+
+def test_a_held_out_attribute_found_clearly_worse_than_pretrained_is_warned_about():
+    def result(learned, pretrained):
+        return {"held_out": "water_bottle", "learned": {"unseen": learned, "trained": 0.8}, "pretrained": {"unseen": pretrained, "trained": 0.6}}
+
+    warning = unseen_shortfall_warning(result(0.384, 0.629))
+    assert "water_bottle" in warning and "38.4% against 62.9%" in warning and "refine.epochs = 0" in warning
+    assert unseen_shortfall_warning(result(0.80, 0.80)) is None and unseen_shortfall_warning(result(0.95, 0.80)) is None
+    assert unseen_shortfall_warning(result(0.55, 0.629)) is None  # 8 points: within the small test's noise
+    assert unseen_shortfall_warning(result(0.52, 0.629)) is not None
 
 
 def test_the_held_out_attribute_is_drawn_with_the_seed_not_chosen_by_name():

@@ -12,6 +12,7 @@ import numpy as np
 from conftest import launch_chromium, require_playwright
 from lookalike import visualize
 from lookalike.evaluation import example_queries
+from lookalike.evaluation.lookalike import unseen_shortfall_warning
 from lookalike.pipeline import summarize
 from lookalike.report import EXAMPLES_SHOWN, write_report
 
@@ -60,6 +61,9 @@ def _five_splits_where_l1_wins(run: Path, into: Path) -> Path:
     (into / "split-0" / "evaluation.json").write_text(json.dumps(evaluation))
     for k in range(1, 5):
         shutil.copytree(into / "split-0", into / f"split-{k}")
+    unseen = json.loads((into / "unseen" / "unseen.json").read_text())  # and a held-out attribute found far worse than pretrained
+    unseen["learned"]["unseen"], unseen["pretrained"]["unseen"] = 0.384, 0.629
+    (into / "unseen" / "unseen.json").write_text(json.dumps(unseen))
     summarize(into)
     write_report(into)
     return into
@@ -91,6 +95,12 @@ def test_report_reads_well_in_a_browser(small_run, tmp_path):
                 assert rows == [[model, f"{100 * unseen[model]['unseen']:.1f}%", f"{100 * unseen[model]['trained']:.1f}%"] for model in ("learned", "pretrained")], rows
                 assert f"1-NN, {unseen['held_out']} (never trained on)" in text and "1-NN, never trained on / trained attributes" in text
                 assert f"{unseen['unseen_in_catalog']} photos of {unseen['held_out']}" in text and "benchmarks/lookalike_search.py" not in text
+                warning = unseen_shortfall_warning(unseen)
+                assert (run is five) == (warning is not None), unseen
+                shown = page.locator("#unseen-warning")
+                assert shown.count() == (warning is not None)
+                if warning:
+                    assert shown.is_visible() and "38.4% against 62.9%" in shown.inner_text() and "refine.epochs = 0" in shown.inner_text()
         finally:
             browser.close()
     assert (tmp_path / "report-5-splits.png").stat().st_size > 10_000

@@ -21,7 +21,7 @@ from .data import Dataset, Split, make_fit_split, make_split, scan_dataset
 from .data.splits import NearDuplicateLeak
 from .errors import LookalikeError
 from .evaluation import example_queries, gallery_metrics, positive_ranks, rank_summary
-from .evaluation.lookalike import nearest_neighbour_accuracy, tied_fraction
+from .evaluation.lookalike import nearest_neighbour_accuracy, tied_fraction, unseen_shortfall_warning
 from .features import FeatureCache, configured_cache_dir, create_engine, embed_paths
 from .features.extract import embed_images, l2_normalize
 from .fileio import load_npy, read_json, save_npy, write_json
@@ -413,6 +413,8 @@ def _unseen_stage(run: RunDir, cfg: LookalikeConfig, force: bool, progress: bool
         f"trained attributes {r['learned']['trained']:.1%} (pretrained {r['pretrained']['trained']:.1%}); "
         f"catalog of {r['catalog']} photos, {r['unseen_in_catalog']} of them {held_out}"
     )
+    if warning := unseen_shortfall_warning(r):
+        run.log(f"warning: {warning}", style="yellow")
 
 
 # ---------------------------------------------------------------- whole run

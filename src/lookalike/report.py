@@ -8,6 +8,7 @@ from typing import Callable
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from .evaluation import example_queries
+from .evaluation.lookalike import unseen_shortfall_warning
 from .fileio import read_json, write_text
 from .metric import LABELS
 from .rundir import RunDir
@@ -32,7 +33,8 @@ def write_report(run_dir: str | os.PathLike) -> str:
     shown = example_queries([p["attribute"] for p in pictures], [p["rank"] for p in pictures], EXAMPLES_SHOWN, metrics["config"]["data"]["seed"])
     env = Environment(loader=PackageLoader("lookalike", "templates"), autoescape=select_autoescape(["html"]))
     html = env.get_template("report.html").render(
-        m=metrics, splits=splits, labels=LABELS, best=best_rows(metrics), negatives=negatives_text(metrics), examples=[pictures[i] for i in shown]
+        m=metrics, splits=splits, labels=LABELS, best=best_rows(metrics), negatives=negatives_text(metrics), examples=[pictures[i] for i in shown],
+        unseen_warning=unseen_shortfall_warning(unseen) if (unseen := (metrics.get("lookalike_search") or {}).get("unseen")) else None,
     )
     write_text(run.report, html)
     return str(run.report)

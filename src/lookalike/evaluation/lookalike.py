@@ -18,6 +18,25 @@ from PIL import Image, ImageEnhance
 from ..metric.distances import Distance
 
 
+#: How far the trained model's 1-NN accuracy on the held-out attribute may fall below the pretrained backbone's
+#: before a run warns: the test holds a handful of photos of that attribute, so smaller gaps are its noise.
+UNSEEN_SHORTFALL = 0.10
+
+
+def unseen_shortfall_warning(unseen: dict) -> str | None:
+    """A warning when the trained model keeps the held-out attribute apart clearly worse than the pretrained backbone
+    (an `unseen_attribute_test` result), else None: its features then serve the trained attributes, not lookalikes at large."""
+    learned, pretrained = unseen["learned"]["unseen"], unseen["pretrained"]["unseen"]
+    if learned >= pretrained - UNSEEN_SHORTFALL:
+        return None
+    return (
+        f"the trained model keeps {unseen['held_out']}, an attribute it never saw, apart worse than the pretrained backbone "
+        f"(1-NN {learned:.1%} against {pretrained:.1%}): its features serve the trained attributes, not photos beyond them. "
+        f"To search catalogs with other kinds of photos, compare with refine.epochs = 0 (the pretrained features) "
+        f"or label photos of more attributes"
+    )
+
+
 def altered_copy(img: Image.Image, seed: int) -> Image.Image:
     """What a re-photographed or re-posted copy looks like: cropped to 70-85% of the area at a random place,
     shrunk to 60%, brightened by 10%, saved as JPEG at quality 50. The same seed gives the same copy."""
