@@ -121,6 +121,8 @@ def test_a_held_out_attribute_found_clearly_worse_than_pretrained_is_warned_abou
     assert unseen_shortfall_warning(result(0.80, 0.80)) is None and unseen_shortfall_warning(result(0.95, 0.80)) is None
     assert unseen_shortfall_warning(result(0.55, 0.629)) is None  # 8 points: within the small test's noise
     assert unseen_shortfall_warning(result(0.52, 0.629)) is not None
+    unrefined = unseen_shortfall_warning(result(0.384, 0.629), refined=False)  # nothing to turn off but the learned distance
+    assert "refine.epochs" not in unrefined and "--distance l2" in unrefined
 
 
 def test_the_held_out_attribute_is_drawn_with_the_seed_not_chosen_by_name():

@@ -413,7 +413,7 @@ def _unseen_stage(run: RunDir, cfg: LookalikeConfig, force: bool, progress: bool
         f"trained attributes {r['learned']['trained']:.1%} (pretrained {r['pretrained']['trained']:.1%}); "
         f"catalog of {r['catalog']} photos, {r['unseen_in_catalog']} of them {held_out}"
     )
-    if warning := unseen_shortfall_warning(r):
+    if warning := unseen_shortfall_warning(r, refined=cfg.refine.epochs > 0):
         run.log(f"warning: {warning}", style="yellow")
 
 

@@ -34,7 +34,7 @@ def write_report(run_dir: str | os.PathLike) -> str:
     env = Environment(loader=PackageLoader("lookalike", "templates"), autoescape=select_autoescape(["html"]))
     html = env.get_template("report.html").render(
         m=metrics, splits=splits, labels=LABELS, best=best_rows(metrics), negatives=negatives_text(metrics), examples=[pictures[i] for i in shown],
-        unseen_warning=unseen_shortfall_warning(unseen) if (unseen := (metrics.get("lookalike_search") or {}).get("unseen")) else None,
+        unseen_warning=unseen_shortfall_warning(unseen, refined=bool(metrics.get("refined"))) if (unseen := (metrics.get("lookalike_search") or {}).get("unseen")) else None,
     )
     write_text(run.report, html)
     return str(run.report)

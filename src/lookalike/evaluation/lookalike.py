@@ -23,17 +23,18 @@ from ..metric.distances import Distance
 UNSEEN_SHORTFALL = 0.10
 
 
-def unseen_shortfall_warning(unseen: dict) -> str | None:
+def unseen_shortfall_warning(unseen: dict, refined: bool = True) -> str | None:
     """A warning when the trained model keeps the held-out attribute apart clearly worse than the pretrained backbone
-    (an `unseen_attribute_test` result), else None: its features then serve the trained attributes, not lookalikes at large."""
+    (an `unseen_attribute_test` result), else None: it then serves the trained attributes, not lookalikes at large.
+    `refined`: whether the model refined the backbone (the advice differs: drop refinement, or the learned distance)."""
     learned, pretrained = unseen["learned"]["unseen"], unseen["pretrained"]["unseen"]
     if learned >= pretrained - UNSEEN_SHORTFALL:
         return None
+    fix = "compare with refine.epochs = 0 (the pretrained features)" if refined else "compare with plain L2 (`index build --distance l2`)"
     return (
         f"the trained model keeps {unseen['held_out']}, an attribute it never saw, apart worse than the pretrained backbone "
-        f"(1-NN {learned:.1%} against {pretrained:.1%}): its features serve the trained attributes, not photos beyond them. "
-        f"To search catalogs with other kinds of photos, compare with refine.epochs = 0 (the pretrained features) "
-        f"or label photos of more attributes"
+        f"(1-NN {learned:.1%} against {pretrained:.1%}): it serves the trained attributes, not photos beyond them. "
+        f"To search catalogs with other kinds of photos, {fix} or label photos of more attributes"
     )
 
 
