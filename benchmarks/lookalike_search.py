@@ -30,6 +30,7 @@ import numpy as np
 from lookalike.backbones import create_backbone
 from lookalike.config import load_config
 from lookalike.data import Dataset
+from lookalike.errors import LookalikeError
 from lookalike.evaluation.lookalike import altered_copy, copy_ranks, copy_summary, tied_fraction
 from lookalike.features import configured_cache_dir
 from lookalike.images import open_image
@@ -107,4 +108,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except LookalikeError as e:  # bad data or config: the message says what to fix (e.g. fridgeObjects needs [data] near_duplicates = "resolve")
+        raise SystemExit(f"error: {e}") from None
