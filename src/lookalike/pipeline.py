@@ -6,6 +6,7 @@ inputs, and skips its work when that fingerprint is unchanged (unless forced).
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import asdict
@@ -358,14 +359,15 @@ def unseen_attribute_test(dataset: Dataset, held_out: str, run_dir: str | os.Pat
     featurize(run_dir, force=force, progress=progress)
     train_metric(run_dir, force=force)
     unseen = [i for i, im in enumerate(dataset.images) if im.attribute == held_out]
-    reference_fp = pretrained_fingerprint(cfg.features.backbone, cfg.features.weights or None)
-    reference = None if reference_fp else create_backbone(cfg.features.backbone, cfg.features.weights or None)  # weights to download: only the model knows its fingerprint
+    pretrained_model = functools.cache(lambda: create_backbone(cfg.features.backbone, cfg.features.weights or None))  # built once, and only if needed
+    # weights still to download: only the built model knows its fingerprint
+    reference_fp = pretrained_fingerprint(cfg.features.backbone, cfg.features.weights or None) or pretrained_model().fingerprint
     out = run.root / "unseen.json"
     trained_fp = read_json(run.split_dir(0) / "train_metric.json")["fingerprint"]
-    fp = fingerprint(trained_fp, [dataset.images[i].sha256 for i in unseen], reference_fp or reference.fingerprint, cfg.data.seed, UNSEEN_FORMAT)
+    fp = fingerprint(trained_fp, [dataset.images[i].sha256 for i in unseen], reference_fp, cfg.data.seed, UNSEEN_FORMAT)
     if not force and up_to_date(out, fp):
         return read_json(out)
-    reference = reference or create_backbone(cfg.features.backbone, cfg.features.weights or None)
+    reference = pretrained_model()
     nested, test = run.dataset(), run.split(0).parts["test"]
     share = len(test) / len(nested.images)
     drawn = np.random.default_rng(cfg.data.seed).choice(unseen, size=min(len(unseen), max(2, round(share * len(unseen)))), replace=False)
