@@ -197,3 +197,15 @@ def test_split_round_trips_through_its_dict():
     d = split.to_dict()
     assert d["near_duplicates"] == [{"a": "x.jpg", "b": "y.jpg"}] and d["sets"]["test"][0]["negatives"] == [0, 1]
     assert Split.from_dict(d) == split
+
+
+def test_a_photo_under_two_attributes_is_left_out_everywhere(tmp_path):
+    root = make_dataset(tmp_path / "d", per_attribute=6)
+    (root / "dots" / "copy-of-stripe.png").write_bytes((root / "stripes" / "003.png").read_bytes())
+    ds = scan_dataset(root, progress=False)
+    paths = {im.path for im in ds.images}
+    assert "stripes/003.png" not in paths and "dots/copy-of-stripe.png" not in paths
+    assert len(ds.images) == 3 * 6 - 1
+    reasons = {s["path"]: s["reason"] for s in ds.skipped}
+    assert "label is unknown" in reasons["dots/copy-of-stripe.png"] and "stripes/003.png" in reasons["dots/copy-of-stripe.png"]
+    assert "dots/copy-of-stripe.png" in reasons["stripes/003.png"]

@@ -108,9 +108,14 @@ def dataset_from_files(
 def _checked_dataset(
     root: Path, candidates: list[tuple[str, str, str]], attributes: set[str], skipped: list[Skipped], min_images_per_attribute: int, progress: bool
 ) -> Dataset:
-    """Decode and hash each candidate (relative path, attribute, group); skip unusable files, duplicates and small attributes."""
+    """Decode and hash each candidate (relative path, attribute, group); skip unusable files, duplicates and small attributes.
+
+    A photo whose identical copy sits under another attribute has no single label: every copy is left out,
+    rather than the first folder's label silently winning.
+    """
     images: list[ImageRecord] = []
     seen: dict[str, ImageRecord] = {}
+    conflicting: dict[str, list[str]] = {}  # content hash -> paths of the copies under other attributes
     for rel, attribute, group in tqdm(candidates, desc="Checking images", unit="img", disable=not progress or not candidates, leave=False):
         path = root / rel
         try:
@@ -121,12 +126,22 @@ def _checked_dataset(
             continue
         if digest in seen:
             first = seen[digest]
-            also = f" (labelled {first.attribute} there)" if first.attribute != attribute else ""
-            skipped.append(skipped_file(rel, f"identical content to {first.path}{also}"))
+            if first.attribute != attribute:
+                conflicting.setdefault(digest, []).append(rel)
+            else:
+                skipped.append(skipped_file(rel, f"identical content to {first.path}"))
             continue
         record = ImageRecord(rel, attribute, group, digest, near_hash)
         seen[digest] = record
         images.append(record)
+    for digest, others in conflicting.items():
+        first = seen[digest]
+        for rel in [first.path, *others]:
+            copies = [p for p in [first.path, *others] if p != rel]
+            skipped.append(
+                skipped_file(rel, f"the same photo is also under another attribute ({', '.join(copies)}), so its label is unknown and no copy is used; keep it in one attribute's folder")
+            )
+    images = [im for im in images if im.sha256 not in conflicting]
 
     counts = {a: 0 for a in sorted(attributes)}
     for im in images:
