@@ -209,3 +209,16 @@ def test_a_photo_under_two_attributes_is_left_out_everywhere(tmp_path):
     reasons = {s["path"]: s["reason"] for s in ds.skipped}
     assert "label is unknown" in reasons["dots/copy-of-stripe.png"] and "stripes/003.png" in reasons["dots/copy-of-stripe.png"]
     assert "dots/copy-of-stripe.png" in reasons["stripes/003.png"]
+
+
+def test_an_empty_test_part_says_when_resolved_near_duplicates_emptied_it():
+    from lookalike.config import LookalikeConfig
+    from lookalike.pipeline import check_split_sizes
+
+    ds = _records("aaaabbbb")
+    pairs = [{"a": "a/0.jpg", "b": "a/3.jpg", "part_a": "train", "part_b": "test", "distance": 0, "index_b": 3}]
+    s = Split(seed=0, parts={"train": [0, 1, 2, 3, 4, 5, 6], "validation": [], "test": [7]}, sets={p: [] for p in PARTS}, near_duplicates=pairs)
+    with pytest.raises(LookalikeError, match=r"1 test image\(s\) were moved next to their near-duplicate twins"):
+        check_split_sizes(s, LookalikeConfig(), ds)
+    with pytest.raises(LookalikeError, match=r"holds only 0 a, 1 b image\(s\): no attribute"):
+        check_split_sizes(Split(seed=0, parts=s.parts, sets=s.sets), LookalikeConfig(), ds)

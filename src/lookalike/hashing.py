@@ -74,16 +74,37 @@ def hamming(a: np.ndarray, b: np.ndarray) -> int:
     return int(np.bitwise_count(np.bitwise_xor(a, b)).sum())
 
 
+def featureless(hashes: np.ndarray) -> np.ndarray:
+    """Which packed hashes have almost every bit equal (all but 1/16 of them): a mask, one entry per row.
+
+    A difference hash records where brightness rises from one pixel to the next, so a plain or smoothly
+    lit image hashes to (nearly) all zeros whatever its colour: a red and a navy swatch would be twins.
+    """
+    set_bits = np.unpackbits(np.atleast_2d(hashes), axis=1).sum(1)
+    n_bits = hashes.shape[-1] * 8
+    margin = max(1, n_bits // 16)
+    return (set_bits <= margin) | (set_bits >= n_bits - margin)
+
+
 def near_pairs(a: np.ndarray, b: np.ndarray | None = None, max_distance: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """All (i, j, distance) with Hamming distance between a[i] and b[j] at most `max_distance`.
 
-    With `b` omitted, pairs within `a` (i < j). Works on 64-bit words, a block of rows at a time
-    with reused buffers, so memory stays bounded and each comparison is a few hardware popcounts.
+    With `b` omitted, pairs within `a` (i < j). Featureless hashes (`featureless`) pair with nothing: they
+    cannot tell images apart, so such images are only ever matched by identical content.
     """
+    if a.ndim != 2 or (b is not None and (b.ndim != 2 or a.shape[1] != b.shape[1])):
+        raise ValueError("hash arrays must be 2-D with the same number of bytes per row (same hash size)")
+    rows_a = np.flatnonzero(~featureless(a)) if len(a) else np.zeros(0, dtype=np.int64)
+    rows_b = rows_a if b is None else (np.flatnonzero(~featureless(b)) if len(b) else np.zeros(0, dtype=np.int64))
+    i, j, d = _hamming_pairs(a[rows_a], None if b is None else b[rows_b], max_distance)
+    return rows_a[i], rows_b[j], d
+
+
+def _hamming_pairs(a: np.ndarray, b: np.ndarray | None, max_distance: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`near_pairs` on every row. Works on 64-bit words, a block of rows at a time with reused buffers,
+    so memory stays bounded and each comparison is a few hardware popcounts."""
     same = b is None
     b = a if same else b
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError("hash arrays must be 2-D with the same number of bytes per row (same hash size)")
     words_a = _as_words(a).T.copy()  # one contiguous row per 64-bit word
     words_b = words_a if same else _as_words(b).T.copy()
     n_b = words_b.shape[1]

@@ -106,8 +106,15 @@ def check_split_sizes(s: Split, cfg: LookalikeConfig, dataset: Dataset) -> None:
     if s.sets["test"]:
         return
     per_attribute = {a: sum(dataset.images[i].attribute == a for i in s.parts["test"]) for a in dataset.attributes}
+    moved = len({p["index_b"] for p in s.near_duplicates if p["part_b"] == "test"})
+    why = (
+        f" ({moved} test image(s) were moved next to their near-duplicate twins, as data.near_duplicates = \"resolve\" does: "
+        "`lookalike dedup` lists the pairs)"
+        if moved
+        else ""
+    )
     raise LookalikeError(
-        f"the test part holds only {', '.join(f'{n} {a}' for a, n in per_attribute.items())} image(s): no attribute has the 2 test "
+        f"the test part holds only {', '.join(f'{n} {a}' for a, n in per_attribute.items())} image(s){why}: no attribute has the 2 test "
         f"images a query and its positive need. Add images (8 or more per attribute) or lower data.train_ratio (now {cfg.data.train_ratio}) "
         "so that more of each attribute is kept for testing"
     )
