@@ -140,6 +140,22 @@ def test_with_two_attributes_the_run_notes_that_none_can_be_held_out(tmp_path):
     assert "unseen-attribute test skipped: it holds one attribute out and trains on the others, so it needs 3 attributes and this dataset has 2 (dots, stripes)" in (tmp_path / "run" / "log.txt").read_text()
 
 
+def test_a_dataset_too_small_for_the_unseen_test_still_gets_its_report(tmp_path):
+    """Held out, stripes leaves 5 dots and 5 checks: too few for a nested run's test part. The run keeps its splits' results."""
+    data = make_dataset(tmp_path / "d", per_attribute=5, kinds=("dots", "checks"))
+    make_dataset(tmp_path / "more", per_attribute=20, kinds=("stripes",))
+    (tmp_path / "more" / "stripes").rename(data / "stripes")
+    cfg = load_config(None, {"refine.epochs": 0, "features.resolution": 64, "evaluate": {"query_pictures": 0, "gallery": False, "copy_test": False}})
+    assert held_out_attribute(["checks", "dots", "stripes"], cfg.data.seed) == "stripes"
+    (tmp_path / "run" / "unseen").mkdir(parents=True)
+    (tmp_path / "run" / "unseen" / "unseen.json").write_text('{"held_out": "stripes"}')  # from an earlier, larger dataset
+    metrics = run_pipeline(data, tmp_path / "run", cfg, progress=False)
+    assert metrics["n_test_queries"] > 0 and "unseen" not in metrics["lookalike_search"]
+    assert (tmp_path / "run" / "report.html").exists() and not (tmp_path / "run" / "unseen" / "unseen.json").exists()
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert "warning: unseen-attribute test skipped, as a run without stripes cannot be evaluated: the test part holds only" in log
+
+
 def test_an_attribute_never_trained_on_keeps_apart(workspace, monkeypatch):
     """`lookalike run` held one attribute out (metrics.json); the same test on the other two, and the mean against the pretrained model."""
     root, env = workspace
