@@ -5,7 +5,12 @@ from __future__ import annotations
 import os
 import re
 
+import pytest
+
 from conftest import lookalike_cli as lookalike, make_dataset
+from lookalike.config import LookalikeConfig
+from lookalike.errors import LookalikeError
+from lookalike.pipeline import check_inputs
 
 
 def test_version_and_short_help():
@@ -46,12 +51,21 @@ def test_exit_codes_say_usage_error_runtime_failure_or_partial_success(tmp_path)
 
 
 def test_bad_arguments_fail_before_any_work_and_leave_nothing_behind(real_subset, tmp_path):
-    for args, message in (
-        (["--data", real_subset, "--backbone", "vgg16"], "unknown backbone 'vgg16'"),
-        (["--data", tmp_path / "nowhere"], "--data: dataset folder"),
+    for args, out, message in (
+        (["--data", real_subset, "--backbone", "vgg16"], tmp_path / "run", "unknown backbone 'vgg16'"),
+        (["--data", tmp_path / "nowhere"], tmp_path / "run", "--data: dataset folder"),
+        (["--data", real_subset], real_subset / "runs" / "first", "--out: the run folder"),  # its pictures would become an attribute
     ):
-        out = tmp_path / "run"
         proc = lookalike("run", *args, "--out", out, check=False)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
         assert not out.exists(), f"{args}: the run folder must not be created"
         assert "Scanning" not in proc.stderr, "refused before the scan"
+
+
+def test_a_run_folder_may_sit_in_a_hidden_folder_of_the_dataset(tmp_path):
+    """The scan skips hidden folders, so only a visible run folder inside the dataset is refused."""
+    photos = make_dataset(tmp_path / "photos", per_attribute=2)
+    check_inputs(photos, LookalikeConfig(), photos / ".runs" / "first")
+    check_inputs(photos, LookalikeConfig(), tmp_path / "run")
+    with pytest.raises(LookalikeError, match="inside the dataset folder"):
+        check_inputs(photos, LookalikeConfig(), photos)

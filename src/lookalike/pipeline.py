@@ -34,13 +34,26 @@ DISTANCE_ORDER = ("random", "l1", "l2", "cosine", "weighted_l2")
 EVALUATION_FORMAT = 2  # 2: example pictures drawn across attributes, misses included, each with its attribute
 
 
-def check_inputs(data: str | os.PathLike | Dataset, cfg: LookalikeConfig) -> None:
-    """Refuse, before any folder is made or any work done, a dataset folder that is not there or a backbone that is not."""
+def check_inputs(data: str | os.PathLike | Dataset, cfg: LookalikeConfig, run_dir: str | os.PathLike | None = None) -> None:
+    """Refuse, before any folder is made or any work done, a dataset folder that is not there, a run folder
+    inside it (the next scan would read the run's pictures as photos of an attribute), or a backbone that is not there."""
     if not isinstance(data, Dataset):
         folder = Path(data).expanduser()
         if not folder.is_dir():
             what = "is a file" if folder.exists() else "does not exist"
             raise LookalikeError(f"dataset folder {folder} {what}; give a folder with one sub-folder per attribute", param="data")
+        if run_dir is not None:
+            inside = Path(run_dir).expanduser().resolve()
+            try:
+                parts = inside.relative_to(folder.resolve()).parts
+            except ValueError:
+                parts = None
+            if parts is not None and not any(p.startswith(".") for p in parts):  # hidden folders are never scanned
+                raise LookalikeError(
+                    f"the run folder {run_dir} is inside the dataset folder {folder}: its report pictures would be scanned as photos "
+                    f"of an attribute '{parts[0] if parts else ''}'. Choose a run folder outside {folder}",
+                    param="run_dir",
+                )
     check_backbone(cfg.features.backbone, cfg.features.weights or None)
 
 
@@ -50,7 +63,7 @@ def prepare(data_dir: str | os.PathLike, run_dir: str | os.PathLike, cfg: Lookal
 
     `force` redoes the split; the scan is redone when the folder changed, or when `rescan` (default: `force`).
     """
-    check_inputs(data_dir, cfg)
+    check_inputs(data_dir, cfg, run_dir)
     run = RunDir(run_dir)
     run.root.mkdir(parents=True, exist_ok=True)
     run.save_config(cfg)
@@ -439,7 +452,7 @@ def run_pipeline(data_dir, run_dir, cfg: LookalikeConfig, splits: int = 1, force
     from .refine.stage import refine
     from .report import write_report
 
-    check_inputs(data_dir, cfg)
+    check_inputs(data_dir, cfg, run_dir)
     run = RunDir(run_dir)
     start = time.perf_counter()
     for k in range(splits):
@@ -465,7 +478,7 @@ def train_on_all(data: str | os.PathLike | Dataset, run_dir: str | os.PathLike, 
     """
     from .refine.stage import refine
 
-    check_inputs(data, cfg)
+    check_inputs(data, cfg, run_dir)
     run = RunDir(run_dir)
     run.root.mkdir(parents=True, exist_ok=True)
     run.save_config(cfg)

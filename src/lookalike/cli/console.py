@@ -27,7 +27,7 @@ err = Console(stderr=True, highlight=False, soft_wrap=not sys.stderr.isatty())
 
 #: The flag that sets each library parameter a LookalikeError may name (`param`).
 PARAM_FLAGS = {
-    "data": "--data", "out": "--out", "weights": "--weights", "backbone": "--backbone", "config": "--config",
+    "data": "--data", "out": "--out", "run_dir": "--out", "weights": "--weights", "backbone": "--backbone", "config": "--config",
     "directory": "DIRECTORY", "gallery": "--gallery", "attributes": "--attributes", "key": "BING_SEARCH_KEY (or --list-queries)",
     "model": "--model", "k": "--top", "kind": "--kind", "overwrite": "--overwrite", "images": "--images",
     "shard_size": "--shard-size", "address": "--address", "executor": "--executor", "index": "--index",
