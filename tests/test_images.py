@@ -1,4 +1,5 @@
 import io
+import os
 
 import numpy as np
 import pytest
@@ -89,3 +90,22 @@ def test_bytes_api_matches_file_api(tmp_path):
     assert np.array_equal(np.asarray(open_image(p)), np.asarray(open_image_bytes(p.read_bytes())))
     with pytest.raises(BadImageError, match="empty"):
         open_image_bytes(b"")
+
+
+def test_linked_folders_are_walked_once_and_loops_end(tmp_path):
+    """A linked attribute folder belongs to the collection (the dataset scan and `index build` both see it); a link
+    back up the tree is listed as passed over instead of walked forever."""
+    from conftest import make_dataset
+    from lookalike.data import scan_dataset
+    from lookalike.images import iter_image_files, scan_images
+
+    make_dataset(tmp_path / "stash", per_attribute=5, kinds=("checks",))
+    photos = make_dataset(tmp_path / "photos", per_attribute=5, kinds=("stripes", "dots"))
+    os.symlink(tmp_path / "stash" / "checks", photos / "checks")
+    os.symlink(photos, photos / "dots" / "loop")
+    passed_over = []
+    files = list(iter_image_files(photos, passed_over))
+    assert len(files) == 15 and len(set(files)) == 15
+    assert passed_over == [(photos / "dots" / "loop", "a link to a folder this walk already covers")]
+    assert sorted(a for _, a in scan_images(photos)) == ["checks"] * 5 + ["dots"] * 5 + ["stripes"] * 5
+    assert scan_dataset(photos, progress=False).attributes == ["checks", "dots", "stripes"]

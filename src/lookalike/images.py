@@ -39,16 +39,29 @@ def is_image_file(path: str | os.PathLike) -> bool:
 def iter_image_files(root: str | os.PathLike, passed_over: list[tuple[Path, str]] | None = None) -> Iterator[Path]:
     """Every visible image file below `root` (hidden folders skipped), folder by folder in name order; symlinks kept.
 
-    The one folder walk of the package. With `passed_over`, visible files that are not images and folders
-    that cannot be read are appended to it as (path, reason).
+    The one folder walk of the package. Linked folders are followed like real ones (a linked attribute folder
+    is part of the collection), each real folder once; a link to a folder already walked, or up to one that holds
+    `root`, is not followed. With `passed_over`, visible files that are not images, such links and folders that
+    cannot be read are appended to it as (path, reason).
     """
 
     def unreadable(e: OSError) -> None:
         if passed_over is not None:
             passed_over.append((Path(e.filename), f"unreadable folder ({e.strerror})"))
 
-    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    top = os.path.realpath(root)
+    visited = {top}
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=True):
+        kept = []
+        for d in sorted(d for d in dirnames if not d.startswith(".")):
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if real in visited or os.path.commonpath([real, top]) == real:
+                if passed_over is not None:
+                    passed_over.append((Path(dirpath) / d, "a link to a folder this walk already covers"))
+                continue
+            visited.add(real)
+            kept.append(d)
+        dirnames[:] = kept
         for name in sorted(filenames):
             if is_image_file(name):
                 yield Path(dirpath) / name

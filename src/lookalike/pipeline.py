@@ -26,6 +26,7 @@ from .evaluation.lookalike import nearest_neighbour_accuracy, tied_fraction, uns
 from .features import FeatureCache, configured_cache_dir, create_engine, embed_paths
 from .features.extract import embed_images, l2_normalize
 from .fileio import load_npy, read_json, save_npy, write_json
+from .images import iter_image_files
 from .metric import L2, LABELS, HardNegativeMiner, LearnedWeightedL2, WeightedL2Ranker, pair_features, pairs_from_sets, standard_distances
 from .rundir import RunDir, fingerprint, up_to_date
 
@@ -134,16 +135,16 @@ def check_split_sizes(s: Split, cfg: LookalikeConfig, dataset: Dataset) -> None:
 
 
 def _listing_signature(root: str) -> str:
+    """Name, size and time of every file the scan sees (linked folders included): a change means scan again."""
+    passed_over: list[tuple[Path, str]] = []
     entries = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames):
-            try:
-                st = os.stat(os.path.join(dirpath, name))
-            except OSError:
-                continue
-            entries.append((os.path.relpath(os.path.join(dirpath, name), root), st.st_size, st.st_mtime_ns))
-    return fingerprint(entries)
+    for path in [*iter_image_files(root, passed_over), *(p for p, _ in passed_over)]:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        entries.append((os.path.relpath(path, root), st.st_size, st.st_mtime_ns))
+    return fingerprint(sorted(entries))
 
 
 # ---------------------------------------------------------------- featurize
