@@ -95,8 +95,11 @@ def test_index_finds_copies_and_the_photo_itself_first_with_many_queries_at_once
         copies.append(tmp_path / "copies" / f"{i:02d}-{photo.name}")
         copies[-1].parent.mkdir(exist_ok=True)
         altered_copy(open_image(photo), seed=i).save(copies[-1], quality=95)
+    (tmp_path / "copies" / "zz-broken.jpg").write_bytes(b"not a photo")  # one unreadable query costs the others nothing
     # one call, a folder of queries: one JSON object per line, in the REST /search shape
-    lines = lookalike("index", "search", index, tmp_path / "copies", "--top", "15", "--json", env=env).stdout.strip().splitlines()
+    proc = lookalike("index", "search", index, tmp_path / "copies", "--top", "15", "--json", env=env, check=False)
+    assert proc.returncode == 3 and "skipped" in proc.stderr and "zz-broken.jpg" in proc.stderr, proc.stderr  # 3: partial success
+    lines = proc.stdout.strip().splitlines()
     answers = [json.loads(line) for line in lines]
     assert len(answers) == len(copies) and all(set(a) == {"query", "attribute", "min_probability", "results", "took_ms"} for a in answers)
     found = [a["results"][0]["name"] == copy.name.split("-", 1)[1] for a, copy in zip(answers, copies)]

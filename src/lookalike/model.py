@@ -315,7 +315,7 @@ class SimilarityModel:
 
     # ---- using it ------------------------------------------------------------------------------
 
-    def embed(self, images: ImageLike | Sequence[ImageLike], batch_size: int = 32) -> np.ndarray:
+    def embed(self, images: ImageLike | Sequence[ImageLike], batch_size: int = 32, skipped: list | None = None) -> np.ndarray:
         """Unit-length embeddings, one row per image.
 
         Parameters
@@ -324,6 +324,8 @@ class SimilarityModel:
             Files are decoded as the index decodes them; an unreadable one raises BadImageError naming it.
         batch_size : int
             Images per forward pass.
+        skipped : list, optional
+            Instead of raising, list each unreadable file here ({"path", "reason"}); its row stays zeros.
 
         Returns
         -------
@@ -336,10 +338,13 @@ class SimilarityModel:
         files = [i for i, x in enumerate(items) if isinstance(x, (str, os.PathLike))]
         if files:
             result = self.embedder_.embed([items[i] for i in files], progress=False, batch_size=batch_size)
-            if result.skipped:
+            if result.skipped and skipped is None:
                 raise BadImageError(result.skipped[0]["path"], result.skipped[0]["reason"])
+            if skipped is not None:
+                skipped.extend(result.skipped)
             row_of = {p: r for r, p in enumerate(result.paths)}
-            out[files] = result.features[[row_of[str(items[i])] for i in files]]
+            readable = [i for i in files if str(items[i]) in row_of]
+            out[readable] = result.features[[row_of[str(items[i])] for i in readable]]
         pictures = [i for i in range(len(items)) if i not in set(files)]
         if pictures:
             out[pictures] = self.embedder_.embed_images([_as_image(items[i], i) for i in pictures], batch_size)

@@ -19,7 +19,7 @@ from ..index.ingest import image_sources, ingest
 from ..index.metric import METRICS, IndexMetric
 from ..index.vectors import DEFAULT_PARAMS, EXACT_BELOW, HNSW_BELOW
 from ..results import format_probability
-from .console import EXIT_PARTIAL, out, print_matches, search_answer
+from .console import EXIT_PARTIAL, err, out, print_matches, search_answer
 
 index_app = typer.Typer(
     name="index",
@@ -186,7 +186,12 @@ def search(
     params = {k: v for k, v in {"rerank": rerank, "ef_search": ef_search, "nprobe": nprobe}.items() if v is not None}
     with CatalogIndex.open(IndexLocation.parse(index_dir, backend, uri), model=run) as index:
         start = time.perf_counter()
-        vectors, own_ids = index.query_vectors(paths)
+        skipped: list = []  # one unreadable query among many must not cost the others their answers
+        vectors, own_ids = index.query_vectors(paths, skipped=skipped if len(paths) > 1 else None)
+        bad = {s["path"] for s in skipped}
+        paths = [p for p in paths if str(p) not in bad]
+        if not paths:
+            raise LookalikeError("no query could be read: " + "; ".join(f"{s['path']}: {s['reason']}" for s in skipped))
         results = index.search_vectors(vectors, top, attribute, min_probability, leave_out=None if keep_self else own_ids, params=params)
         took_ms = (time.perf_counter() - start) * 1000 / len(paths)
         description = index.store.metric.describe()
@@ -204,6 +209,10 @@ def search(
         print_matches(f"{len(matches)} closest to {path.name} ({description})", matches)
     if grid is not None and not as_json:
         out.print(f"grid: {grid}")
+    for s in skipped:
+        err.print(f"skipped {escape(s['path'])}: {escape(s['reason'])}", style="yellow")
+    if skipped:
+        raise typer.Exit(EXIT_PARTIAL)
 
 
 @index_app.command()

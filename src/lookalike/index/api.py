@@ -183,8 +183,12 @@ class ImageIndex:
             for v, i in zip(vectors, leave_out)
         ]
 
-    def query_vectors(self, queries: Sequence) -> tuple[np.ndarray, list[int | None]]:
-        """Each query's vector and catalog id (None when it is not a catalog image); catalog files are not embedded again."""
+    def query_vectors(self, queries: Sequence, skipped: list | None = None) -> tuple[np.ndarray, list[int | None]]:
+        """Each query's vector and catalog id (None when it is not a catalog image); catalog files are not embedded again.
+
+        An unreadable query file raises BadImageError; with `skipped` it is listed there instead ({"path", "reason"})
+        and left out, so the rows follow the readable queries.
+        """
         store = self.store
         vectors = np.zeros((len(queries), store.dim), np.float32)
         own: list[int | None] = [None] * len(queries)
@@ -212,7 +216,13 @@ class ImageIndex:
         if stored:
             vectors[stored] = store.vectors_of([own[n] for n in stored])
         if to_embed:
-            vectors[to_embed] = self.model.embed([queries[n] for n in to_embed])
+            unreadable: list = []
+            vectors[to_embed] = self.model.embed([queries[n] for n in to_embed], skipped=None if skipped is None else unreadable)
+            if unreadable:
+                skipped.extend(unreadable)
+                bad, embedded = {s["path"] for s in unreadable}, set(to_embed)
+                keep = [n for n in range(len(queries)) if n not in embedded or str(queries[n]) not in bad]
+                return vectors[keep], [own[n] for n in keep]
         return vectors, own
 
     # ---- changing ----------------------------------------------------------------------------
