@@ -35,8 +35,10 @@ def trained(tmp_path_factory):
 def test_build_search_add_remove_stats_on_real_photos(trained):
     root, env = trained
     index = root / "index"
-    built = json.loads(lookalike("index", "build", "--run", root / "run", "--images", root / "photos", "--out", index, "--json", env=env).stdout)
+    proc = lookalike("index", "build", "--run", root / "run", "--images", root / "photos", "--out", index, "--json", env=env)
+    built = json.loads(proc.stdout)
     assert (built["added"], built["embedded"], built["kind"]) == (36, 36, "flat")
+    assert "never calibrated" not in proc.stderr  # the model knows every attribute of this catalog
 
     query = sorted((root / "photos" / "leopard").iterdir())[0]
     result = json.loads(lookalike("index", "search", index, query, "--top", "15", "--json", "--grid", root / "grid.png", env=env).stdout)
@@ -113,6 +115,17 @@ def test_build_search_add_remove_stats_on_real_photos(trained):
     assert wrong.returncode == 1 and "is not the one the index" in " ".join(wrong.stderr.split()) and "Traceback" not in wrong.stderr
     missing = lookalike("index", "search", root / "nowhere", new_photo, env=env, check=False)
     assert missing.returncode == 1 and "is not a lookalike index" in " ".join(missing.stderr.split())
+
+
+def test_a_catalog_with_attributes_the_model_never_learned_says_so(trained, tmp_path):
+    root, env = trained
+    for attribute, photos in (("dotted", sorted((root / "later" / "dotted").iterdir())[:2]), ("houndstooth", sorted((root / "later" / "striped").iterdir())[:3])):
+        (tmp_path / "catalog" / attribute).mkdir(parents=True)
+        for photo in photos:
+            os.symlink(photo, tmp_path / "catalog" / attribute / photo.name)
+    proc = lookalike("index", "build", "--run", root / "run", "--images", tmp_path / "catalog", "--out", tmp_path / "index", env=env)
+    note = " ".join(proc.stderr.split())
+    assert "the model was trained on dotted, leopard, striped, not on houndstooth (3 images)" in note and "never calibrated" in note, note
 
 
 def test_milvus_backend_gives_the_faiss_answers_for_a_trained_run(trained, tmp_path, monkeypatch):

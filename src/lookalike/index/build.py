@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -9,6 +10,8 @@ from ..errors import LookalikeError
 from .backends import IndexLocation, IndexStore, as_location
 from .ingest import IngestReport, check_embedder, ingest
 from .metric import IndexMetric
+
+log = logging.getLogger(__name__)
 
 
 class ModelEmbedder:
@@ -72,4 +75,20 @@ def build_index(
     with as_location(out_dir).create(embedder.dim, metric, embedder.fingerprint, kind, run_dir=absolute(run), overwrite=overwrite) as index:
         report = ingest(index, images, embedder, chunk_size=chunk)
         index.finish_build()
-        return report, index.stats()
+        stats = index.stats()
+    if note := untrained_attributes_note(stats["attributes"], model.attributes_):
+        log.warning(note)
+    return report, stats
+
+
+def untrained_attributes_note(catalog: dict[str, int], trained: list[str]) -> str | None:
+    """What a user should know when the catalog's folders name attributes the model never learned (None when it did learn them all)."""
+    new = {a: n for a, n in catalog.items() if a != "(none)" and a not in trained}
+    if not new:
+        return None
+    listed = ", ".join(f"{a} ({n} images)" for a, n in sorted(new.items()))
+    return (
+        f"the model was trained on {', '.join(trained)}, not on {listed}: those photos are found by how they look, but "
+        "P(same attribute) was never calibrated on them, so do not filter them by probability; train a model with them "
+        "(`lookalike run`) to rank them by attribute too"
+    )
