@@ -157,6 +157,7 @@ def test_a_dataset_too_small_for_the_unseen_test_still_gets_its_report(tmp_path)
     assert (tmp_path / "run" / "report.html").exists() and not (tmp_path / "run" / "unseen" / "unseen.json").exists()
     log = (tmp_path / "run" / "log.txt").read_text()
     assert "warning: unseen-attribute test skipped, as a run without stripes cannot be evaluated: the test part holds only" in log
+    assert "warning: split 0: no test query for checks, dots (a query and its positive need 2 of its test photos)" in log  # 1 test photo each
 
 
 def test_an_attribute_never_trained_on_keeps_apart(workspace, monkeypatch):

@@ -82,6 +82,12 @@ def prepare(data_dir: str | os.PathLike, run_dir: str | os.PathLike, cfg: Lookal
         write_json(report, {"action": "refused", "pairs": e.pairs})
         raise LookalikeError(f"{e} (report: {report})") from None
     check_split_sizes(s, cfg, dataset)
+    if unmeasured := sorted({im.attribute for im in dataset.images} - {dataset.images[q.query].attribute for q in s.sets["test"]}):
+        run.log(
+            f"warning: split {split}: no test query for {', '.join(unmeasured)} (a query and its positive need 2 of its test photos): "
+            "the rank test says nothing about it; add photos, or lower data.train_ratio",
+            style="yellow",
+        )
     if s.near_duplicates:
         write_json(report, {"action": "resolved", "pairs": s.near_duplicates})
         run.log(f"split {split}: moved {len(s.near_duplicates)} near-duplicate(s) to their twin's part (report: {report})", style="yellow")
