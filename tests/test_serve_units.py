@@ -359,3 +359,14 @@ def test_the_lane_answers_plain_requests_and_passes_on_the_rest():
     assert [r.status_code for r in (odd, big, head_like)] == [422, 422, 422]
     assert passed == ["/images/07/similar?", "/images/9007199254740993/similar?", "/images/7/similar/?"]
     assert seen_routes[:3] == [template] * 3, "the lane's requests are counted under the route's template"
+
+
+def test_a_match_distance_is_never_negative_not_even_minus_zero():
+    import math
+
+    from lookalike.results import MatchOut
+
+    for raw in (-0.0, -1e-9, 0.0):
+        d = MatchOut.fields({"id": 1, "path": "/p/a.jpg", "attribute": "x", "distance": raw, "probability": 0.5})["distance"]
+        assert d == 0.0 and math.copysign(1.0, d) == 1.0, raw
+    assert MatchOut.fields({"id": 1, "path": "/p/a.jpg", "attribute": "x", "distance": 0.25, "probability": 0.5})["distance"] == 0.25

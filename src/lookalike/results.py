@@ -60,7 +60,7 @@ class MatchOut(BaseModel):
             "name": os.path.basename(m["path"]),
             "path": m["path"] if with_path else None,
             "attribute": m["attribute"],
-            "distance": max(float(m["distance"]), 0.0),  # float rounding of a 0 distance, never a negative one
+            "distance": float(m["distance"]) if m["distance"] > 0 else 0.0,  # float rounding of a 0 distance (or -0.0), never a negative one
             "probability": None if probability is None else float(probability),
             "image_url": None if with_path or image_id is None else f"/images/{image_id}",
             "thumbnail_url": None if with_path or image_id is None else f"/images/{image_id}/thumbnail",
@@ -68,8 +68,8 @@ class MatchOut(BaseModel):
 
 
 class QueryOut(BaseModel):
-    width: int
-    height: int
+    width: int = Field(description="Width in pixels as stored in the file (before any EXIF rotation).")
+    height: int = Field(description="Height in pixels as stored in the file (before any EXIF rotation).")
     format: str | None = Field(description="Image format sniffed from the query's content; null for a search by catalog id.")
     id: int | None = Field(None, description="Catalog id when the query is a catalog image.")
     path: str | None = Field(None, description="The query file's path: given by the CLI, never by the service.")
