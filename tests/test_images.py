@@ -109,3 +109,13 @@ def test_linked_folders_are_walked_once_and_loops_end(tmp_path):
     assert passed_over == [(photos / "dots" / "loop", "a link to a folder this walk already covers")]
     assert sorted(a for _, a in scan_images(photos)) == ["checks"] * 5 + ["dots"] * 5 + ["stripes"] * 5
     assert scan_dataset(photos, progress=False).attributes == ["checks", "dots", "stripes"]
+
+
+@pytest.mark.parametrize("values", [np.linspace(0.0, 1.0, 32 * 32), np.linspace(0, 2**20, 32 * 32)], ids=["float 0-1", "int32 past 16 bits"])
+def test_float_and_32_bit_grey_tiffs_are_scaled_not_clipped(tmp_path, values):
+    """Scientific and HDR-ish exports: a 0-1 float ramp must not come out black, nor a 32-bit ramp white."""
+    img = Image.fromarray(values.reshape(32, 32).astype(np.float32 if values.max() <= 1 else np.int32))
+    img.save(tmp_path / "ramp.tif")
+    arr = np.asarray(open_image(tmp_path / "ramp.tif"), np.float64)[..., 0]
+    assert arr.min() == 0 and arr.max() == 255 and abs(arr.mean() - 127.5) < 2
+    assert np.all(np.diff(arr.ravel()) >= 0)

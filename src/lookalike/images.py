@@ -162,12 +162,14 @@ def check_shape(path, w: int, h: int) -> None:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """8-bit RGB; transparency is composited onto white, 16-bit is scaled down rather than clipped."""
+    """8-bit RGB; transparency is composited onto white; 16-bit, 32-bit and floating-point grey are scaled
+    down from the smallest usual range that holds them (0-1, 0-255, 0-65535, else their maximum), never clipped."""
     if img.mode == "RGB":
         return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        peak = float(arr.max(initial=0.0))
+        top = 65535.0 if img.mode.startswith("I;16") else next(t for t in (1.0, 255.0, 65535.0, peak) if peak <= t)
         arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype("uint8")
         return Image.fromarray(arr, mode="L").convert("RGB")
     if img.mode == "P" and "transparency" in img.info:
