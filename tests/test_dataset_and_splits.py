@@ -222,3 +222,16 @@ def test_an_empty_test_part_says_when_resolved_near_duplicates_emptied_it():
         check_split_sizes(s, LookalikeConfig(), ds)
     with pytest.raises(LookalikeError, match=r"holds only 0 a, 1 b image\(s\): no attribute"):
         check_split_sizes(Split(seed=0, parts=s.parts, sets=s.sets), LookalikeConfig(), ds)
+
+
+def test_attribute_folders_spelled_with_composed_and_decomposed_accents_are_refused(tmp_path):
+    import unicodedata
+
+    root = make_dataset(tmp_path / "d", per_attribute=4, kinds=("stripes", "dots"))
+    for form in ("NFC", "NFD"):
+        folder = root / unicodedata.normalize(form, "léopard")
+        folder.mkdir()
+        for i in range(4):
+            texture("checks", seed=50 + i + (10 if form == "NFD" else 0)).save(folder / f"{form}{i}.png")
+    with pytest.raises(LookalikeError, match="two attribute folders that read the same"):
+        scan_dataset(root, progress=False)

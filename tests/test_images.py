@@ -10,7 +10,7 @@ from lookalike.images import is_image_file, open_image, open_image_bytes
 
 
 def test_extensions_any_case_and_hidden_files():
-    assert is_image_file("a/b.JPG") and is_image_file("x.Jpeg") and is_image_file("y.webp") and is_image_file("z.TIF")
+    assert is_image_file("a/b.JPG") and is_image_file("x.Jpeg") and is_image_file("y.webp") and is_image_file("z.TIF") and is_image_file("w.jfif")
     assert not is_image_file(".hidden.jpg") and not is_image_file("notes.txt")
 
 

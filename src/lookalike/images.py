@@ -14,7 +14,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import BadImageError, LookalikeError
 from .fileio import open_regular
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".webp", ".tif", ".tiff"})  # .jfif: JPEG as Windows saves it
+#: how messages name the extensions looked for
+LOOKED_FOR = "looked for .jpg .jpeg .jfif .png .bmp .webp .tif"
 
 #: Formats decoded, whatever the file's name says: those of IMAGE_EXTENSIONS (JPEG includes the
 #: phones' multi-picture MPO) plus GIF content saved under another name. Pillow's other plugins

@@ -10,7 +10,7 @@ import numpy as np
 
 from .errors import LookalikeError
 from .fileio import atomic_path, save_npy, write_json
-from .images import iter_image_files, scan_images
+from .images import LOOKED_FOR, iter_image_files, scan_images
 from .model import ImageEmbedder, SimilarityModel
 from .results import Match
 from .rundir import RunDir
@@ -61,7 +61,7 @@ def _gallery_folder(model: SimilarityModel, folder: Path) -> tuple[np.ndarray, l
         raise LookalikeError(f"gallery {folder} is not a folder of images", param="gallery")
     found = dict(sorted(scan_images(folder)))
     if not found:
-        raise LookalikeError(f"no images below the gallery {folder} (looked for .jpg .jpeg .png .bmp .webp .tif)")
+        raise LookalikeError(f"no images below the gallery {folder} ({LOOKED_FOR})")
     result = model.embedder_.embed(list(found), progress=len(found) > 50)
     return result.features, list(result.paths), [found[p] for p in result.paths]
 
@@ -79,7 +79,7 @@ def featurize_dir(directory: str | os.PathLike, out: str | os.PathLike, embedder
         raise LookalikeError(f"{out}: use a .npy (with a .json list of paths beside it) or .parquet file name", param="out")
     paths = sorted(str(p) for p in iter_image_files(directory))  # FIFOs, devices and broken links too: they are reported as skipped
     if not paths:
-        raise LookalikeError(f"no images below {directory} (looked for .jpg .jpeg .png .bmp .webp .tif)")
+        raise LookalikeError(f"no images below {directory} ({LOOKED_FOR})")
     result = embedder.embed(paths, progress=progress)
     feats = result.features
     rel = [os.path.relpath(p, directory) for p in result.paths]

@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import ConfigError, LookalikeError
+from ..images import LOOKED_FOR
 from ..index.api import ImageIndex as CatalogIndex
 from ..index.backends import BACKENDS, IndexLocation, IndexStore
 from ..index.build import absolute, build_index, load_model
@@ -180,7 +181,7 @@ def search(
     """
     paths = [Path(p) for p, _ in image_sources(queries)]
     if not paths:
-        raise LookalikeError("the query folders hold no images (looked for .jpg .jpeg .png .bmp .webp .tif)")
+        raise LookalikeError(f"the query folders hold no images ({LOOKED_FOR})")
     if grid is not None and len(paths) != 1:
         raise ConfigError(f"--grid draws one query's matches; {len(paths)} queries were given (leave out --grid or pass one image)")
     params = {k: v for k, v in {"rerank": rerank, "ef_search": ef_search, "nprobe": nprobe}.items() if v is not None}

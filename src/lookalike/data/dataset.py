@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -68,6 +69,14 @@ def scan_dataset(root: str | os.PathLike, min_images_per_attribute: int = 4, pro
     except PermissionError:
         raise LookalikeError(f"cannot read dataset folder {root} (permission denied); fix its permissions") from None
     root = root.resolve()
+    spelled: dict[str, str] = {}
+    for entry in entries:  # macOS writes decomposed accents, Linux keeps what it is given: "léopard" can be two folders
+        if entry.is_dir() and not entry.name.startswith(".") and (twin := spelled.setdefault(unicodedata.normalize("NFC", entry.name), entry.name)) != entry.name:
+            raise LookalikeError(
+                f"{root} has two attribute folders that read the same, {twin!r} and {entry.name!r}, spelled with different Unicode "
+                "accents (composed and decomposed); move one's photos into the other and delete it",
+                param="data",
+            )
     skipped: list[Skipped] = []
     candidates: list[tuple[str, str, str]] = []  # (relative path, attribute, group)
     for entry in entries:

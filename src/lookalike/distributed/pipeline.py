@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BadImageError, LookalikeError
+from ..images import LOOKED_FOR
 from ..progress import tqdm
 from . import shards as sh
 from .sources import is_remote, list_images, read_bytes
@@ -228,7 +229,7 @@ def featurize_ray(
     source, shards_dir = str(source), str(shards_dir)
     images = list_images(source)
     if not images:
-        raise LookalikeError(f"no images below {source} (looked for .jpg .jpeg .png .bmp .webp .tif)")
+        raise LookalikeError(f"no images below {source} ({LOOKED_FOR})")
     plan = sh.plan_blocks(images, shard_size, fingerprint, shards_dir)
     if plan.todo:
         with native_stderr_silenced():
