@@ -161,6 +161,17 @@ def test_near_duplicates_across_the_split_are_refused_with_pairs(tmp_path):
     assert "lookalike dedup" in str(e.value)
 
 
+def test_near_duplicates_under_different_attributes_are_called_mislabelled(tmp_path):
+    from lookalike.data.splits import NearDuplicateLeak
+
+    root = make_dataset(tmp_path / "d", per_attribute=12)
+    for i in range(12):  # a re-encoded, resized twin of every dots image, filed under stripes
+        Image.open(root / "dots" / f"{i:03d}.png").resize((60, 60)).save(root / "stripes" / f"dots-{i:03d}.jpg", quality=80)
+    with pytest.raises(NearDuplicateLeak, match="of them carry different attributes .*one copy of the photo is in the wrong folder") as e:
+        make_split(scan_dataset(root, progress=False), DataConfig(), seed=0)
+    assert all({p["attribute_a"], p["attribute_b"]} == {"dots", "stripes"} for p in e.value.pairs)
+
+
 def test_near_duplicates_resolved_keep_twins_together(tmp_path):
     ds = _near_copy_dataset(tmp_path)
     s = make_split(ds, DataConfig(near_duplicates="resolve"), seed=0)
@@ -216,7 +227,7 @@ def test_an_empty_test_part_says_when_resolved_near_duplicates_emptied_it():
     from lookalike.pipeline import check_split_sizes
 
     ds = _records("aaaabbbb")
-    pairs = [{"a": "a/0.jpg", "b": "a/3.jpg", "part_a": "train", "part_b": "test", "distance": 0, "index_b": 3}]
+    pairs = [{"a": "a/0.jpg", "b": "a/3.jpg", "part_a": "train", "part_b": "test", "attribute_a": "a", "attribute_b": "a", "distance": 0, "index_b": 3}]
     s = Split(seed=0, parts={"train": [0, 1, 2, 3, 4, 5, 6], "validation": [], "test": [7]}, sets={p: [] for p in PARTS}, near_duplicates=pairs)
     with pytest.raises(LookalikeError, match=r"1 test image\(s\) were moved next to their near-duplicate twins"):
         check_split_sizes(s, LookalikeConfig(), ds)

@@ -91,6 +91,12 @@ def prepare(data_dir: str | os.PathLike, run_dir: str | os.PathLike, cfg: Lookal
     if s.near_duplicates:
         write_json(report, {"action": "resolved", "pairs": s.near_duplicates})
         run.log(f"split {split}: moved {len(s.near_duplicates)} near-duplicate(s) to their twin's part (report: {report})", style="yellow")
+        if mislabelled := [p for p in s.near_duplicates if p["attribute_a"] != p["attribute_b"]]:
+            run.log(
+                f"warning: {len(mislabelled)} of them carry different attributes (e.g. {mislabelled[0]['a']} and {mislabelled[0]['b']}): "
+                "one copy of each such photo is in the wrong folder",
+                style="yellow",
+            )
     write_json(split_path, s.to_dict() | {"fingerprint": fp})
     sizes = ", ".join(f"{p} {len(v)} images / {len(s.sets[p])} queries" for p, v in s.parts.items())
     run.log(f"split {split} (seed {seed}): {sizes}; train, validation and test share no image (checked by path and content hash)")

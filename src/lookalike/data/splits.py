@@ -126,9 +126,16 @@ class NearDuplicateLeak(LookalikeError):
     def __init__(self, pairs: list[dict]):
         self.pairs = pairs
         shown = "; ".join(f"{p['a']} ~ {p['b']} ({p['part_a']}/{p['part_b']}, {p['distance']} bits)" for p in pairs[:5])
+        mislabelled = [p for p in pairs if p["attribute_a"] != p["attribute_b"]]
+        conflict = (
+            f" {len(mislabelled)} of them carry different attributes (e.g. {mislabelled[0]['a']} and {mislabelled[0]['b']}): "
+            "one copy of the photo is in the wrong folder, so move or delete it first."
+            if mislabelled
+            else ""
+        )
         super().__init__(
             f"{len(pairs)} near-duplicate pair(s) straddle the split, which would flatter the evaluation: {shown}"
-            f"{' ...' if len(pairs) > 5 else ''}. Remove them with `lookalike dedup DATASET`, or set "
+            f"{' ...' if len(pairs) > 5 else ''}.{conflict} Remove them with `lookalike dedup DATASET`, or set "
             "data.near_duplicates = \"resolve\" to move each pair's later-part image next to its twin"
         )
 
@@ -149,6 +156,7 @@ def near_duplicate_leaks(dataset: Dataset, parts: dict[str, list[int]], max_dist
             for i, j, d in zip(*near_pairs(ha, hb, max_distance)):
                 found.append({
                     "a": dataset.images[a[i]].path, "b": dataset.images[b[j]].path, "part_a": part_a, "part_b": part_b,
+                    "attribute_a": dataset.images[a[i]].attribute, "attribute_b": dataset.images[b[j]].attribute,
                     "distance": int(d), "index_b": int(b[j]),
                 })
     return sorted(found, key=lambda x: x["distance"])
