@@ -67,5 +67,7 @@ def test_a_run_folder_may_sit_in_a_hidden_folder_of_the_dataset(tmp_path):
     photos = make_dataset(tmp_path / "photos", per_attribute=2)
     check_inputs(photos, LookalikeConfig(), photos / ".runs" / "first")
     check_inputs(photos, LookalikeConfig(), tmp_path / "run")
-    with pytest.raises(LookalikeError, match="inside the dataset folder"):
+    with pytest.raises(LookalikeError, match="inside the dataset folder .*: its report pictures would be scanned as photos of its attributes"):
         check_inputs(photos, LookalikeConfig(), photos)
+    with pytest.raises(LookalikeError, match="scanned as photos of an attribute 'runs'"):
+        check_inputs(photos, LookalikeConfig(), photos / "runs" / "first")

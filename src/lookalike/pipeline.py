@@ -50,9 +50,10 @@ def check_inputs(data: str | os.PathLike | Dataset, cfg: LookalikeConfig, run_di
             except ValueError:
                 parts = None
             if parts is not None and not any(p.startswith(".") for p in parts):  # hidden folders are never scanned
+                taken_for = f"an attribute '{parts[0]}'" if parts else "its attributes"
                 raise LookalikeError(
                     f"the run folder {run_dir} is inside the dataset folder {folder}: its report pictures would be scanned as photos "
-                    f"of an attribute '{parts[0] if parts else ''}'. Choose a run folder outside {folder}",
+                    f"of {taken_for}. Choose a run folder outside {folder}",
                     param="run_dir",
                 )
     check_backbone(cfg.features.backbone, cfg.features.weights or None)
