@@ -153,8 +153,9 @@ def test_a_dataset_too_small_for_the_unseen_test_still_gets_its_report(tmp_path)
     (tmp_path / "run" / "unseen").mkdir(parents=True)
     (tmp_path / "run" / "unseen" / "unseen.json").write_text('{"held_out": "stripes"}')  # from an earlier, larger dataset
     metrics = run_pipeline(data, tmp_path / "run", cfg, progress=False)
-    assert metrics["n_test_queries"] > 0 and "unseen" not in metrics["lookalike_search"]
-    assert (tmp_path / "run" / "report.html").exists() and not (tmp_path / "run" / "unseen" / "unseen.json").exists()
+    assert metrics["n_test_queries"] > 0 and "unseen" not in metrics["lookalike_search"]  # the earlier result is not shown
+    assert metrics["lookalike_search"]["unseen_skipped"].startswith("the test part holds only 1 checks, 1 dots image(s)")
+    assert "The unseen-attribute test was skipped: the test part holds only" in (tmp_path / "run" / "report.html").read_text()
     log = (tmp_path / "run" / "log.txt").read_text()
     assert "warning: unseen-attribute test skipped, as a run without stripes cannot be evaluated: the test part holds only" in log
     assert "warning: split 0: no test query for checks, dots (a query and its positive need 2 of its test photos)" in log  # 1 test photo each

@@ -443,8 +443,9 @@ def _unseen_stage(run: RunDir, cfg: LookalikeConfig, force: bool, progress: bool
     try:
         r = unseen_attribute_test(dataset, held_out, run.unseen_dir, cfg, force=force, progress=progress)
     except LookalikeError as e:
-        # the splits are evaluated already: a dataset too small for this extra test loses only the test
-        (run.unseen_dir / "unseen.json").unlink(missing_ok=True)
+        # the splits are evaluated already: a dataset too small for this extra test loses only the test, and says why
+        run.unseen_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run.unseen_dir / "unseen.json", {"held_out": held_out, "skipped": str(e)})
         run.log(
             f"warning: unseen-attribute test skipped, as a run without {held_out} cannot be evaluated: {e} "
             "(set evaluate.unseen_attribute = false to leave this note out)",
@@ -538,7 +539,7 @@ def summarize(run_dir, splits: list[int] | None = None) -> dict:
             search[part] = {name: _mean_of(r[name] for r in rows) for name in rows[0]}
     unseen = _unseen_result(run, cfg, dataset)
     if unseen:
-        search["unseen"] = unseen
+        search["unseen_skipped" if "skipped" in unseen else "unseen"] = unseen.get("skipped", unseen)
     backbone = read_json(run.split_dir(splits[0]) / "features.json")["backbone"]["name"]
     negatives = [len(cset.negatives) for k in splits for cset in run.split(k).sets["test"]]
     metrics = {
@@ -561,7 +562,8 @@ def summarize(run_dir, splits: list[int] | None = None) -> dict:
 
 
 def _unseen_result(run: RunDir, cfg: LookalikeConfig, dataset: Dataset) -> dict | None:
-    """The run's unseen-attribute test, when it is on and was made for the attribute the run's seed holds out."""
+    """The run's unseen-attribute test, when it is on and was made for the attribute the run's seed holds out
+    ({"held_out", "skipped": why} when the dataset was too small for it)."""
     path = run.unseen_dir / "unseen.json"
     held_out = held_out_attribute(dataset.attributes, cfg.data.seed)
     if not cfg.evaluate.unseen_attribute or held_out is None or not path.exists():
