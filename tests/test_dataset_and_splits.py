@@ -8,7 +8,7 @@ from conftest import make_dataset, texture
 from lookalike.config import DataConfig
 from lookalike.data import make_split, scan_dataset, verify_disjoint
 from lookalike.data.dataset import Dataset, ImageRecord
-from lookalike.data.splits import PARTS, ComparativeSet, Split, comparative_sets
+from lookalike.data.splits import PARTS, ComparativeSet, Split, comparative_sets, mislabelled_near_duplicates
 from lookalike.errors import LookalikeError
 
 
@@ -167,9 +167,19 @@ def test_near_duplicates_under_different_attributes_are_called_mislabelled(tmp_p
     root = make_dataset(tmp_path / "d", per_attribute=12)
     for i in range(12):  # a re-encoded, resized twin of every dots image, filed under stripes
         Image.open(root / "dots" / f"{i:03d}.png").resize((60, 60)).save(root / "stripes" / f"dots-{i:03d}.jpg", quality=80)
+    ds = scan_dataset(root, progress=False)
     with pytest.raises(NearDuplicateLeak, match="of them carry different attributes .*one copy of the photo is in the wrong folder") as e:
-        make_split(scan_dataset(root, progress=False), DataConfig(), seed=0)
+        make_split(ds, DataConfig(), seed=0)
     assert all({p["attribute_a"], p["attribute_b"]} == {"dots", "stripes"} for p in e.value.pairs)
+    assert len(e.value.pairs) < 12  # some twins share a part: only the whole-dataset check finds every one
+    found = mislabelled_near_duplicates(ds, DataConfig().near_duplicate_max_distance)
+    assert sorted(found) == [(f"dots/{i:03d}.png", f"stripes/dots-{i:03d}.jpg") for i in range(12)]
+    assert mislabelled_near_duplicates(_near_copy_dataset(tmp_path / "same"), 16) == []  # twins under one attribute are not mislabelled
+    from lookalike.config import load_config
+    from lookalike.pipeline import prepare
+
+    prepare(root, tmp_path / "run", load_config(None, {"data.near_duplicates": "ignore"}))  # the scan says so whatever the split does
+    assert "warning: 12 near-duplicate pair(s) are filed under different attributes" in (tmp_path / "run" / "log.txt").read_text()
 
 
 def test_near_duplicates_resolved_keep_twins_together(tmp_path):

@@ -19,7 +19,7 @@ from .backbones.heads import visual_dims
 from .backbones.registry import check_backbone, create_backbone, pretrained_fingerprint
 from .config import LookalikeConfig
 from .data import Dataset, Split, make_fit_split, make_split, scan_dataset
-from .data.splits import NearDuplicateLeak
+from .data.splits import NearDuplicateLeak, mislabelled_near_duplicates
 from .errors import LookalikeError
 from .evaluation import example_queries, gallery_metrics, positive_ranks, rank_summary
 from .evaluation.lookalike import nearest_neighbour_accuracy, tied_fraction, unseen_shortfall_warning
@@ -69,7 +69,7 @@ def prepare(data_dir: str | os.PathLike, run_dir: str | os.PathLike, cfg: Lookal
     run = RunDir(run_dir)
     run.root.mkdir(parents=True, exist_ok=True)
     run.save_config(cfg)
-    scan_fp = _scan(run, data_dir, force if rescan is None else rescan)
+    scan_fp = _scan(run, data_dir, force if rescan is None else rescan, cfg.data.near_duplicate_max_distance)
     dataset = run.dataset()
     split_path = run.split_dir(split) / "split.json"
     seed = cfg.data.seed + split
@@ -92,20 +92,17 @@ def prepare(data_dir: str | os.PathLike, run_dir: str | os.PathLike, cfg: Lookal
     if s.near_duplicates:
         write_json(report, {"action": "resolved", "pairs": s.near_duplicates})
         run.log(f"split {split}: moved {len(s.near_duplicates)} near-duplicate(s) to their twin's part (report: {report})", style="yellow")
-        if mislabelled := [p for p in s.near_duplicates if p["attribute_a"] != p["attribute_b"]]:
-            run.log(
-                f"warning: {len(mislabelled)} of them carry different attributes (e.g. {mislabelled[0]['a']} and {mislabelled[0]['b']}): "
-                "one copy of each such photo is in the wrong folder",
-                style="yellow",
-            )
     write_json(split_path, s.to_dict() | {"fingerprint": fp})
     sizes = ", ".join(f"{p} {len(v)} images / {len(s.sets[p])} queries" for p, v in s.parts.items())
     run.log(f"split {split} (seed {seed}): {sizes}; train, validation and test share no image (checked by path and content hash)")
     return s
 
 
-def _scan(run: RunDir, data: str | os.PathLike | Dataset, rescan: bool) -> str:
-    """Write RUN_DIR/dataset.json from a folder (scanned again only when it changed) or a given Dataset; its fingerprint."""
+def _scan(run: RunDir, data: str | os.PathLike | Dataset, rescan: bool, max_distance: int) -> str:
+    """Write RUN_DIR/dataset.json from a folder (scanned again only when it changed) or a given Dataset; its fingerprint.
+
+    A fresh scan logs the files it skipped and near-duplicates filed under two attributes (in any part of any split).
+    """
     if isinstance(data, Dataset):
         scan_fp = fingerprint(data.to_dict())
         if not up_to_date(run.dataset_file, scan_fp):
@@ -121,6 +118,13 @@ def _scan(run: RunDir, data: str | os.PathLike | Dataset, rescan: bool) -> str:
         run.log(f"{len(dataset.images)} images in {len(counts)} attributes: " + ", ".join(f"{a} {n}" for a, n in counts.items()))
         for s in dataset.skipped:
             run.log(f"skipped {s['path']}: {s['reason']}", style="yellow")
+        if mislabelled := mislabelled_near_duplicates(dataset, max_distance):
+            shown = "; ".join(f"{a} ~ {b}" for a, b in mislabelled[:5])
+            run.log(
+                f"warning: {len(mislabelled)} near-duplicate pair(s) are filed under different attributes, so one copy of each is mislabelled: "
+                f"{shown}{' ...' if len(mislabelled) > 5 else ''}. Move or delete the wrong copy (`lookalike dedup` lists them)",
+                style="yellow",
+            )
     return scan_fp
 
 
@@ -497,7 +501,7 @@ def train_on_all(data: str | os.PathLike | Dataset, run_dir: str | os.PathLike, 
     run = RunDir(run_dir)
     run.root.mkdir(parents=True, exist_ok=True)
     run.save_config(cfg)
-    scan_fp = _scan(run, data, force)
+    scan_fp = _scan(run, data, force, cfg.data.near_duplicate_max_distance)
     split_path = run.split_dir(0) / "split.json"
     fp = fingerprint(scan_fp, cfg.data.model_dump(), "all")
     if force or not up_to_date(split_path, fp):

@@ -151,15 +151,29 @@ def near_duplicate_leaks(dataset: Dataset, parts: dict[str, list[int]], max_dist
             a, b = hashed[part_a], hashed[part_b]
             if not a or not b:
                 continue
-            ha = np.array([np.frombuffer(bytes.fromhex(dataset.images[i].dhash), np.uint8) for i in a])
-            hb = np.array([np.frombuffer(bytes.fromhex(dataset.images[i].dhash), np.uint8) for i in b])
-            for i, j, d in zip(*near_pairs(ha, hb, max_distance)):
+            for i, j, d in zip(*near_pairs(_hashes(dataset, a), _hashes(dataset, b), max_distance)):
                 found.append({
                     "a": dataset.images[a[i]].path, "b": dataset.images[b[j]].path, "part_a": part_a, "part_b": part_b,
                     "attribute_a": dataset.images[a[i]].attribute, "attribute_b": dataset.images[b[j]].attribute,
                     "distance": int(d), "index_b": int(b[j]),
                 })
     return sorted(found, key=lambda x: x["distance"])
+
+
+def mislabelled_near_duplicates(dataset: Dataset, max_distance: int) -> list[tuple[str, str]]:
+    """Near-duplicate pairs filed under different attributes, wherever a split would put them: one copy of each is mislabelled."""
+    from ..hashing import near_pairs
+
+    rows = [i for i, im in enumerate(dataset.images) if im.dhash]
+    if len(rows) < 2:
+        return []
+    pairs = zip(*near_pairs(_hashes(dataset, rows), None, max_distance)[:2])
+    return [(dataset.images[rows[i]].path, dataset.images[rows[j]].path) for i, j in pairs if dataset.images[rows[i]].attribute != dataset.images[rows[j]].attribute]
+
+
+def _hashes(dataset: Dataset, rows: list[int]) -> np.ndarray:
+    """The packed difference hashes of these images, one row each."""
+    return np.array([np.frombuffer(bytes.fromhex(dataset.images[i].dhash), np.uint8) for i in rows])
 
 
 def comparative_sets(dataset: Dataset, members: list[int], queries_per_attribute: int, n_negatives: int, rng: np.random.Generator) -> list[ComparativeSet]:
