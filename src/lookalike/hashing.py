@@ -94,8 +94,8 @@ def near_pairs(a: np.ndarray, b: np.ndarray | None = None, max_distance: int = 0
     """
     if a.ndim != 2 or (b is not None and (b.ndim != 2 or a.shape[1] != b.shape[1])):
         raise ValueError("hash arrays must be 2-D with the same number of bytes per row (same hash size)")
-    rows_a = np.flatnonzero(~featureless(a)) if len(a) else np.zeros(0, dtype=np.int64)
-    rows_b = rows_a if b is None else (np.flatnonzero(~featureless(b)) if len(b) else np.zeros(0, dtype=np.int64))
+    rows_a = np.flatnonzero(~featureless(a))
+    rows_b = rows_a if b is None else np.flatnonzero(~featureless(b))
     i, j, d = _hamming_pairs(a[rows_a], None if b is None else b[rows_b], max_distance)
     return rows_a[i], rows_b[j], d
 

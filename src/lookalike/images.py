@@ -16,7 +16,7 @@ from .fileio import open_regular
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".webp", ".tif", ".tiff"})  # .jfif: JPEG as Windows saves it
 #: how messages name the extensions looked for
-LOOKED_FOR = "looked for .jpg .jpeg .jfif .png .bmp .webp .tif"
+LOOKED_FOR = "looked for " + " ".join(sorted(IMAGE_EXTENSIONS))
 
 #: Formats decoded, whatever the file's name says: those of IMAGE_EXTENSIONS (JPEG includes the
 #: phones' multi-picture MPO) plus GIF content saved under another name. Pillow's other plugins
