@@ -35,6 +35,14 @@ def test_scan_lists_and_skips_with_reasons(tmp_path):
     assert not any(".hidden" in p for p in reasons)
 
 
+def test_a_relative_dataset_path_scans_like_an_absolute_one(tmp_path, monkeypatch):
+    root = make_dataset(tmp_path / "d", per_attribute=4)
+    monkeypatch.chdir(tmp_path / "d" / "dots")
+    relative = scan_dataset(os.path.join("..", "..", "d"), progress=False)
+    absolute = scan_dataset(root, progress=False)
+    assert relative.root == absolute.root and [im.path for im in relative.images] == [im.path for im in absolute.images]
+
+
 def test_single_attribute_is_refused(tmp_path):
     root = make_dataset(tmp_path / "d", per_attribute=6, kinds=("dots",))
     with pytest.raises(LookalikeError, match="at least 2 attribute"):

@@ -64,11 +64,11 @@ def scan_dataset(root: str | os.PathLike, min_images_per_attribute: int = 4, pro
         raise LookalikeError(f"dataset folder {root} does not exist; give a folder with one sub-folder per attribute", param="data")
     if not root.is_dir():
         raise LookalikeError(f"{root} is a file; give a folder with one sub-folder per attribute", param="data")
+    root = root.resolve()  # before the walk, so every path it yields lies below `root` as written here
     try:
         entries = sorted(os.scandir(root), key=lambda e: e.name)
     except PermissionError:
         raise LookalikeError(f"cannot read dataset folder {root} (permission denied); fix its permissions") from None
-    root = root.resolve()
     spelled: dict[str, str] = {}
     for entry in entries:  # macOS writes decomposed accents, Linux keeps what it is given: "léopard" can be two folders
         if entry.is_dir() and not entry.name.startswith(".") and (twin := spelled.setdefault(unicodedata.normalize("NFC", entry.name), entry.name)) != entry.name:
