@@ -35,7 +35,8 @@ TINY = {"data": {"train_ratio": 0.6, "validation_ratio": 0.25}, "features": {"re
 
 
 def tiny_config(resolution: int = 64, **refine) -> LookalikeConfig:
-    base = {"epochs": 4, "lr_schedule": [[4, 0.003]], "batch_size": 8, "trainable_blocks": 2, "cached_views": 1}
+    # the held-out check that chooses the visual part has its own tests (here and on real photos in test_lookalike_search)
+    base = {"epochs": 4, "lr_schedule": [[4, 0.003]], "batch_size": 8, "trainable_blocks": 2, "cached_views": 1, "visual_part": "learned"}
     return LookalikeConfig.model_validate(TINY | {"features": TINY["features"] | {"resolution": resolution}, "refine": base | refine})
 
 
@@ -67,6 +68,7 @@ def test_refinement_lowers_the_training_loss_and_writes_its_outputs(textures, tm
     saved = json.loads((out / "backbone.json").read_text())
     assert saved["head"] == head and saved["taps"] == [10, 12, 14, 16]
     assert record["trained_stages"] == ("all" if CUDA else 2) and record["texture_stages"] == [10, 12, 14, 16]
+    assert record["visual_part"] == {"chosen": "learned", "reason": "refine.visual_part = learned"}
     # up to date: a second call does not train again
     before = (out / "backbone.safetensors").stat().st_mtime_ns
     refine(run, progress=False)
@@ -368,3 +370,96 @@ def test_attribute_members_are_an_ensemble_whose_distances_average():
     old = {k: v for k, v in LookalikeHead(10, classes, 4, 3).describe().items() if k != "attribute_members"}
     single = head_from_description(old)
     assert single.attribute_members == 1 and single.attribute_proxies.shape == (3, 4) and single.attribute.weight.shape == (4, 10)
+
+
+def test_a_pretrained_visual_part_is_the_untouched_pooled_features_and_the_attribute_part_shrinks_where_members_doubt(textures, tmp_path):
+    run = prepared(textures, tmp_path / "run", tiny_config(epochs=3, lr_schedule=[[3, 0.003]], visual_part="pretrained", trainable_blocks=0))
+    record = refine(run, progress=False)
+    out = run / "split-0" / "refined"
+    saved = json.loads((out / "backbone.json").read_text())
+    # the descriptor ends with a second pass: the pooled features (1280) of the image at 224 px, the network's own size
+    assert saved["taps"] == [10, 12, 14, 16] and saved["pooled_size"] == 224 and saved["head"]["pretrained_dim"] == 1280
+    # [attribute part, the length it lost, pooled features]
+    assert saved["head"]["in_features"] == 2 * (112 + 192 + 192 + 320) and saved["embedding_dim"] == 4 * 64 + 1 + 1280
+    assert record["visual_part"] == {"chosen": "pretrained", "reason": "refine.visual_part = pretrained"}
+    model = load_backbone(out)
+    pretrained = create_backbone("efficientnet-lite0", resolution=64)
+    x = torch.from_numpy(np.stack([Preprocessor(model.config).array(open_image(p)) for p in sorted(textures.rglob("*.png"))[:12]]))
+    with torch.inference_mode():
+        embedding = model(x)
+        attribute, rest, visual = embedding[:, :256] * 2**0.5, embedding[:, 256] * 2**0.5, embedding[:, 257:] * 2**0.5
+        resized = torch.nn.functional.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False)
+        reference = torch.nn.functional.normalize(create_backbone("efficientnet-lite0", resolution=224)(resized), dim=1)
+    # the pooled features of the pretrained network at its own input size, untouched by refinement
+    assert not changed_parameters(pretrained.trunk, model.trunk)
+    assert torch.allclose(visual, reference, atol=1e-5)
+    norms = attribute.norm(dim=1)
+    # a photo the members doubt more than the training photos' median has its attribute part shrunk, never grown
+    assert bool((norms <= 1 + 1e-5).all()) and float(norms.min()) < 0.99
+    with torch.inference_mode():
+        gate = (model.head.attribute_confidence(model.head.parts(model.descriptor(x))[0]) / model.head.gate_reference).clamp(0, 1).square()
+    assert torch.allclose(norms, gate, atol=1e-5)
+    # unit length by construction, so scaling embeddings to unit length (every consumer does) changes nothing
+    assert torch.allclose(norms.square() + rest.square(), torch.ones(len(x)), atol=1e-5)
+    assert torch.allclose(embedding.norm(dim=1), torch.ones(len(x)), atol=1e-5)
+    # featurize (ONNX Runtime where installed) gives the vectors the model computes
+    features = featurize(run, progress=False)
+    assert features.shape == (24, 4 * 64 + 1 + 1280)
+    meta = json.loads((run / "split-0" / "features.json").read_text())
+    dataset = json.loads((run / "dataset.json").read_text())
+    first = [str(Path(dataset["root"]) / dataset["images"][i]["path"]) for i in meta["rows"][:4]]
+    with torch.inference_mode():
+        direct = model(torch.from_numpy(np.stack([Preprocessor(model.config).array(open_image(p)) for p in first]))).numpy()
+    assert np.allclose(direct, features[:4], atol=1e-4)
+
+
+class _Descriptors:
+    """Views over fixed descriptors: training views add a little noise, the centre view is the row itself."""
+
+    def __init__(self, rows: np.ndarray):
+        self.rows = torch.from_numpy(rows.astype(np.float32))
+
+    def train(self, items, epoch, rng, n=1):
+        return [self.rows[list(items)] + 0.05 * torch.from_numpy(rng.standard_normal((len(items), self.rows.shape[1])).astype(np.float32)) for _ in range(n)]
+
+    def eval(self, items):
+        return self.rows[list(items)]
+
+
+@pytest.mark.parametrize("informative", ["texture", "pooled"])
+def test_the_held_out_check_keeps_the_learned_visual_part_unless_the_pooled_features_find_unseen_attributes_better(informative):
+    from torch import nn
+
+    from lookalike.backbones.heads import LookalikeHead
+    from lookalike.refine.objectives import LookalikeObjective
+    from lookalike.refine.trainer import RefineNet
+    from lookalike.refine.visual_part import choose_visual_part
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(["a", "b", "c", "d"], 25)
+    centres = {which: rng.standard_normal((4, 24)) * 3 for which in ("texture", "pooled")}
+    klass = np.searchsorted(["a", "b", "c", "d"], labels)
+    # where the attributes show, each photo sits near its attribute's centre; elsewhere photos are scattered
+    part = {w: (centres[w][klass] if w == informative else 0) + rng.standard_normal((100, 24)) for w in ("texture", "pooled")}
+    pooled = torch.nn.functional.normalize(torch.from_numpy(part["pooled"]).float(), dim=1)
+    config = RefineConfig(epochs=20, lr_schedule=[[20, 0.01]], batch_size=16, dropout=0.0)
+    make_net = lambda classes: RefineNet(nn.Identity(), nn.Identity(), LookalikeHead(24, classes, 8, 8, 0.1, attribute_members=2))
+    choice = choose_visual_part(make_net, _Descriptors(part["texture"]), labels.tolist(), config, LookalikeObjective(), 0, 0.5, lambda: pooled)
+    assert sorted(choice["held_out"]) == ["a", "b", "c", "d"] and all(f["photos"] == 25 for f in choice["held_out"].values())
+    learned = np.mean([f["learned"] for f in choice["held_out"].values()])
+    pretrained = np.mean([f["pretrained"] for f in choice["held_out"].values()])
+    if informative == "texture":
+        assert choice["chosen"] == "learned" and learned > 0.8 and pretrained < 0.5, choice
+    else:
+        assert choice["chosen"] == "pretrained" and pretrained > 0.9 and learned < 0.6, choice
+    assert choice["mean_gap"] == pytest.approx(learned - pretrained)
+    # the decision rests on the photos only one of the two finds, tested for chance
+    assert choice["only_pretrained"] > choice["only_learned"] if informative == "pooled" else choice["only_pretrained"] < choice["only_learned"]
+    assert (choice["p_value"] < 0.01) == (informative == "pooled")
+
+
+def test_the_held_out_check_needs_three_attributes():
+    from lookalike.refine.visual_part import choose_visual_part
+
+    choice = choose_visual_part(None, None, ["a", "a", "b", "b"], RefineConfig(), None, 0, 0.5, lambda: pytest.fail("no check, no features"))
+    assert choice["chosen"] == "learned" and "3 or more attributes" in choice["reason"]

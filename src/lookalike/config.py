@@ -64,6 +64,7 @@ class RefineConfig(_Section):
     attribute_dim: int = Field(64, ge=1)
     attribute_members: int = Field(4, ge=1)
     visual_dim: int = Field(64, ge=1)
+    visual_part: Literal["auto", "learned", "pretrained"] = "auto"
     temperature: float = Field(0.1, gt=0)
     view_weight: float = Field(1.0, ge=0)
     view_temperature: float = Field(0.1, gt=0)
@@ -91,6 +92,7 @@ class MetricConfig(_Section):
     hard_negative_sampling_rounds: int = Field(10, ge=1)
     platt_negative_ratio: float = Field(10.0, gt=0)
     visual_weight: float = Field(0.5, ge=0)
+    pretrained_visual_weight: float = Field(4.0, ge=0)
 
 
 class EvaluateConfig(_Section):

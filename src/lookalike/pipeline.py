@@ -9,13 +9,13 @@ from __future__ import annotations
 import functools
 import os
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from . import visualize
-from .backbones.heads import visual_dims
+from .backbones.config import describe_config
+from .backbones.heads import pretrained_visual, visual_dims
 from .backbones.registry import check_backbone, create_backbone, pretrained_fingerprint
 from .config import LookalikeConfig
 from .data import Dataset, Split, make_fit_split, make_split, scan_dataset
@@ -23,8 +23,8 @@ from .data.splits import NearDuplicateLeak, mislabelled_near_duplicates
 from .errors import LookalikeError
 from .evaluation import example_queries, gallery_metrics, positive_ranks, rank_summary
 from .evaluation.lookalike import nearest_neighbour_accuracy, tied_fraction, unseen_shortfall_warning
-from .features import FeatureCache, configured_cache_dir, create_engine, embed_paths
-from .features.extract import embed_images, l2_normalize
+from .features import configured_cache_dir, create_engine
+from .features.extract import embed_images, embed_scanned
 from .fileio import load_npy, read_json, save_npy, write_json
 from .images import iter_image_files
 from .metric import L2, LABELS, HardNegativeMiner, LearnedWeightedL2, WeightedL2Ranker, pair_features, pairs_from_sets, standard_distances
@@ -190,23 +190,13 @@ def featurize(run_dir: str | os.PathLike, split: int = 0, force: bool = False, p
         return load_npy(out)
     engine = engine or make_engine()
     start = time.perf_counter()
-    features = _embed_scanned(engine, paths, digests, cache_dir, cfg.features.batch_size, progress)
+    features = embed_scanned(engine, paths, digests, cache_dir, cfg.features.batch_size, progress)
     save_npy(out, features)
-    described = asdict(backbone.config) | ({"head": backbone.head_description} if backbone.head_description is not None else {})
+    described = describe_config(backbone.config) | ({"head": backbone.head_description} if backbone.head_description is not None else {})
     meta = {"fingerprint": fp, "backbone": described, "backbone_fingerprint": backbone.fingerprint, "embedding_fingerprint": engine.fingerprint, "engine": engine.name}
     write_json(meta_path, meta | {"rows": members})
     run.log(f"split {split}: {len(members)} embeddings ({backbone.config.name}, {backbone.config.embedding_dim}-d, {engine.name}) in {time.perf_counter() - start:.1f}s")
     return features
-
-
-def _embed_scanned(engine, paths: list[str], digests: list[str], cache_dir: Path, batch_size: int, progress: bool) -> np.ndarray:
-    """Unit-length embeddings of images the scan accepted (their content hashes known), through the feature cache."""
-    with FeatureCache(cache_dir, engine.fingerprint, engine.config.embedding_dim) as cache:
-        result = embed_paths(engine, paths, batch_size, cache=cache, digests=digests, progress=progress)
-    if result.skipped:
-        bad = ", ".join(f"{x['path']} ({x['reason']})" for x in result.skipped)
-        raise LookalikeError(f"could not embed {len(result.skipped)} image(s) that passed the scan: {bad}; prepare the run again, forced (its images changed after the scan)")
-    return l2_normalize(result.features)
 
 
 # ---------------------------------------------------------------- train-metric
@@ -231,14 +221,15 @@ def train_metric(run_dir: str | os.PathLike, split: int = 0, force: bool = False
     va, vb, vy = pairs_from_sets(s.sets[calib_part], row_of)
     Xv = pair_features(features[va], features[vb])
     m = cfg.metric
-    visual = visual_dims(read_json(sdir / "features.json")["backbone"].get("head"))
+    head = read_json(sdir / "features.json")["backbone"].get("head")
+    visual, visual_weight = visual_dims(head), m.pretrained_visual_weight if pretrained_visual(head) else m.visual_weight
     train_rows = [row_of[i] for i in s.parts["train"]]
     labels = np.array([dataset.images[i].attribute for i in s.parts["train"]])
 
     def fit(C: float) -> WeightedL2Ranker:
         miner = HardNegativeMiner(m.hard_negative_iterations, m.hard_negative_max_per_iteration, m.hard_negative_sampling_rounds, seed=cfg.data.seed + split)
         ranker = WeightedL2Ranker(
-            C=C, class_weight=m.class_weight, max_iter=m.max_iter, platt_negative_ratio=m.platt_negative_ratio, visual_dims=visual, visual_weight=m.visual_weight
+            C=C, class_weight=m.class_weight, max_iter=m.max_iter, platt_negative_ratio=m.platt_negative_ratio, visual_dims=visual, visual_weight=visual_weight
         )
         return miner.fit_ranker(ranker, X, y, features[train_rows], labels, Xv, vy, log=run.log)
 
@@ -424,8 +415,8 @@ def unseen_attribute_test(dataset: Dataset, held_out: str, run_dir: str | os.Pat
         "trained_on": trained_on.attributes,
         "catalog": len(catalog),
         "unseen_in_catalog": int(groups["unseen"].sum()),
-        "learned": nearest_neighbour_accuracy(learned, _embed_scanned(model, paths, digests, cache_dir, cfg.features.batch_size, progress), labels, groups),
-        "pretrained": nearest_neighbour_accuracy(L2(), _embed_scanned(pretrained, paths, digests, cache_dir, cfg.features.batch_size, progress), labels, groups),
+        "learned": nearest_neighbour_accuracy(learned, embed_scanned(model, paths, digests, cache_dir, cfg.features.batch_size, progress), labels, groups),
+        "pretrained": nearest_neighbour_accuracy(L2(), embed_scanned(pretrained, paths, digests, cache_dir, cfg.features.batch_size, progress), labels, groups),
         "reference": f"pretrained {reference.config.name}, {reference.config.input_size} px, pooled features, L2",
     }
     write_json(out, result)

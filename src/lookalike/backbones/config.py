@@ -25,6 +25,8 @@ INCEPTION_STD = (128.0 / 255, 128.0 / 255, 128.0 / 255)
 NORMALIZATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "inception": (INCEPTION_MEAN, INCEPTION_STD)}
 
 SAVED_FILES = ("backbone.json", "backbone.safetensors")
+#: the input size the registered backbones were trained at, and their pretrained features are taken at
+PRETRAINED_INPUT_SIZE = 224
 
 
 @dataclass(frozen=True)
@@ -38,18 +40,34 @@ class BackboneConfig:
     embedding_dim: int
     normalization: str
     taps: tuple[int, ...] = ()  # stages whose channel statistics form the descriptor; () = the last stage, average-pooled
+    pooled_size: int = 0  # > 0: the descriptor ends with the trunk's pooled features of the image resized to this size
+
+
+def describe_config(config: BackboneConfig) -> dict:
+    """The config as JSON; `pooled_size` only when set, so configs from before it keep their fingerprints."""
+    out = asdict(config)
+    if not out["pooled_size"]:
+        del out["pooled_size"]
+    return out
 
 
 def backbone_fingerprint(config: BackboneConfig, weights_source: str) -> str:
     """Names a backbone's vectors: its config and its weights (a file's SHA-256, or where they came from)."""
-    payload = json.dumps({"config": asdict(config), "weights": weights_source}, sort_keys=True)
+    payload = json.dumps({"config": describe_config(config), "weights": weights_source}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
 def config_from_saved(meta: dict) -> BackboneConfig:
     """The BackboneConfig a saved `backbone.json` describes."""
     return BackboneConfig(
-        meta["name"], meta["input_size"], tuple(meta["mean"]), tuple(meta["std"]), meta["embedding_dim"], meta["normalization"], tuple(meta.get("taps", ()))
+        meta["name"],
+        meta["input_size"],
+        tuple(meta["mean"]),
+        tuple(meta["std"]),
+        meta["embedding_dim"],
+        meta["normalization"],
+        tuple(meta.get("taps", ())),
+        meta.get("pooled_size", 0),
     )
 
 

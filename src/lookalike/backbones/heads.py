@@ -8,6 +8,10 @@ statistics of several stages differ in scale by orders of magnitude.
   around its proxy without collapsing onto one point: photos keep their own place within the attribute.
   The visual part is trained to find another view of the same photo among the other photos (crops,
   flips, colour changes), so copies find their original and patterns the attributes never named stay apart.
+  With a pretrained visual part (`keep_pretrained_visual`, chosen when the learned one does not carry to
+  attributes it never saw, see refine/visual_part.py) the visual part is the backbone's own pooled features,
+  untouched, and the attribute part shrinks where the attribute members doubt a photo shows any attribute
+  they know: an object class never trained on keeps the pretrained network's neighbours.
 - `AttributeHead`: a linear classifier whose posterior (or logits) is the embedding; every confidently
   classified photo of an attribute lands on one corner of the simplex.
 """
@@ -39,13 +43,15 @@ class Head(nn.Module):
 
         A feature that barely varies on the training images is not blown up: no scale is below a tenth of the mean one.
         """
+        descriptors = descriptors[:, : self.in_features]
         std = descriptors.std(0)
         self.shift.copy_(descriptors.mean(0))
         self.scale.copy_(std.clamp_min(0.1 * float(std.mean()) + 1e-12))
         return self
 
     def standardized(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout((x - self.shift) / self.scale)
+        """The first `in_features` descriptor columns, standardised (a pretrained part may trail them)."""
+        return self.dropout((x[:, : self.in_features] - self.shift) / self.scale)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -90,7 +96,8 @@ class AttributeHead(Head):
 
 
 class LookalikeHead(Head):
-    """[attribute part, visual part] / sqrt(2): two unit vectors, so the embedding has unit length.
+    """[attribute part, visual part] / sqrt(2): two unit vectors, so the embedding has unit length (at most, with a
+    pretrained visual part, whose attribute part shrinks for doubtful photos).
 
     The attribute part is an ensemble: `attribute_members` projections, each with its own proxies and each
     scaled to unit length, side by side and divided by sqrt(members). Its squared distance is the members'
@@ -118,9 +125,23 @@ class LookalikeHead(Head):
         # member m's proxies are rows m*classes .. (m+1)*classes; one member keeps the single-projection layout
         self.attribute_proxies = nn.Parameter(torch.randn(attribute_members * len(self.classes), attribute_dim))
         self.visual_proxies = nn.Parameter(torch.randn(len(self.classes), visual_dim))
+        self.pretrained_dim = 0
+
+    def keep_pretrained_visual(self, pretrained_dim: int, gate_reference: float) -> "LookalikeHead":
+        """Output the `pretrained_dim` descriptor columns after `in_features` (the pooled features) as the visual part.
+
+        The attribute part is then scaled by g = (confidence / gate_reference)^2, clipped to 1, where confidence
+        is the members' mean cosine to their nearest proxy and gate_reference its median over the training
+        photos; one more coordinate, sqrt(1 - g^2), keeps the embedding at unit length.
+        """
+        self.pretrained_dim = pretrained_dim
+        self.register_buffer("gate_reference", torch.tensor(float(gate_reference)))
+        return self
 
     @property
     def embedding_dim(self) -> int:
+        if self.pretrained_dim:
+            return self.attribute_members * self.attribute_dim + 1 + self.pretrained_dim
         return self.attribute_members * self.attribute_dim + self.visual_dim
 
     def parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,8 +163,22 @@ class LookalikeHead(Head):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.member_logits(self.parts(x)[0]).mean(0)
 
+    def attribute_confidence(self, attribute: torch.Tensor) -> torch.Tensor:
+        """(images,): the members' mean cosine to their nearest proxy; low where no trained attribute fits."""
+        return (self.member_logits(attribute) * self.temperature).amax(-1).mean(0)
+
+    def pretrained_part(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled features trailing the texture statistics in the descriptor, at unit length."""
+        return F.normalize(x[:, self.in_features : self.in_features + self.pretrained_dim], dim=1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         attribute, visual = self.parts(x)
+        if self.pretrained_dim:
+            gate = (self.attribute_confidence(attribute) / self.gate_reference).clamp(0, 1).square()
+            # the attribute part's lost length goes into one more coordinate: every consumer scales embeddings
+            # to unit length, which would otherwise grow a doubtful photo's pooled features back
+            rest = (1 - gate.square()).clamp_min(0).sqrt()
+            attribute, visual = torch.cat([attribute * gate[:, None], rest[:, None]], 1), self.pretrained_part(x)
         return torch.cat([attribute, visual], 1) * 0.5**0.5
 
     def reset_parameters(self) -> None:
@@ -158,7 +193,7 @@ class LookalikeHead(Head):
             "attribute_members": self.attribute_members,
             "visual_dim": self.visual_dim,
             "temperature": self.temperature,
-        }
+        } | ({"pretrained_dim": self.pretrained_dim} if self.pretrained_dim else {})
 
 
 def head_from_description(desc: dict) -> Head:
@@ -167,12 +202,20 @@ def head_from_description(desc: dict) -> Head:
     if kind == AttributeHead.kind:
         return AttributeHead(desc["in_features"], desc["classes"], desc["output"])
     if kind == LookalikeHead.kind:
-        return LookalikeHead(
+        head = LookalikeHead(
             desc["in_features"], desc["classes"], desc["attribute_dim"], desc["visual_dim"], desc["temperature"], attribute_members=desc.get("attribute_members", 1)
         )
+        # the reference is a saved buffer; 1.0 only gives it a shape until the weights are loaded
+        return head.keep_pretrained_visual(desc["pretrained_dim"], 1.0) if desc.get("pretrained_dim") else head
     raise LookalikeError(f"unknown embedding head kind '{kind}'")
 
 
 def visual_dims(desc: dict | None) -> int:
     """How many trailing embedding coordinates a head's description marks as its visual part (0 when none)."""
-    return int((desc or {}).get("visual_dim", 0))
+    desc = desc or {}
+    return int(desc.get("pretrained_dim") or desc.get("visual_dim", 0))
+
+
+def pretrained_visual(desc: dict | None) -> bool:
+    """Whether a head's visual part is the backbone's pooled features rather than a learned projection."""
+    return bool((desc or {}).get("pretrained_dim"))

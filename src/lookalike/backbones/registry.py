@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -12,9 +12,9 @@ from torch import nn
 
 from ..errors import LookalikeError
 from ..fileio import sha256_file
-from .config import NORMALIZATIONS, BackboneConfig, SavedBackbone, backbone_fingerprint
+from .config import NORMALIZATIONS, PRETRAINED_INPUT_SIZE, BackboneConfig, SavedBackbone, backbone_fingerprint, describe_config
 from .heads import Head, head_from_description
-from .stages import StageRun, trunk_stages, used_stages
+from .stages import StageRun, pooled_features, trunk_stages, used_stages
 
 
 @dataclass(frozen=True)
@@ -46,10 +46,13 @@ class Backbone(nn.Module):
         return trunk_stages(self.trunk, self.config.name)
 
     def descriptor(self, x: torch.Tensor) -> torch.Tensor:
-        """The last stage's average-pooled features, or the channel statistics of the tapped stages."""
+        """The last stage's average-pooled features, or the channel statistics of the tapped stages; with
+        `pooled_size`, then the pooled features of the image resized to that size (a second pass)."""
         stages = self.stages()
         taps = self.config.taps
         _, pieces = StageRun(stages, 0, used_stages(taps, len(stages)), taps, len(stages))(x)
+        if self.config.pooled_size:
+            pieces.append(pooled_features(stages, x, self.config.pooled_size))
         return torch.cat(pieces, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,7 +129,7 @@ def _pretrained_config(spec: _Spec, name: str, resolution: int | None, normaliza
     if norm not in NORMALIZATIONS:
         raise LookalikeError(f"unknown normalization '{normalization}'; choose backbone, imagenet or inception")
     mean, std = NORMALIZATIONS[norm]
-    return BackboneConfig(name, resolution or 224, mean, std, spec.embedding_dim, norm)
+    return BackboneConfig(name, resolution or PRETRAINED_INPUT_SIZE, mean, std, spec.embedding_dim, norm)
 
 
 def pretrained_fingerprint(
@@ -175,7 +178,7 @@ def save_backbone(backbone: Backbone, directory: str | os.PathLike) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     # the ImageNet classifier is never used (and not restored by load_backbone), so it is not saved either
     state = {k: v.detach().cpu().contiguous() for k, v in backbone.trunk.state_dict().items() if not k.startswith(("fc.", "_fc."))}
-    meta = asdict(backbone.config)
+    meta = describe_config(backbone.config)
     if backbone.head is not None:
         state |= {f"head.{k}": v.detach().cpu().contiguous() for k, v in backbone.head.state_dict().items()}
         meta["head"] = backbone.head_description

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LookalikeError
@@ -92,6 +93,17 @@ class StageRun(nn.Module):
             elif not self.taps and i == self.last:
                 pieces.append(x.mean((2, 3)))
         return x, pieces
+
+
+def pooled_features(stages: Sequence[nn.Module], x: torch.Tensor, size: int) -> torch.Tensor:
+    """The whole trunk's average-pooled output for the images resized to `size` (bilinear, exportable to ONNX).
+
+    The pretrained network sees objects best at the size it was trained at; texture statistics want more pixels.
+    """
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    for stage in stages:
+        x = stage(x)
+    return x.mean((2, 3))
 
 
 def used_stages(taps: tuple[int, ...], n_stages: int) -> int:

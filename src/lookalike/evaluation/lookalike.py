@@ -30,7 +30,7 @@ def unseen_shortfall_warning(unseen: dict, refined: bool = True) -> str | None:
     learned, pretrained = unseen["learned"]["unseen"], unseen["pretrained"]["unseen"]
     if learned >= pretrained - UNSEEN_SHORTFALL:
         return None
-    fix = "compare with refine.epochs = 0 (the pretrained features)" if refined else "compare with plain L2 (`index build --distance l2`)"
+    fix = 'compare with refine.epochs = 0 (the pretrained features), or with refine.visual_part = "pretrained" where the run log says the learned visual part was kept,' if refined else "compare with plain L2 (`index build --distance l2`)"
     return (
         f"the trained model keeps {unseen['held_out']}, an attribute it never saw, apart worse than the pretrained backbone "
         f"(1-NN {learned:.1%} against {pretrained:.1%}): it serves the trained attributes, not photos beyond them. "

@@ -95,6 +95,16 @@ def embed_paths(
     return EmbeddingResult(features, [paths[i] for i in keep], [digests[i] for i in keep], skipped)
 
 
+def embed_scanned(engine: Engine, paths: list[str], digests: list[str], cache_dir: str | os.PathLike, batch_size: int, progress: bool) -> np.ndarray:
+    """Unit-length embeddings of images a dataset scan accepted (their content hashes known), through the feature cache."""
+    with FeatureCache(cache_dir, engine.fingerprint, engine.config.embedding_dim) as cache:
+        result = embed_paths(engine, paths, batch_size, cache=cache, digests=digests, progress=progress)
+    if result.skipped:
+        bad = ", ".join(f"{x['path']} ({x['reason']})" for x in result.skipped)
+        raise LookalikeError(f"could not embed {len(result.skipped)} image(s) that passed the scan: {bad}; prepare the run again, forced (its images changed after the scan)")
+    return l2_normalize(result.features)
+
+
 def embed_images(engine: Engine, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
     """Unit-length embeddings of images already in memory (uploads, altered copies), a batch at a time."""
     pre = Preprocessor(engine.config)

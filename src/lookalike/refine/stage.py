@@ -7,6 +7,7 @@ trained on; validation and test errors are measured after each epoch and never u
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import time
@@ -20,19 +21,21 @@ from torch import nn
 from .. import visualize
 from ..backbones import Backbone, create_backbone, load_backbone
 from ..backbones.heads import AttributeHead, Head, LookalikeHead
+from ..backbones.config import PRETRAINED_INPUT_SIZE
 from ..backbones.registry import save_backbone
-from ..backbones.stages import resolve_taps
+from ..backbones.stages import pooled_features, resolve_taps
 from ..config import LookalikeConfig, RefineConfig
 from ..errors import ConfigError, LookalikeError
-from ..features import FeatureCache, configured_cache_dir
-from ..features.extract import batch_for
+from ..features import FeatureCache, configured_cache_dir, create_engine
+from ..features.extract import batch_for, embed_scanned
 from ..fileio import read_json, write_json
 from ..rundir import RunDir, fingerprint, up_to_date
 from .augment import AugmentParams, ViewMaker
 from .cached import ActivationCache, fill_cache, frozen_runner
-from .blocks import TrainedPart, split_trunk
+from .blocks import split_trunk
 from .objectives import objective_for
-from .trainer import CachedViews, OnlineViews, RefineNet, Refiner
+from .trainer import CachedViews, OnlineViews, RefineNet, Refiner, Views
+from .visual_part import choose_visual_part
 
 CACHE_FORMAT = 3
 
@@ -77,8 +80,11 @@ def refine(run_dir: str | os.PathLike, split: int = 0, force: bool = False, prog
     dataset = run.dataset()
     s = run.split(split)
     backbone = base_backbone(cfg)
+    taps = backbone.config.taps
+    visual_setting = rc.visual_part if rc.embedding == "lookalike" else "learned"
     blocks = 0 if rc.last_layer_only else (-1 if mode == "full" else rc.trainable_blocks)
     frozen, trained = split_trunk(backbone, blocks)
+    trained_stages = "all" if frozen is None else len(trained.run.blocks)
     if frozen is None:
         mode = "full"  # every stage is trained, so there is nothing frozen to cache
     augment = AugmentParams(rc.crop_scale_min, rc.hflip, rc.vflip, rc.color_jitter, rc.hue_jitter, rc.degrade)
@@ -89,7 +95,7 @@ def refine(run_dir: str | os.PathLike, split: int = 0, force: bool = False, prog
     start = time.perf_counter()
     run.log(
         f"split {split}: refining {backbone.config.name} at {backbone.config.input_size} px on {len(parts['train'])} training images, "
-        f"{mode} mode ({_trained_part(frozen, trained)}), {rc.epochs} epochs; the {rc.embedding} head sees {_descriptor_name(backbone.config.taps)}"
+        f"{mode} mode ({_trained_part(trained_stages)}), {rc.epochs} epochs; the {rc.embedding} head sees {_descriptor_name(backbone.config.taps)}"
     )
     cache = None
     if mode == "cached":
@@ -112,17 +118,34 @@ def refine(run_dir: str | os.PathLike, split: int = 0, force: bool = False, prog
     head = make_head(rc, dim, dataset.attributes)
     net = RefineNet(net_frozen, trained, head)
     monitor = {p: (views[p], labels[p]) for p in ("validation", "test") if p in parts}
-    keep_head = rc.embedding != "pooled"
-    if keep_head:
-        dim = head.embedding_dim
     objective = objective_for(head, rc.view_weight, rc.view_temperature, rc.label_smoothing)
+    # texture statistics of several stages differ in scale by orders of magnitude; pooled features do not
+    standardize = bool(taps)
     try:
-        # texture statistics of several stages differ in scale by orders of magnitude; pooled features do not
-        refiner = Refiner(rc, objective, seed=seed, standardize=bool(backbone.config.taps), progress=progress, log=run.log)
+        if visual_setting == "auto":
+            train_paths = [str(dataset.absolute_path(i)) for i in parts["train"]]
+            choice = choose_visual_part(
+                lambda classes: RefineNet(net_frozen, copy.deepcopy(trained), make_head(rc, dim, classes)),
+                views["train"], labels["train"], rc, objective, seed, cfg.metric.visual_weight,
+                lambda: _pretrained_features(cfg, train_paths, digests["train"], progress), standardize,
+            )
+        else:
+            choice = {"chosen": visual_setting, "reason": f"refine.visual_part = {rc.visual_part}"}
+        if rc.embedding == "lookalike":
+            run.log(f"split {split}: {choice['chosen']} visual part ({choice['reason']})")
+        refiner = Refiner(rc, objective, seed=seed, standardize=standardize, progress=progress, log=run.log)
         refiner.fit(net, views["train"], labels["train"], monitor)
-        refined = Backbone(backbone.trunk.eval(), replace(backbone.config, embedding_dim=dim), "", head.eval() if keep_head else None)
+        pooled_size = 0
+        if choice["chosen"] == "pretrained":
+            # the trunk's own pooled features, of the image at the size it was trained at (a second pass)
+            pooled_size = PRETRAINED_INPUT_SIZE
+            head.keep_pretrained_visual(_pooled_dim(backbone), _median_confidence(net, views["train"], len(labels["train"])))
+        embedding_dim = head.embedding_dim if rc.embedding != "pooled" else dim
+        refined = Backbone(
+            backbone.trunk.eval(), replace(backbone.config, embedding_dim=embedding_dim, pooled_size=pooled_size), "", head.eval() if rc.embedding != "pooled" else None
+        )
         save_backbone(refined, out)
-        if cache is not None:
+        if cache is not None and not pooled_size:  # the cached views hold no second pass; featurize makes those
             _store_embeddings(cfg, out, net, views, digests)
     finally:
         if cache is not None:
@@ -134,8 +157,9 @@ def refine(run_dir: str | os.PathLike, split: int = 0, force: bool = False, prog
         "fingerprint": fp,
         "mode": mode,
         "device": str(refiner.device_),
-        "trained_stages": "all" if frozen is None else len(trained.run.blocks),
-        "texture_stages": list(backbone.config.taps),
+        "trained_stages": trained_stages,
+        "texture_stages": list(taps),
+        "visual_part": choice if rc.embedding == "lookalike" else None,
         "classes": refiner.classes_,
         "seconds": round(time.perf_counter() - start, 1),
         "history": refiner.history_,
@@ -151,6 +175,27 @@ def refine(run_dir: str | os.PathLike, split: int = 0, force: bool = False, prog
     return record
 
 
+def _pooled_dim(backbone: Backbone) -> int:
+    """Length of the trunk's pooled features, from one small image."""
+    with torch.no_grad():
+        return pooled_features(backbone.stages(), torch.zeros(1, 3, 64, 64), 64).shape[1]
+
+
+def _pretrained_features(cfg: LookalikeConfig, paths: list[str], digests: list[str], progress: bool) -> torch.Tensor:
+    """The pretrained backbone's unit pooled features of these images at its own input size, through the feature cache."""
+    f, cache_dir = cfg.features, configured_cache_dir(cfg.features.cache_dir)
+    engine = create_engine(create_backbone(f.backbone, f.weights or None, PRETRAINED_INPUT_SIZE, f.normalization), f.engine, False, cache_dir)
+    return torch.from_numpy(embed_scanned(engine, paths, digests, cache_dir, f.batch_size, progress))
+
+
+def _median_confidence(net: RefineNet, views: Views, n: int) -> float:
+    """The attribute members' median confidence over the training photos' centre views: the gate's reference."""
+    net.eval()
+    with torch.inference_mode():
+        confidence = [net.head.attribute_confidence(net.head.parts(net.descriptor(views.eval(list(range(s, min(s + 64, n))))))[0]) for s in range(0, n, 64)]
+    return float(torch.cat(confidence).median())
+
+
 def make_head(rc: RefineConfig, in_features: int, classes: list[str]) -> Head:
     """The head `refine.embedding` asks for ("pooled" trains a classifier and then drops it)."""
     if rc.embedding == "lookalike":
@@ -158,11 +203,10 @@ def make_head(rc: RefineConfig, in_features: int, classes: list[str]) -> Head:
     return AttributeHead(in_features, classes, "logits" if rc.embedding == "pooled" else rc.embedding, rc.dropout)
 
 
-def _trained_part(frozen: nn.Module | None, trained: TrainedPart) -> str:
-    if frozen is None:
+def _trained_part(trained_stages: int | str) -> str:
+    if trained_stages == "all":
         return "every stage + new head"
-    n = len(trained.run.blocks)
-    return f"last {n} stage(s) + new head" if n else "new head on cached descriptors"
+    return f"last {trained_stages} stage(s) + new head" if trained_stages else "new head on cached descriptors"
 
 
 def _descriptor_name(taps: tuple[int, ...]) -> str:

@@ -57,6 +57,19 @@ class CachedViews:
         return torch.from_numpy(self.cache.get_many([(self.digests[i], 0) for i in items]))
 
 
+class SubsetViews:
+    """Some of another Views' items, renumbered 0 .. len(items) - 1 (to train on part of a split)."""
+
+    def __init__(self, views: Views, items: Sequence[int]):
+        self.views, self.items = views, [int(i) for i in items]
+
+    def train(self, items, epoch, rng, n=1):
+        return self.views.train([self.items[i] for i in items], epoch, rng, n)
+
+    def eval(self, items):
+        return self.views.eval([self.items[i] for i in items])
+
+
 class OnlineViews:
     """Images decoded and augmented afresh for every epoch (full mode), a few threads at a time."""
 

@@ -1,0 +1,107 @@
+"""Which visual part a lookalike embedding keeps, chosen from the user's own training photos.
+
+The learned visual part (a projection of the texture statistics) keeps patterns apart that the attributes
+never named, but on photos of objects it does not say which object is shown, and the attribute part scatters
+an unseen class over the trained ones (docs/refine.md, "On another kind of collection"). The pretrained
+visual part keeps the backbone's pooled features and shrinks the attribute part where the members doubt; on
+patterns it gives the attribute ranking away. So the data decides:
+
+each training attribute in turn (at most `MAX_HELD_OUT`, drawn with the seed) is held out, a head is trained
+on the others for a few epochs, and the held-out attribute's training photos look for their nearest
+neighbour among the training photos, once with the learned embedding's two parts and once with the
+pretrained pooled features. The pretrained visual part is chosen only when the learned one finds a photo of
+the same attribute less often by more than `MARGIN` on average, and clearly so: a sign test on the photos
+only one of the two finds (p < `SIGNIFICANCE`), since a few photos per attribute decide nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from scipy.stats import binomtest
+
+from ..config import RefineConfig
+from .trainer import RefineNet, Refiner, SubsetViews, Views
+
+MAX_HELD_OUT = 4
+CHECK_EPOCHS = 20
+MARGIN = 0.05
+SIGNIFICANCE = 0.01
+MAX_CATALOG = 3000
+
+
+def nearest_neighbour_hits(vectors: torch.Tensor, labels: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """For each of `queries` (row numbers): whether its nearest other row (squared L2) has the same label."""
+    distances = torch.cdist(vectors[queries], vectors).square()
+    distances[torch.arange(len(queries)), torch.from_numpy(queries)] = float("inf")
+    return labels[distances.argmin(1).numpy()] == labels[queries]
+
+
+def choose_visual_part(
+    make_net: Callable[[list[str]], RefineNet],
+    views: Views,
+    labels: Sequence[str],
+    config: RefineConfig,
+    objective,
+    seed: int,
+    visual_weight: float,
+    pretrained: Callable[[], torch.Tensor],
+    standardize: bool = True,
+) -> dict:
+    """The held-out check; returns {"chosen": "learned" | "pretrained", "held_out": per attribute figures, "reason"}.
+
+    `make_net(classes)` gives a fresh network for those attributes; `pretrained()` the pretrained backbone's
+    unit pooled features of the training photos, in their order (asked for only when the check runs).
+    """
+    labels = np.asarray(labels)
+    attributes = sorted(set(labels.tolist()))
+    counts = {a: int(np.sum(labels == a)) for a in attributes}
+    candidates = [a for a in attributes if counts[a] >= 2]
+    if len(attributes) < 3 or not candidates:
+        return {"chosen": "learned", "held_out": {}, "reason": "the check needs 3 or more attributes, one with 2 or more training photos"}
+    rng = np.random.default_rng(seed)
+    held_out = sorted(rng.choice(candidates, size=min(MAX_HELD_OUT, len(candidates)), replace=False).tolist())
+    catalog = np.sort(rng.choice(len(labels), size=min(MAX_CATALOG, len(labels)), replace=False))
+    # every held-out photo is in the catalog even when it is sampled, so small attributes keep their queries
+    catalog = np.union1d(catalog, np.flatnonzero(np.isin(labels, held_out)))
+    check_config = config.model_copy(update={"epochs": min(config.epochs, CHECK_EPOCHS)})
+    reference = pretrained()[torch.from_numpy(catalog)]
+    figures, learned_only, pretrained_only = {}, 0, 0
+    for attribute in held_out:
+        keep = np.flatnonzero(labels != attribute)
+        net = make_net([a for a in attributes if a != attribute])
+        refiner = Refiner(check_config, objective, seed=seed, standardize=standardize, progress=False, log=lambda _: None)
+        refiner.fit(net, SubsetViews(views, keep), labels[keep].tolist())
+        queries = np.flatnonzero(labels[catalog] == attribute)
+        learned = nearest_neighbour_hits(_learned_vectors(net, views, catalog, visual_weight), labels[catalog], queries)
+        pretrained_hits = nearest_neighbour_hits(reference, labels[catalog], queries)
+        figures[attribute] = {"photos": len(queries), "learned": float(learned.mean()), "pretrained": float(pretrained_hits.mean())}
+        learned_only += int(np.sum(learned & ~pretrained_hits))
+        pretrained_only += int(np.sum(pretrained_hits & ~learned))
+    gap = float(np.mean([f["learned"] - f["pretrained"] for f in figures.values()]))
+    # photos only one of the two finds: were both equally good, each would be the pretrained one's half the time
+    p_value = float(binomtest(pretrained_only, learned_only + pretrained_only, alternative="greater").pvalue) if learned_only + pretrained_only else 1.0
+    chosen = "pretrained" if gap < -MARGIN and p_value < SIGNIFICANCE else "learned"
+    reason = (
+        f"held out {', '.join(held_out)} in turn: the learned visual part finds a same-attribute nearest neighbour "
+        f"{abs(gap):.1%} {'less' if gap < 0 else 'more'} often than the pretrained backbone "
+        f"({pretrained_only} photos only the pretrained one finds, {learned_only} only the learned one, p = {p_value:.2g})"
+        + (f": more than {MARGIN:.0%} less, and clearly so" if chosen == "pretrained" else "")
+    )
+    return {
+        "chosen": chosen, "held_out": figures, "mean_gap": gap,
+        "only_learned": learned_only, "only_pretrained": pretrained_only, "p_value": p_value, "reason": reason,
+    }
+
+
+def _learned_vectors(net: RefineNet, views: Views, items: np.ndarray, visual_weight: float) -> torch.Tensor:
+    """[attribute part, sqrt(visual_weight) * visual part] of `items`' centre views: the learned distance, roughly."""
+    net.eval()
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(items), 64):
+            attribute, visual = net.head.parts(net.descriptor(views.eval(items[start : start + 64].tolist())))
+            out.append(torch.cat([attribute, visual_weight**0.5 * visual], 1))
+    return torch.cat(out)
