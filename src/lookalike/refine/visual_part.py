@@ -30,6 +30,7 @@ CHECK_EPOCHS = 20
 MARGIN = 0.05
 SIGNIFICANCE = 0.01
 MAX_CATALOG = 3000
+MAX_QUERIES = 500
 
 
 def nearest_neighbour_hits(vectors: torch.Tensor, labels: np.ndarray, queries: np.ndarray) -> np.ndarray:
@@ -63,9 +64,11 @@ def choose_visual_part(
         return {"chosen": "learned", "held_out": {}, "reason": "the check needs 3 or more attributes, one with 2 or more training photos"}
     rng = np.random.default_rng(seed)
     held_out = sorted(rng.choice(candidates, size=min(MAX_HELD_OUT, len(candidates)), replace=False).tolist())
-    catalog = np.sort(rng.choice(len(labels), size=min(MAX_CATALOG, len(labels)), replace=False))
-    # every held-out photo is in the catalog even when it is sampled, so small attributes keep their queries
-    catalog = np.union1d(catalog, np.flatnonzero(np.isin(labels, held_out)))
+    catalog = rng.choice(len(labels), size=min(MAX_CATALOG, len(labels)), replace=False)
+    # up to MAX_QUERIES photos of each held-out attribute join the sample, so small attributes keep their queries
+    for attribute in held_out:
+        members = np.flatnonzero(labels == attribute)
+        catalog = np.union1d(catalog, rng.choice(members, size=min(MAX_QUERIES, len(members)), replace=False))
     check_config = config.model_copy(update={"epochs": min(config.epochs, CHECK_EPOCHS)})
     reference = pretrained()[torch.from_numpy(catalog)]
     figures, learned_only, pretrained_only = {}, 0, 0
