@@ -23,7 +23,10 @@ from lookalike.pipeline import featurize, prepare
 from lookalike.refine.stage import refine
 from lookalike.backbones.stages import channel_statistics, resolve_taps
 from lookalike.refine.blocks import split_trunk
-from lookalike.refine.trainer import epoch_order, learning_rate
+from lookalike.backbones.heads import LookalikeHead
+from lookalike.refine.objectives import LookalikeObjective
+from lookalike.refine.trainer import RefineNet, epoch_order, learning_rate
+from lookalike.refine.visual_part import choose_visual_part
 
 #: without CUDA refinement caches the frozen part's output; with it, mode "auto" trains every block
 CUDA = torch.cuda.is_available()
@@ -428,13 +431,6 @@ class _Descriptors:
 
 @pytest.mark.parametrize("informative", ["texture", "pooled"])
 def test_the_held_out_check_keeps_the_learned_visual_part_unless_the_pooled_features_find_unseen_attributes_better(informative):
-    from torch import nn
-
-    from lookalike.backbones.heads import LookalikeHead
-    from lookalike.refine.objectives import LookalikeObjective
-    from lookalike.refine.trainer import RefineNet
-    from lookalike.refine.visual_part import choose_visual_part
-
     rng = np.random.default_rng(0)
     labels = np.repeat(["a", "b", "c", "d"], 25)
     centres = {which: rng.standard_normal((4, 24)) * 3 for which in ("texture", "pooled")}
@@ -443,7 +439,7 @@ def test_the_held_out_check_keeps_the_learned_visual_part_unless_the_pooled_feat
     part = {w: (centres[w][klass] if w == informative else 0) + rng.standard_normal((100, 24)) for w in ("texture", "pooled")}
     pooled = torch.nn.functional.normalize(torch.from_numpy(part["pooled"]).float(), dim=1)
     config = RefineConfig(epochs=20, lr_schedule=[[20, 0.01]], batch_size=16, dropout=0.0)
-    make_net = lambda classes: RefineNet(nn.Identity(), nn.Identity(), LookalikeHead(24, classes, 8, 8, 0.1, attribute_members=2))
+    make_net = lambda classes: RefineNet(torch.nn.Identity(), torch.nn.Identity(), LookalikeHead(24, classes, 8, 8, 0.1, attribute_members=2))  # noqa: E731
     choice = choose_visual_part(make_net, _Descriptors(part["texture"]), labels.tolist(), config, LookalikeObjective(), 0, 0.5, lambda: pooled)
     assert sorted(choice["held_out"]) == ["a", "b", "c", "d"] and all(f["photos"] == 25 for f in choice["held_out"].values())
     learned = np.mean([f["learned"] for f in choice["held_out"].values()])
@@ -454,12 +450,13 @@ def test_the_held_out_check_keeps_the_learned_visual_part_unless_the_pooled_feat
         assert choice["chosen"] == "pretrained" and pretrained > 0.9 and learned < 0.6, choice
     assert choice["mean_gap"] == pytest.approx(learned - pretrained)
     # the decision rests on the photos only one of the two finds, tested for chance
-    assert choice["only_pretrained"] > choice["only_learned"] if informative == "pooled" else choice["only_pretrained"] < choice["only_learned"]
+    if informative == "pooled":
+        assert choice["only_pretrained"] > choice["only_learned"]
+    else:
+        assert choice["only_pretrained"] < choice["only_learned"]
     assert (choice["p_value"] < 0.01) == (informative == "pooled")
 
 
 def test_the_held_out_check_needs_three_attributes():
-    from lookalike.refine.visual_part import choose_visual_part
-
     choice = choose_visual_part(None, None, ["a", "a", "b", "b"], RefineConfig(), None, 0, 0.5, lambda: pytest.fail("no check, no features"))
     assert choice["chosen"] == "learned" and "3 or more attributes" in choice["reason"]
