@@ -34,7 +34,7 @@ from .augment import AugmentParams, ViewMaker
 from .cached import ActivationCache, fill_cache, frozen_runner
 from .blocks import split_trunk
 from .objectives import objective_for
-from .trainer import CachedViews, OnlineViews, RefineNet, Refiner, Views
+from .trainer import CachedViews, OnlineViews, RefineNet, Refiner, Views, centre_view_batches
 from .visual_part import choose_visual_part
 
 CACHE_FORMAT = 3
@@ -192,7 +192,7 @@ def _median_confidence(net: RefineNet, views: Views, n: int) -> float:
     """The attribute members' median confidence over the training photos' centre views: the gate's reference."""
     net.eval()
     with torch.inference_mode():
-        confidence = [net.head.attribute_confidence(net.head.parts(net.descriptor(views.eval(list(range(s, min(s + 64, n))))))[0]) for s in range(0, n, 64)]
+        confidence = [net.head.attribute_confidence(net.head.parts(net.descriptor(batch))[0]) for _, batch in centre_view_batches(views, range(n))]
     return float(torch.cat(confidence).median())
 
 
@@ -234,9 +234,8 @@ def _store_embeddings(cfg: LookalikeConfig, out: Path, net: RefineNet, views: di
     vectors: dict[str, np.ndarray] = {}
     with torch.inference_mode():
         for part, part_views in views.items():
-            for start in range(0, len(digests[part]), 64):
-                items = list(range(start, min(start + 64, len(digests[part]))))
-                descriptor = net.descriptor(part_views.eval(items))
+            for items, batch in centre_view_batches(part_views, range(len(digests[part]))):
+                descriptor = net.descriptor(batch)
                 emb = saved.head(descriptor) if saved.head is not None else descriptor
                 vectors.update(zip((digests[part][i] for i in items), emb.numpy()))
     with FeatureCache(cache_dir, saved.fingerprint, saved.config.embedding_dim) as cache:

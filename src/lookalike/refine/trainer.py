@@ -11,7 +11,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -39,6 +39,13 @@ class Objective(Protocol):
     views: int
 
     def __call__(self, head: Head, descriptors: list[torch.Tensor], target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def centre_view_batches(views: Views, items: Sequence[int], size: int = 64) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """`items`' centre views, `size` at a time, each batch with its items."""
+    for start in range(0, len(items), size):
+        batch = [int(i) for i in items[start : start + size]]
+        yield batch, views.eval(batch)
 
 
 class CachedViews:
@@ -261,7 +268,7 @@ class Refiner:
         """Set the head's shift and scale from the training images' centre views, as the pretrained blocks see them."""
         net.eval()
         with torch.inference_mode(), amp:
-            descriptors = [net.descriptor(views.eval(list(range(s, min(s + 64, n)))).to(self.device_)).float() for s in range(0, n, 64)]
+            descriptors = [net.descriptor(batch.to(self.device_)).float() for _, batch in centre_view_batches(views, range(n))]
         net.head.standardize(torch.cat(descriptors))
 
     def _error(self, net: RefineNet, views: Views, target: np.ndarray, amp) -> float:
@@ -271,9 +278,8 @@ class Refiner:
         net.eval()
         wrong = 0
         with torch.inference_mode(), amp:
-            for s in range(0, len(target), 64):
-                items = list(range(s, min(s + 64, len(target))))
-                pred = net(views.eval(items).to(self.device_)).argmax(1).cpu().numpy()
+            for items, batch in centre_view_batches(views, range(len(target))):
+                pred = net(batch.to(self.device_)).argmax(1).cpu().numpy()
                 wrong += int((pred != target[items]).sum())
         return wrong / len(target)
 

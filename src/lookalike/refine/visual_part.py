@@ -23,7 +23,7 @@ import torch
 from scipy.stats import binomtest
 
 from ..config import RefineConfig
-from .trainer import RefineNet, Refiner, SubsetViews, Views
+from .trainer import RefineNet, Refiner, SubsetViews, Views, centre_view_batches
 
 MAX_HELD_OUT = 4
 CHECK_EPOCHS = 20
@@ -104,7 +104,7 @@ def _learned_vectors(net: RefineNet, views: Views, items: np.ndarray, visual_wei
     net.eval()
     out = []
     with torch.inference_mode():
-        for start in range(0, len(items), 64):
-            attribute, visual = net.head.parts(net.descriptor(views.eval(items[start : start + 64].tolist())))
+        for _, batch in centre_view_batches(views, items):
+            attribute, visual = net.head.parts(net.descriptor(batch))
             out.append(torch.cat([attribute, visual_weight**0.5 * visual], 1))
     return torch.cat(out)
