@@ -23,10 +23,10 @@ from lookalike.pipeline import featurize, prepare
 from lookalike.refine.stage import refine
 from lookalike.backbones.stages import channel_statistics, resolve_taps
 from lookalike.refine.blocks import split_trunk
-from lookalike.backbones.heads import LookalikeHead
+from lookalike.backbones.heads import LookalikeHead, head_from_description
 from lookalike.refine.objectives import LookalikeObjective
 from lookalike.refine.trainer import RefineNet, epoch_order, learning_rate
-from lookalike.refine.visual_part import choose_visual_part
+from lookalike.refine.visual_part import SIGNIFICANCE, choose_visual_part, sign_test
 
 #: without CUDA refinement caches the frozen part's output; with it, mode "auto" trains every block
 CUDA = torch.cuda.is_available()
@@ -339,7 +339,6 @@ def test_label_smoothing_reaches_both_objectives():
 
 
 def test_attribute_members_are_an_ensemble_whose_distances_average():
-    from lookalike.backbones.heads import LookalikeHead, head_from_description
     from lookalike.refine.objectives import objective_for
 
     torch.manual_seed(0)
@@ -384,8 +383,11 @@ def test_a_pretrained_visual_part_is_the_untouched_pooled_features_and_the_attri
     assert saved["taps"] == [10, 12, 14, 16] and saved["pooled_size"] == 224 and saved["head"]["pretrained_dim"] == 1280
     # [attribute part, the length it lost, pooled features]
     assert saved["head"]["in_features"] == 2 * (112 + 192 + 192 + 320) and saved["embedding_dim"] == 4 * 64 + 1 + 1280
-    assert record["visual_part"] == {"chosen": "pretrained", "reason": "refine.visual_part = pretrained"}
+    assert record["visual_part"]["chosen"] == "pretrained" and record["visual_part"]["reason"] == "refine.visual_part = pretrained"
+    # the gate's reference is the median confidence of photos the head was not trained on
+    assert record["visual_part"]["gate_reference"]["median_confidence_of"] == "validation" and saved["head"]["gate_power"] == 1
     model = load_backbone(out)
+    assert float(model.head.gate_reference) == pytest.approx(record["visual_part"]["gate_reference"]["value"], abs=1e-4)
     pretrained = create_backbone("efficientnet-lite0", resolution=64)
     x = torch.from_numpy(np.stack([Preprocessor(model.config).array(open_image(p)) for p in sorted(textures.rglob("*.png"))[:12]]))
     with torch.inference_mode():
@@ -400,8 +402,11 @@ def test_a_pretrained_visual_part_is_the_untouched_pooled_features_and_the_attri
     # a photo the members doubt more than the training photos' median has its attribute part shrunk, never grown
     assert bool((norms <= 1 + 1e-5).all()) and float(norms.min()) < 0.99
     with torch.inference_mode():
-        gate = (model.head.attribute_confidence(model.head.parts(model.descriptor(x))[0]) / model.head.gate_reference).clamp(0, 1).square()
+        gate = (model.head.attribute_confidence(model.head.parts(model.descriptor(x))[0]) / model.head.gate_reference).clamp(0, 1)
     assert torch.allclose(norms, gate, atol=1e-5)
+    # a model saved before the gate's power was recorded squared the ratio, and still does
+    old = {k: v for k, v in saved["head"].items() if k != "gate_power"}
+    assert head_from_description(old).gate_power == 2
     # unit length by construction, so scaling embeddings to unit length (every consumer does) changes nothing
     assert torch.allclose(norms.square() + rest.square(), torch.ones(len(x)), atol=1e-5)
     assert torch.allclose(embedding.norm(dim=1), torch.ones(len(x)), atol=1e-5)
@@ -455,6 +460,16 @@ def test_the_held_out_check_keeps_the_learned_visual_part_unless_the_pooled_feat
     else:
         assert choice["only_pretrained"] < choice["only_learned"]
     assert (choice["p_value"] < 0.01) == (informative == "pooled")
+
+
+def test_the_sign_test_is_one_sided_at_the_conventional_level():
+    # photos only the learned / only the pretrained part found, as on fridgeObjects' nested runs (3 known classes)
+    assert sign_test(4, 12) == pytest.approx(0.0384, abs=1e-4) and sign_test(4, 12) < SIGNIFICANCE  # gap -12.9 points: pretrained
+    assert sign_test(6, 9) > SIGNIFICANCE  # gap -4.8 points: learned (the margin alone would keep it too)
+    # a texture set's 8-point gap resting on 3 photos decides nothing
+    assert sign_test(0, 3) > SIGNIFICANCE
+    # the learned part finding more is never evidence for the pretrained one
+    assert sign_test(12, 4) > 0.9 and sign_test(0, 0) == 1.0
 
 
 def test_the_held_out_check_needs_three_attributes():

@@ -125,16 +125,17 @@ class LookalikeHead(Head):
         # member m's proxies are rows m*classes .. (m+1)*classes; one member keeps the single-projection layout
         self.attribute_proxies = nn.Parameter(torch.randn(attribute_members * len(self.classes), attribute_dim))
         self.visual_proxies = nn.Parameter(torch.randn(len(self.classes), visual_dim))
-        self.pretrained_dim = 0
+        self.pretrained_dim, self.gate_power = 0, 1
 
-    def keep_pretrained_visual(self, pretrained_dim: int, gate_reference: float) -> "LookalikeHead":
+    def keep_pretrained_visual(self, pretrained_dim: int, gate_reference: float, gate_power: int = 1) -> "LookalikeHead":
         """Output the `pretrained_dim` descriptor columns after `in_features` (the pooled features) as the visual part.
 
-        The attribute part is then scaled by g = (confidence / gate_reference)^2, clipped to 1, where confidence
-        is the members' mean cosine to their nearest proxy and gate_reference its median over the training
-        photos; one more coordinate, sqrt(1 - g^2), keeps the embedding at unit length.
+        The attribute part is then scaled by g = (confidence / gate_reference)^gate_power, clipped to 1, where
+        confidence is the members' mean cosine to their nearest proxy and gate_reference its median over photos
+        the head was not trained on; one more coordinate, sqrt(1 - g^2), keeps the embedding at unit length.
+        Models saved before gate_power was recorded squared the ratio.
         """
-        self.pretrained_dim = pretrained_dim
+        self.pretrained_dim, self.gate_power = pretrained_dim, gate_power
         self.register_buffer("gate_reference", torch.tensor(float(gate_reference)))
         return self
 
@@ -174,7 +175,7 @@ class LookalikeHead(Head):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         attribute, visual = self.parts(x)
         if self.pretrained_dim:
-            gate = (self.attribute_confidence(attribute) / self.gate_reference).clamp(0, 1).square()
+            gate = (self.attribute_confidence(attribute) / self.gate_reference).clamp(0, 1) ** self.gate_power
             # the attribute part's lost length goes into one more coordinate: every consumer scales embeddings
             # to unit length, which would otherwise grow a doubtful photo's pooled features back
             rest = (1 - gate.square()).clamp_min(0).sqrt()
@@ -193,7 +194,7 @@ class LookalikeHead(Head):
             "attribute_members": self.attribute_members,
             "visual_dim": self.visual_dim,
             "temperature": self.temperature,
-        } | ({"pretrained_dim": self.pretrained_dim} if self.pretrained_dim else {})
+        } | ({"pretrained_dim": self.pretrained_dim, "gate_power": self.gate_power} if self.pretrained_dim else {})
 
 
 def head_from_description(desc: dict) -> Head:
@@ -206,7 +207,7 @@ def head_from_description(desc: dict) -> Head:
             desc["in_features"], desc["classes"], desc["attribute_dim"], desc["visual_dim"], desc["temperature"], attribute_members=desc.get("attribute_members", 1)
         )
         # the reference is a saved buffer; 1.0 only gives it a shape until the weights are loaded
-        return head.keep_pretrained_visual(desc["pretrained_dim"], 1.0) if desc.get("pretrained_dim") else head
+        return head.keep_pretrained_visual(desc["pretrained_dim"], 1.0, desc.get("gate_power", 2)) if desc.get("pretrained_dim") else head
     raise LookalikeError(f"unknown embedding head kind '{kind}'")
 
 

@@ -139,7 +139,11 @@ def refine(run_dir: str | os.PathLike, split: int = 0, force: bool = False, prog
         if choice["chosen"] == "pretrained":
             # the trunk's own pooled features, of the image at the size it was trained at (a second pass)
             pooled_size = PRETRAINED_INPUT_SIZE
-            head.keep_pretrained_visual(_pooled_dim(backbone), _median_confidence(net, views["train"], len(labels["train"])))
+            # photos the head was not trained on, whose confidence is not inflated by fitting them
+            reference_part = "validation" if "validation" in parts else "train"
+            reference = _median_confidence(net, views[reference_part], len(labels[reference_part]))
+            head.keep_pretrained_visual(_pooled_dim(backbone), reference)
+            choice["gate_reference"] = {"median_confidence_of": reference_part, "value": round(reference, 4)}
         embedding_dim = head.embedding_dim if rc.embedding != "pooled" else dim
         refined = Backbone(
             backbone.trunk.eval(), replace(backbone.config, embedding_dim=embedding_dim, pooled_size=pooled_size), "", head.eval() if rc.embedding != "pooled" else None
@@ -189,7 +193,7 @@ def _pretrained_features(cfg: LookalikeConfig, paths: list[str], digests: list[s
 
 
 def _median_confidence(net: RefineNet, views: Views, n: int) -> float:
-    """The attribute members' median confidence over the training photos' centre views: the gate's reference."""
+    """The attribute members' median confidence over `n` photos' centre views: the gate's reference."""
     net.eval()
     with torch.inference_mode():
         confidence = [net.head.attribute_confidence(net.head.parts(net.descriptor(batch))[0]) for _, batch in centre_view_batches(views, range(n))]

@@ -28,7 +28,7 @@ from .trainer import RefineNet, Refiner, SubsetViews, Views, centre_view_batches
 MAX_HELD_OUT = 4
 CHECK_EPOCHS = 20
 MARGIN = 0.05
-SIGNIFICANCE = 0.01
+SIGNIFICANCE = 0.05
 MAX_CATALOG = 3000
 MAX_QUERIES = 500
 
@@ -84,8 +84,7 @@ def choose_visual_part(
         learned_only += int(np.sum(learned & ~pretrained_hits))
         pretrained_only += int(np.sum(pretrained_hits & ~learned))
     gap = float(np.mean([f["learned"] - f["pretrained"] for f in figures.values()]))
-    # photos only one of the two finds: were both equally good, each would be the pretrained one's half the time
-    p_value = float(binomtest(pretrained_only, learned_only + pretrained_only, alternative="greater").pvalue) if learned_only + pretrained_only else 1.0
+    p_value = sign_test(learned_only, pretrained_only)
     chosen = "pretrained" if gap < -MARGIN and p_value < SIGNIFICANCE else "learned"
     reason = (
         f"held out {', '.join(held_out)} in turn: the learned visual part finds a same-attribute nearest neighbour "
@@ -97,6 +96,13 @@ def choose_visual_part(
         "chosen": chosen, "held_out": figures, "mean_gap": gap,
         "only_learned": learned_only, "only_pretrained": pretrained_only, "p_value": p_value, "reason": reason,
     }
+
+
+def sign_test(learned_only: int, pretrained_only: int) -> float:
+    """One-sided p-value that the pretrained part finds more photos: of the photos only one of the two finds,
+    each would be the pretrained one's half the time were both equally good."""
+    n = learned_only + pretrained_only
+    return float(binomtest(pretrained_only, n, alternative="greater").pvalue) if n else 1.0
 
 
 def _learned_vectors(net: RefineNet, views: Views, items: np.ndarray, visual_weight: float) -> torch.Tensor:
