@@ -11,6 +11,7 @@ from lookalike.images import is_image_file, open_image, open_image_bytes
 
 def test_extensions_any_case_and_hidden_files():
     assert is_image_file("a/b.JPG") and is_image_file("x.Jpeg") and is_image_file("y.webp") and is_image_file("z.TIF") and is_image_file("w.jfif")
+    assert is_image_file("IMG_0001.HEIC") and is_image_file("v.heif")
     assert not is_image_file(".hidden.jpg") and not is_image_file("notes.txt")
 
 
@@ -68,6 +69,20 @@ def test_exif_rotation_is_applied(tmp_path):
     p = tmp_path / "rotated.jpg"
     img.save(p, "JPEG", exif=exif.tobytes())
     assert open_image(p).size == (20, 40)
+
+
+def test_heic_photos_decode_upright_like_the_same_jpeg(tmp_path):
+    img = Image.new("RGB", (40, 20), (0, 0, 255))
+    img.paste((255, 0, 0), (0, 0, 10, 10))  # a red corner shows where the top-left went
+    exif = Image.Exif()
+    exif[0x0112] = 6  # as a phone held upright records it
+    for name, fmt in (("a.heic", "HEIF"), ("a.jpg", "JPEG")):
+        img.save(tmp_path / name, fmt, exif=exif.tobytes(), quality=95)
+    heic, jpeg = open_image(tmp_path / "a.heic"), open_image(tmp_path / "a.jpg")
+    assert heic.mode == "RGB" and heic.size == jpeg.size == (20, 40)
+    assert np.abs(np.asarray(heic, np.int16) - np.asarray(jpeg, np.int16)).mean() < 8
+    assert heic.getpixel((15, 2))[0] > 200 and heic.getpixel((2, 2))[2] > 200
+    assert np.array_equal(np.asarray(heic), np.asarray(open_image_bytes((tmp_path / "a.heic").read_bytes())))
 
 
 def test_one_pixel_image_is_fine(tmp_path):

@@ -580,6 +580,26 @@ def test_add_search_and_remove_an_uploaded_image(served, writable):
     assert added["id"] not in {m["id"] for m in after} and len(after) == 42
 
 
+def test_phone_photos_mpo_and_heic_are_added_and_found(served, writable):
+    w, auth = writable.client, {"X-API-Key": KEY}
+    with Image.open(photo(served, "dotted", 3)) as img:
+        base = img.convert("RGB").rotate(180)  # new content, not already catalogued
+    mpo, heic = io.BytesIO(), io.BytesIO()
+    base.save(mpo, "MPO", save_all=True, append_images=[base.resize((32, 32))])  # what phones write: a JPEG with a second picture
+    base.rotate(90, expand=True).save(heic, "HEIF")  # what iPhones save photos as
+    files = [("images", upload(mpo.getvalue(), "IMG_0001.JPG")), ("images", upload(heic.getvalue(), "IMG_0002.HEIC", "image/heic"))]
+    before = set(writable.uploads.iterdir()) if writable.uploads.exists() else set()
+    r = w.post("/catalog", files=files, data={"attribute": "dotted"}, headers=auth)
+    assert r.status_code == 200, r.text
+    added = r.json()["added"]
+    assert [a["name"] for a in added] == ["IMG_0001.JPG", "IMG_0002.HEIC"] and not any(a["already_present"] for a in added)
+    assert sorted(p.suffix for p in set(writable.uploads.iterdir()) - before) == [".heic", ".jpg"]
+    for data, new in zip((mpo.getvalue(), heic.getvalue()), added):
+        assert w.post("/search", files={"image": upload(data, "q")}, data={"top": "1"}).json()["results"][0]["id"] == new["id"]
+        assert w.delete(f"/catalog/{new['id']}", headers=auth).status_code == 200
+    assert w.get("/catalog").json()["images"] == 42
+
+
 # ---- service endpoints ------------------------------------------------------------------------
 
 

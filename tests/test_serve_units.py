@@ -227,7 +227,7 @@ def encoded(fmt: str, size=(30, 20), mode="RGB") -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP", "TIFF"])
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP", "TIFF", "HEIF"])
 def test_sniffing_reads_format_and_size_from_content(fmt):
     assert sniff_format(encoded(fmt), "upload") == (fmt, (30, 20))
 

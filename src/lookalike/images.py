@@ -10,18 +10,25 @@ from typing import Iterator, TypedDict
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from pillow_heif import register_heif_opener
 
 from .errors import BadImageError, LookalikeError
 from .fileio import open_regular
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".webp", ".tif", ".tiff"})  # .jfif: JPEG as Windows saves it
+register_heif_opener()  # HEIC: what iPhones save photos as
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".webp", ".tif", ".tiff", ".heic", ".heif"})  # .jfif: JPEG as Windows saves it
 #: how messages name the extensions looked for
 LOOKED_FOR = "looked for " + " ".join(sorted(IMAGE_EXTENSIONS))
 
-#: Formats decoded, whatever the file's name says: those of IMAGE_EXTENSIONS (JPEG includes the
-#: phones' multi-picture MPO) plus GIF content saved under another name. Pillow's other plugins
-#: stay unreachable (EPS, for one, would run Ghostscript on the file).
-DECODED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
+#: The extension a file saved from bytes gets (downloads, uploads), for each format read from users' files;
+#: MPO is the multi-picture JPEG phones write, which Pillow opens as a JPEG but names apart.
+FORMAT_EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "BMP": ".bmp", "WEBP": ".webp", "TIFF": ".tif", "HEIF": ".heic"}
+
+#: Formats decoded, whatever the file's name says: those of IMAGE_EXTENSIONS (JPEG includes MPO) plus GIF
+#: content saved under another name. Pillow's other plugins stay unreachable (EPS, for one, would run
+#: Ghostscript on the file).
+DECODED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "HEIF", "GIF")
 
 #: Largest image we decode, in pixels (Pillow's own bomb threshold, about 9.5k x 9.5k); larger files are refused.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485

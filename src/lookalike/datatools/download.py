@@ -32,15 +32,11 @@ from PIL import Image
 
 from ..errors import BadImageError, LookalikeError
 from ..fileio import atomic_path, write_bytes, write_json, write_text
-from ..images import IMAGE_EXTENSIONS, open_image, open_image_bytes
+from ..images import FORMAT_EXTENSIONS, IMAGE_EXTENSIONS, open_image, open_image_bytes
 from ..progress import tqdm
 
 REPORT_JSON = "download_report.json"
 REPORT_TSV = "download_report.tsv"
-
-#: Pillow format name -> file extension for formats we keep byte for byte; anything else
-#: that decodes (GIF, ICO, ...) is re-encoded as PNG so the dataset scanner accepts it.
-FORMAT_EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "BMP": ".bmp", "WEBP": ".webp", "TIFF": ".tif"}
 
 USER_AGENT = "lookalike-downloader/0.1 (+https://pypi.org/project/lookalike/; image dataset builder)"
 _RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -313,7 +309,7 @@ def _keep(data: bytes, content_type: str, url: str, target_dir: Path, stem: str)
         raise _Failure(f"not a usable image: {e.reason}{hint}", False) from None
     with Image.open(io.BytesIO(data)) as probe:
         fmt = probe.format or ""
-    ext = FORMAT_EXTENSIONS.get(fmt)
+    ext = FORMAT_EXTENSIONS.get(fmt)  # kept byte for byte; anything else that decodes (GIF...) is re-encoded as PNG
     if ext:
         path = target_dir / f"{stem}{ext}"
         write_bytes(path, data)

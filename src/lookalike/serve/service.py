@@ -34,7 +34,7 @@ from ..datatools.fusion import fuse_probabilities
 from ..errors import BadImageError, LookalikeError
 from ..features.extract import l2_normalize
 from ..fileio import open_regular, write_bytes
-from ..images import open_image_bytes
+from ..images import FORMAT_EXTENSIONS, open_image_bytes
 from ..index.api import filtered_search
 from ..index.backends import IndexLocation, IndexStore
 from ..index.build import check_model
@@ -44,7 +44,6 @@ from ..results import Match
 from .batching import MicroBatcher
 from .errors import ApiError
 from .settings import ServeSettings
-from .uploads import EXTENSION
 
 
 @dataclass(frozen=True)
@@ -320,7 +319,7 @@ class Service:
         """Store the uploads (named by content hash) and catalogue the new ones in one committed update."""
         folder = self.settings.resolved_upload_dir()
         folder.mkdir(parents=True, exist_ok=True)
-        paths = [str(folder / f"{hashlib.sha256(u.data).hexdigest()}{EXTENSION[u.format]}") for u in uploads]
+        paths = [str(folder / f"{hashlib.sha256(u.data).hexdigest()}{FORMAT_EXTENSIONS[u.format]}") for u in uploads]
         writer = self._open_writer()
         try:
             known = writer.entries_by_path(str(folder))

@@ -10,9 +10,9 @@ from PIL import Image, UnidentifiedImageError
 from ..images import MAX_PIXELS, check_shape
 from .errors import ApiError
 
-#: Formats accepted from clients: those of lookalike.images.IMAGE_EXTENSIONS; Pillow's other plugins stay unreachable.
-ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
-EXTENSION = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif"}
+#: Formats accepted from clients: those of lookalike.images.IMAGE_EXTENSIONS (JPEG includes the phones' MPO);
+#: Pillow's other plugins stay unreachable.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "HEIF")
 
 
 def sniff_format(data: bytes, name: str) -> tuple[str, tuple[int, int]]:
@@ -30,7 +30,7 @@ def sniff_format(data: bytes, name: str) -> tuple[str, tuple[int, int]]:
             raise ApiError(
                 415,
                 "unsupported_media_type",
-                f"{name}: not a JPEG, PNG, WebP, BMP or TIFF image (the content is checked; the file name and Content-Type are ignored)",
+                f"{name}: not a JPEG, PNG, WebP, BMP, TIFF or HEIC image (the content is checked; the file name and Content-Type are ignored)",
             ) from None
     if w * h > MAX_PIXELS:
         raise too_many_pixels(name, (w, h))

@@ -20,7 +20,7 @@ AttributeForm = Annotated[str | None, Form(max_length=MAX_ATTRIBUTE, description
 AttributeQuery = Annotated[str | None, Query(max_length=MAX_ATTRIBUTE, description="Only return catalog images with this attribute.")]
 FloorForm = Annotated[float | None, Form(ge=0, le=1, description="Only return matches at least this likely to share the query's attribute.")]
 FloorQuery = Annotated[float | None, Query(ge=0, le=1, description="Only return matches at least this likely to share the query's attribute.")]
-ImageFile = Annotated[UploadFile, File(description="The query image (JPEG, PNG, WebP, BMP or TIFF).")]
+ImageFile = Annotated[UploadFile, File(description="The query image (JPEG, PNG, WebP, BMP, TIFF or HEIC).")]
 
 
 def errors(*statuses: int) -> dict:
