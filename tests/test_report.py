@@ -61,6 +61,10 @@ def _five_splits_where_l1_wins(run: Path, into: Path) -> Path:
     (into / "split-0" / "evaluation.json").write_text(json.dumps(evaluation))
     for k in range(1, 5):
         shutil.copytree(into / "split-0", into / f"split-{k}")
+    for k in (3, 4):  # two splits whose check chose the pretrained visual part
+        history = json.loads((into / f"split-{k}" / "refined" / "history.json").read_text())
+        history["visual_part"] = {"chosen": "pretrained", "reason": "the learned visual part finds 23.5% less often", "gate_reference": {"median_confidence_of": "validation", "value": 0.57}}
+        (into / f"split-{k}" / "refined" / "history.json").write_text(json.dumps(history))
     unseen = json.loads((into / "unseen" / "unseen.json").read_text())  # and a held-out attribute found far worse than pretrained
     unseen["learned"]["unseen"], unseen["pretrained"]["unseen"] = 0.384, 0.629
     (into / "unseen" / "unseen.json").write_text(json.dumps(unseen))
@@ -95,6 +99,14 @@ def test_report_reads_well_in_a_browser(small_run, tmp_path):
                 assert rows == [[model, f"{100 * unseen[model]['unseen']:.1f}%", f"{100 * unseen[model]['trained']:.1f}%"] for model in ("learned", "pretrained")], rows
                 assert f"1-NN, {unseen['held_out']} (never trained on)" in text and "1-NN, never trained on / trained attributes" in text
                 assert f"{unseen['unseen_in_catalog']} photos of {unseen['held_out']}" in text and "benchmarks/lookalike_search.py" not in text
+                # which visual part the models keep, and why, per split
+                chosen = [json.loads((run / f"split-{k}" / "refined" / "history.json").read_text())["visual_part"]["chosen"] for k in range(splits)]
+                expected = "learned on 3 of 5 splits, pretrained on 2" if run is five else f"{chosen[0]} on 1 of 1 split"
+                assert f"Visual part: {expected}" in text and "visual part: the half of the embedding" in text
+                reasons = page.locator("details p.visual-part").evaluate_all("ps => ps.map(p => p.textContent)")
+                assert len(reasons) == splits and all(r.startswith(f"Visual part: {c} (") for r, c in zip(reasons, chosen)), reasons
+                if run is five:
+                    assert "less sure than the median validation photo (0.570)" in reasons[4] and "median" not in reasons[0]
                 warning = unseen_shortfall_warning(unseen)
                 assert (run is five) == (warning is not None), unseen
                 shown = page.locator("#unseen-warning")

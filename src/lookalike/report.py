@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from typing import Callable
 
 from jinja2 import Environment, PackageLoader, select_autoescape
@@ -34,10 +35,20 @@ def write_report(run_dir: str | os.PathLike) -> str:
     env = Environment(loader=PackageLoader("lookalike", "templates"), autoescape=select_autoescape(["html"]))
     html = env.get_template("report.html").render(
         m=metrics, splits=splits, labels=LABELS, best=best_rows(metrics), negatives=negatives_text(metrics), examples=[pictures[i] for i in shown],
+        visual_parts=visual_part_summary([s["refine"].get("visual_part") for s in splits if s["refine"]]),
         unseen_warning=unseen_shortfall_warning(unseen, refined=bool(metrics.get("refined"))) if (unseen := (metrics.get("lookalike_search") or {}).get("unseen")) else None,
     )
     write_text(run.report, html)
     return str(run.report)
+
+
+def visual_part_summary(choices: list[dict | None]) -> str | None:
+    """Which visual part the splits' models keep, e.g. "learned on 3 of 5 splits, pretrained on 2" (None without a lookalike head)."""
+    chosen = Counter(c["chosen"] for c in choices if c)
+    if not chosen:
+        return None
+    n = sum(chosen.values())
+    return ", ".join(f"{part} on {count} of {n} split{'s' if n > 1 else ''}" if i == 0 else f"{part} on {count}" for i, (part, count) in enumerate(chosen.most_common()))
 
 
 def best_rows(metrics: dict) -> dict[str, set[str]]:
