@@ -191,8 +191,6 @@ def test_ranker_defaults_class_weights_visual_part_and_refusals():
     # the visual part: one shared negative weight, visual_weight x the mean magnitude of the learned ones
     r = WeightedL2Ranker(visual_dims=4, visual_weight=0.5).fit(X, y)
     assert r.n_features_in_ == X.shape[1] and np.allclose(r.weights_[-4:], -0.5 * np.abs(r.weights_[:-4]).mean())
-    # its mean share of the training pairs' distance is in the bias: on average the margin is where the SVM put it
-    assert r.decision_function(X).mean() == pytest.approx(WeightedL2Ranker().fit(X[:, :-4], y).decision_function(X[:, :-4]).mean(), abs=1e-6)
     with pytest.raises(LookalikeError, match="training pairs need both positive and negative examples"):
         WeightedL2Ranker().fit(X[y == 1], y[y == 1])
     with pytest.raises(LookalikeError, match="visual_dims = 16 leaves none of the 16 pair features"):
@@ -201,13 +199,6 @@ def test_ranker_defaults_class_weights_visual_part_and_refusals():
         WeightedL2Ranker().fit(X, y, X[y == 0], y[y == 0])
     # scores that say the opposite of the labels cannot make the probability rise with distance
     assert r.calibrate(X, 1 - y).platt_a_ == 1e-6
-
-
-def test_a_heavy_visual_part_leaves_the_margin_telling_alike_from_unalike():
-    x, labels, X, y = toy_pairs()
-    pred = WeightedL2Ranker(visual_dims=4, visual_weight=20.0).fit(X, y).predict(X)
-    # balanced pair accuracy 0.81; with the SVM's own bias (the visual part left out of it) 0.59, 91% called unalike
-    assert ((pred[y == 1] == 1).mean() + (pred[y == 0] == 0).mean()) / 2 > 0.75 and pred.mean() > 0.3
 
 
 def test_ranker_refusals_name_the_problem_and_its_settings_reach_the_solver():

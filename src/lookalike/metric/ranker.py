@@ -81,11 +81,8 @@ class WeightedL2Ranker(ClassifierMixin, BaseEstimator):
         # (rare and small: 1 of 128 on fashionTexture), which keeps every learned distance >= 0
         w = np.minimum(svm.coef_[0].astype(np.float64), 0.0)
         # negative SVM weights mean "alike when this difference is small": the visual part gets that sign
-        visual = -self.visual_weight * float(np.abs(w).mean())
-        self.weights_ = np.concatenate([w, np.full(self.visual_dims, visual)])
-        # the SVM set its bias without the visual part; that part's mean over the training pairs goes into it, so
-        # the margin (predict) stays where the SVM put it, on average (distances, hence rankings, have no bias)
-        self.bias_ = float(svm.intercept_[0]) - visual * float(X[:, learned:].sum(1).mean())
+        self.weights_ = np.concatenate([w, np.full(self.visual_dims, -self.visual_weight * float(np.abs(w).mean()))])
+        self.bias_ = float(svm.intercept_[0])
         self.n_iter_ = int(svm.n_iter_)
         if X_calibration is None:
             X_calibration, y_calibration = X, y
