@@ -399,7 +399,7 @@ def test_a_pretrained_visual_part_is_the_untouched_pooled_features_and_the_attri
     assert not changed_parameters(pretrained.trunk, model.trunk)
     assert torch.allclose(visual, reference, atol=1e-5)
     norms = attribute.norm(dim=1)
-    # a photo the members doubt more than the training photos' median has its attribute part shrunk, never grown
+    # a photo the members doubt more than the validation photos' median has its attribute part shrunk, never grown
     assert bool((norms <= 1 + 1e-5).all()) and float(norms.min()) < 0.99
     with torch.inference_mode():
         gate = (model.head.attribute_confidence(model.head.parts(model.descriptor(x))[0]) / model.head.gate_reference).clamp(0, 1)
