@@ -25,10 +25,9 @@ LOOKED_FOR = "looked for " + " ".join(sorted(IMAGE_EXTENSIONS))
 #: MPO is the multi-picture JPEG phones write, which Pillow opens as a JPEG but names apart.
 FORMAT_EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "BMP": ".bmp", "WEBP": ".webp", "TIFF": ".tif", "HEIF": ".heic"}
 
-#: Formats decoded, whatever the file's name says: those of IMAGE_EXTENSIONS (JPEG includes MPO) plus GIF
-#: content saved under another name. Pillow's other plugins stay unreachable (EPS, for one, would run
-#: Ghostscript on the file).
-DECODED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "HEIF", "GIF")
+#: Formats decoded, whatever the file's name says: those above (MPO through the JPEG decoder) plus GIF content
+#: saved under another name. Pillow's other plugins stay unreachable (EPS, for one, would run Ghostscript on the file).
+DECODED_FORMATS = (*(f for f in FORMAT_EXTENSIONS if f != "MPO"), "GIF")
 
 #: Largest image we decode, in pixels (Pillow's own bomb threshold, about 9.5k x 9.5k); larger files are refused.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485

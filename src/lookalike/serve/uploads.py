@@ -7,12 +7,12 @@ import warnings
 
 from PIL import Image, UnidentifiedImageError
 
-from ..images import MAX_PIXELS, check_shape
+from ..images import DECODED_FORMATS, MAX_PIXELS, check_shape
 from .errors import ApiError
 
-#: Formats accepted from clients: those of lookalike.images.IMAGE_EXTENSIONS (JPEG includes the phones' MPO);
-#: Pillow's other plugins stay unreachable.
-ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "HEIF")
+#: Formats accepted from clients: the decoders lookalike.images reaches (JPEG's includes the phones' MPO), but not
+#: GIF content, which a file scan only tolerates under another name; Pillow's other plugins stay unreachable.
+ALLOWED_FORMATS = tuple(f for f in DECODED_FORMATS if f != "GIF")
 
 
 def sniff_format(data: bytes, name: str) -> tuple[str, tuple[int, int]]:
