@@ -191,6 +191,8 @@ def test_ranker_defaults_class_weights_visual_part_and_refusals():
     # the visual part: one shared negative weight, visual_weight x the mean magnitude of the learned ones
     r = WeightedL2Ranker(visual_dims=4, visual_weight=0.5).fit(X, y)
     assert r.n_features_in_ == X.shape[1] and np.allclose(r.weights_[-4:], -0.5 * np.abs(r.weights_[:-4]).mean())
+    # its mean share of the training pairs' distance is in the bias: on average the margin is where the SVM put it
+    assert r.decision_function(X).mean() == pytest.approx(WeightedL2Ranker().fit(X[:, :-4], y).decision_function(X[:, :-4]).mean(), abs=1e-6)
     with pytest.raises(LookalikeError, match="training pairs need both positive and negative examples"):
         WeightedL2Ranker().fit(X[y == 1], y[y == 1])
     with pytest.raises(LookalikeError, match="visual_dims = 16 leaves none of the 16 pair features"):
@@ -199,6 +201,29 @@ def test_ranker_defaults_class_weights_visual_part_and_refusals():
         WeightedL2Ranker().fit(X, y, X[y == 0], y[y == 0])
     # scores that say the opposite of the labels cannot make the probability rise with distance
     assert r.calibrate(X, 1 - y).platt_a_ == 1e-6
+
+
+def test_a_heavy_visual_part_leaves_the_margin_telling_alike_from_unalike():
+    x, labels, X, y = toy_pairs()
+    pred = WeightedL2Ranker(visual_dims=4, visual_weight=20.0).fit(X, y).predict(X)
+    # balanced pair accuracy 0.81; with the SVM's own bias (the visual part left out of it) 0.59, 91% called unalike
+    assert ((pred[y == 1] == 1).mean() + (pred[y == 0] == 0).mean()) / 2 > 0.75 and pred.mean() > 0.3
+
+
+def test_platt_scaling_on_pairs_the_scores_separate_stays_short_of_certainty():
+    x, labels, X, y = toy_pairs(separation=4.0)
+    r = WeightedL2Ranker().fit(X, y)
+    calib = np.r_[np.flatnonzero(y == 1)[:10], np.flatnonzero(y == 0)[:100]]  # 10 alike pairs, 100 not
+    X, y = X[calib], y[calib]
+    scores = r.decision_function(X)
+    assert scores[y == 1].min() > scores[y == 0].max(), "the calibration pairs are separable"
+    p = r.calibrate(X, y).predict_proba(X)[:, 1]
+    # 10 alike pairs cannot show a probability above Platt's target 11/12; a fit to 1 and 0 gave 1.0000 and 0.0000
+    assert 0.8 < p[y == 1].min() and p.max() < 0.95 and p.min() > 1e-3, (p[y == 1].min(), p.max(), p.min())
+    # so a constant added to every score (a different bias) moves only Platt's intercept, not one probability
+    shifted = copy.deepcopy(r)
+    shifted.bias_ += 3.0
+    np.testing.assert_allclose(shifted.calibrate(X, y).predict_proba(X)[:, 1], p, atol=1e-6)
 
 
 def test_ranker_refusals_name_the_problem_and_its_settings_reach_the_solver():
@@ -236,18 +261,21 @@ def test_a_weight_that_would_make_differences_alike_is_clipped_to_zero():
 
 
 def test_platt_scaling_is_the_weighted_maximum_likelihood_fit_even_on_few_pairs():
-    """Negatives weigh `platt_negative_ratio` x n_pos / n_neg each, and (a, b) maximise that weighted likelihood with
-    no shrinkage: at the ratio it was told, the weighted mean probability is 1 / (1 + ratio)."""
+    """Negatives weigh `platt_negative_ratio` x n_pos / n_neg each, and (a, b) maximise that weighted likelihood of
+    Platt's targets, (n_pos + 1) / (n_pos + 2) and 1 / (ratio x n_pos + 2), with no other shrinkage: the weighted
+    mean probability is the weighted mean target, near 1 / (1 + ratio)."""
     x, labels, X, y = toy_pairs(separation=0.5)
     r = WeightedL2Ranker(platt_negative_ratio=10).fit(X[:2000], y[:2000])
     calib = np.r_[np.flatnonzero(y[2000:] == 1)[:10], np.flatnonzero(y[2000:] == 0)[:50]] + 2000  # 10 alike, 50 not
     r.calibrate(X[calib], y[calib])
     s, alike = r.decision_function(X[calib]), y[calib] == 1
     w = np.where(alike, 1.0, 10 * 10 / 50)
+    target = np.where(alike, 11 / 12, 1 / 102)
     p = r.probability_from_score(s)
-    gradient = np.array([np.sum(w * (alike - p) * s), np.sum(w * (alike - p))]) / w.sum()
+    gradient = np.array([np.sum(w * (target - p) * (s - s.mean()) / s.std()), np.sum(w * (target - p))]) / w.sum()
     assert np.abs(gradient).max() < 1e-3, gradient
-    assert np.average(p, weights=w) == pytest.approx(1 / 11, abs=1e-3)
+    assert np.average(p, weights=w) == pytest.approx(np.average(target, weights=w), abs=1e-3)
+    assert np.average(target, weights=w) == pytest.approx(0.0922, abs=1e-4)  # 1 / 11 = 0.0909 with hard targets
 
 
 def test_probabilities_of_float32_distances_are_those_of_float64_ones():

@@ -81,8 +81,11 @@ class WeightedL2Ranker(ClassifierMixin, BaseEstimator):
         # (rare and small: 1 of 128 on fashionTexture), which keeps every learned distance >= 0
         w = np.minimum(svm.coef_[0].astype(np.float64), 0.0)
         # negative SVM weights mean "alike when this difference is small": the visual part gets that sign
-        self.weights_ = np.concatenate([w, np.full(self.visual_dims, -self.visual_weight * float(np.abs(w).mean()))])
-        self.bias_ = float(svm.intercept_[0])
+        visual = -self.visual_weight * float(np.abs(w).mean())
+        self.weights_ = np.concatenate([w, np.full(self.visual_dims, visual)])
+        # the SVM set its bias without the visual part; that part's mean over the training pairs goes into it, so
+        # the margin (predict) stays where the SVM put it, on average (distances, hence rankings, have no bias)
+        self.bias_ = float(svm.intercept_[0]) - visual * float(X[:, learned:].sum(1).mean())
         self.n_iter_ = int(svm.n_iter_)
         if X_calibration is None:
             X_calibration, y_calibration = X, y
@@ -90,16 +93,29 @@ class WeightedL2Ranker(ClassifierMixin, BaseEstimator):
         return self
 
     def calibrate(self, X, y):
-        """Platt scaling: P(same) = sigmoid(a * score + b), with a forced positive so it is monotone."""
-        scores = self.decision_function(X).reshape(-1, 1)
+        """Platt scaling: P(same) = sigmoid(a * score + b), with a forced positive so it is monotone.
+
+        The fit is to Platt's targets, (N+ + 1) / (N+ + 2) for an alike pair and 1 / (N- + 2) for an unalike one
+        (N: the weighted counts), not to 1 and 0: a few hundred pairs cannot show that a probability is 1, and on
+        pairs the scores separate the plain fit's slope has no finite optimum (its answer, P = 1.0 exactly, would
+        depend on where the scores happen to lie). The scores are standardised for the fit, so neither the SVM's
+        bias nor its scale moves a probability.
+        """
+        scores = self.decision_function(X)
+        centre, scale = float(scores.mean()), float(scores.std()) or 1.0
+        z = ((scores - centre) / scale).reshape(-1, 1)
         y = np.asarray(y) == self.classes_[1]
         n_pos, n_neg = int(y.sum()), int((~y).sum())
         if n_pos == 0 or n_neg == 0:
             raise LookalikeError("calibration pairs need both positive and negative examples")
         weight = np.where(y, 1.0, self.platt_negative_ratio * n_pos / n_neg)
-        lr = LogisticRegression(C=1e6, max_iter=1000).fit(scores, y, sample_weight=weight)
-        self.platt_a_ = max(float(lr.coef_[0, 0]), 1e-6)
-        self.platt_b_ = float(lr.intercept_[0])
+        target = np.where(y, (n_pos + 1) / (n_pos + 2), 1 / (self.platt_negative_ratio * n_pos + 2))
+        # a logistic fit to soft targets: each pair counts as alike with weight target and as unalike with 1 - target
+        both = np.r_[np.ones(len(y)), np.zeros(len(y))]
+        lr = LogisticRegression(C=1e6, max_iter=1000).fit(np.vstack([z, z]), both, sample_weight=np.r_[weight * target, weight * (1 - target)])
+        slope = max(float(lr.coef_[0, 0]), 1e-6 * scale)
+        self.platt_a_ = slope / scale
+        self.platt_b_ = float(lr.intercept_[0]) - slope * centre / scale
         return self
 
     def decision_function(self, X) -> np.ndarray:
