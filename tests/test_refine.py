@@ -472,6 +472,32 @@ def test_the_sign_test_is_one_sided_at_the_conventional_level():
     assert sign_test(12, 4) > 0.9 and sign_test(0, 0) == 1.0
 
 
-def test_the_held_out_check_needs_three_attributes():
-    choice = choose_visual_part(None, None, ["a", "a", "b", "b"], RefineConfig(), None, 0, 0.5, lambda: pytest.fail("no check, no features"))
-    assert choice["chosen"] == "learned" and "3 or more attributes" in choice["reason"]
+@pytest.mark.parametrize("informative", ["texture", "pooled"])
+def test_with_two_attributes_the_check_splits_the_other_one_into_groups_to_train_on(informative):
+    rng = np.random.default_rng(1)
+    labels = np.repeat(["a", "b"], 30)
+    klass = (labels == "b").astype(int)
+    centres = {which: rng.standard_normal((2, 24)) * 3 for which in ("texture", "pooled")}
+    part = {w: (centres[w][klass] if w == informative else 0) + rng.standard_normal((60, 24)) for w in ("texture", "pooled")}
+    pooled = torch.nn.functional.normalize(torch.from_numpy(part["pooled"]).float(), dim=1)
+    config = RefineConfig(epochs=20, lr_schedule=[[20, 0.01]], batch_size=16, dropout=0.0)
+    heads = []
+
+    def make_net(classes):
+        heads.append(classes)
+        return RefineNet(torch.nn.Identity(), torch.nn.Identity(), LookalikeHead(24, classes, 8, 8, 0.1, attribute_members=2))
+
+    choice = choose_visual_part(make_net, _Descriptors(part["texture"]), labels.tolist(), config, LookalikeObjective(), 0, 0.5, lambda: pooled)
+    # each attribute held out in turn, and the head learned two groups of the other one's photos, not one attribute
+    assert sorted(choice["held_out"]) == ["a", "b"] and all(f["photos"] == 30 for f in choice["held_out"].values())
+    assert [c for c in heads if len(c) > 1] == [["group 1", "group 2"]] * 2 and "split into 2 groups" in choice["reason"]
+    assert choice["chosen"] == ("learned" if informative == "texture" else "pretrained"), choice
+
+
+def test_the_held_out_check_needs_two_attributes_and_photos_to_split():
+    never = lambda: pytest.fail("no check, no features")  # noqa: E731
+    choice = choose_visual_part(None, None, ["a", "a", "a", "a"], RefineConfig(), None, 0, 0.5, never)
+    assert choice["chosen"] == "learned" and "2 or more attributes" in choice["reason"]
+    # 3 photos of the other attribute cannot make 2 groups of 2
+    choice = choose_visual_part(None, None, ["a", "a", "a", "b", "b", "b"], RefineConfig(), None, 0, 0.5, never)
+    assert choice["chosen"] == "learned" and "the others with 4 or more" in choice["reason"]

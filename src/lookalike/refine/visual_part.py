@@ -12,6 +12,12 @@ neighbour among the training photos, once with the learned embedding's two parts
 pretrained pooled features. The pretrained visual part is chosen only when the learned one finds a photo of
 the same attribute less often by more than `MARGIN` on average, and clearly so: a sign test on the photos
 only one of the two finds (p < `SIGNIFICANCE`), since a few photos per attribute decide nothing.
+
+With two attributes, holding one out leaves a single one, and a head trained on one attribute learns no
+attribute part, so nothing would meet the held-out photos the way a trained model's attribute part meets an
+unseen attribute. The remaining attribute's photos are then split into `PSEUDO_ATTRIBUTES` groups by k-means
+on the descriptor (the learned parts' own input, so the split favours them if anything), and the head is
+trained on those groups.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from scipy.stats import binomtest
+from sklearn.cluster import KMeans
 
 from ..config import RefineConfig
 from .trainer import RefineNet, Refiner, SubsetViews, Views, centre_view_batches
@@ -31,6 +38,8 @@ MARGIN = 0.05
 SIGNIFICANCE = 0.05
 MAX_CATALOG = 3000
 MAX_QUERIES = 500
+#: Groups a lone remaining attribute is split into, so that a check head of a two-attribute collection learns an attribute part.
+PSEUDO_ATTRIBUTES = 2
 
 
 def nearest_neighbour_hits(vectors: torch.Tensor, labels: np.ndarray, queries: np.ndarray) -> np.ndarray:
@@ -59,9 +68,14 @@ def choose_visual_part(
     labels = np.asarray(labels)
     attributes = sorted(set(labels.tolist()))
     counts = {a: int(np.sum(labels == a)) for a in attributes}
-    candidates = [a for a in attributes if counts[a] >= 2]
-    if len(attributes) < 3 or not candidates:
-        return {"chosen": "learned", "held_out": {}, "reason": "the check needs 3 or more attributes, one with 2 or more training photos"}
+    # a held-out attribute needs 2 photos to find each other; with 2 attributes the other one is split into groups
+    others_needed = 2 * PSEUDO_ATTRIBUTES if len(attributes) == 2 else 1
+    candidates = [a for a in attributes if counts[a] >= 2 and len(labels) - counts[a] >= others_needed]
+    if len(attributes) < 2 or not candidates:
+        return {
+            "chosen": "learned", "held_out": {},
+            "reason": f"the check needs 2 or more attributes, one with 2 or more training photos and the others with {2 * PSEUDO_ATTRIBUTES} or more",
+        }
     rng = np.random.default_rng(seed)
     held_out = sorted(rng.choice(candidates, size=min(MAX_HELD_OUT, len(candidates)), replace=False).tolist())
     catalog = rng.choice(len(labels), size=min(MAX_CATALOG, len(labels)), replace=False)
@@ -74,9 +88,10 @@ def choose_visual_part(
     figures, learned_only, pretrained_only = {}, 0, 0
     for attribute in held_out:
         keep = np.flatnonzero(labels != attribute)
-        net = make_net([a for a in attributes if a != attribute])
+        taught = labels[keep] if len(attributes) > 2 else _pseudo_attributes(make_net, views, keep, seed)
+        net = make_net(sorted(set(taught.tolist())))
         refiner = Refiner(check_config, objective, seed=seed, standardize=standardize, progress=False, log=lambda _: None)
-        refiner.fit(net, SubsetViews(views, keep), labels[keep].tolist())
+        refiner.fit(net, SubsetViews(views, keep), taught.tolist())
         queries = np.flatnonzero(labels[catalog] == attribute)
         learned = nearest_neighbour_hits(_learned_vectors(net, views, catalog, visual_weight), labels[catalog], queries)
         pretrained_hits = nearest_neighbour_hits(reference, labels[catalog], queries)
@@ -87,7 +102,9 @@ def choose_visual_part(
     p_value = sign_test(learned_only, pretrained_only)
     chosen = "pretrained" if gap < -MARGIN and p_value < SIGNIFICANCE else "learned"
     reason = (
-        f"held out {', '.join(held_out)} in turn: the learned visual part finds a same-attribute nearest neighbour "
+        f"held out {', '.join(held_out)} in turn"
+        + ("" if len(attributes) > 2 else f" (the other one split into {PSEUDO_ATTRIBUTES} groups to train on)")
+        + ": the learned visual part finds a same-attribute nearest neighbour "
         f"{abs(gap):.1%} {'less' if gap < 0 else 'more'} often than the pretrained backbone "
         f"({pretrained_only} photos only the pretrained one finds, {learned_only} only the learned one, p = {p_value:.2g})"
         + (f": more than {MARGIN:.0%} less, and clearly so" if chosen == "pretrained" else "")
@@ -103,6 +120,16 @@ def sign_test(learned_only: int, pretrained_only: int) -> float:
     each would be the pretrained one's half the time were both equally good."""
     n = learned_only + pretrained_only
     return float(binomtest(pretrained_only, n, alternative="greater").pvalue) if n else 1.0
+
+
+def _pseudo_attributes(make_net: Callable[[list[str]], RefineNet], views: Views, items: np.ndarray, seed: int) -> np.ndarray:
+    """`items` in `PSEUDO_ATTRIBUTES` groups: k-means on their standardised centre-view descriptors."""
+    net = make_net(["all"]).eval()
+    with torch.inference_mode():
+        rows = torch.cat([net.descriptor(batch) for _, batch in centre_view_batches(views, items)]).double().numpy()
+    rows = (rows - rows.mean(0)) / np.maximum(rows.std(0), 1e-12)
+    groups = KMeans(PSEUDO_ATTRIBUTES, n_init=4, random_state=seed).fit_predict(rows)
+    return np.array([f"group {g + 1}" for g in groups])
 
 
 def _learned_vectors(net: RefineNet, views: Views, items: np.ndarray, visual_weight: float) -> torch.Tensor:
