@@ -49,6 +49,13 @@ def test_run_two_splits_writes_the_contract(real_subset, tmp_path, small_config)
     assert m["gallery"]["recall_at_1"] >= 0.5 and m["gallery"]["map"] >= 0.55  # measured 0.67 and 0.69
     gap, pairs = held_out_reliability(run, splits=(0, 1))
     assert pairs == 132 and gap < 0.08  # measured 0.012: probabilities are frequencies on held-out pairs
+    # the run measures the same on its own, per split, and reports the mean with a reliability diagram
+    for k in (0, 1):
+        reported = json.loads((run / f"split-{k}" / "evaluation.json").read_text())["calibration"]
+        assert reported["pairs"] == 66 and reported["ece"] == pytest.approx(held_out_reliability(run, splits=(k,), bins=10)[0], abs=1e-6)
+        assert sum(b["share"] for b in reported["bins"]) == pytest.approx(1.0) and 0 < reported["brier"] < 0.25
+    assert m["calibration"]["ece"] == pytest.approx(np.mean([held_out_reliability(run, splits=(k,), bins=10)[0] for k in (0, 1)]), abs=1e-6)
+    assert (run / "reliability.png").stat().st_size > 5_000
     for k in (0, 1):
         sdir = run / f"split-{k}"
         for f in ("split.json", "features.npy", "metric.json", "evaluation.json", "calibration.png", "ranks.png", "queries/query-000.jpg"):

@@ -1,8 +1,10 @@
 import numpy as np
+import pytest
 from PIL import Image
 
 from lookalike.data.splits import ComparativeSet
 from lookalike.evaluation import gallery_metrics, positive_ranks, rank_summary
+from lookalike.evaluation.calibration import pooled_bins, reliability
 from lookalike.evaluation.lookalike import altered_copy, copy_ranks, copy_summary, nearest_neighbour_accuracy, tied_fraction
 from lookalike.metric import L2
 
@@ -104,3 +106,34 @@ def test_altered_copy_crop_keeps_its_area_and_aspect_bounds():
         assert 0.66 <= crop_w * crop_h / (300 * 200) <= 0.88, seed  # 70-85% of the area, up to rounding
         assert 0.75 <= (crop_w / crop_h) / 1.5 <= 1.3, seed  # the photo's own aspect, changed by at most 0.8-1.25
         assert 1.03 < np.asarray(altered_copy(img, seed), np.float64).mean() / original < 1.2, seed  # 10% brighter
+
+
+def test_reliability_weighs_unalike_pairs_to_the_prior_the_probabilities_are_calibrated_for():
+    # two groups of pairs: given 0.2 (both unalike) and 0.8 (one alike, one not)
+    p, same = [0.2, 0.2, 0.8, 0.8], [False, False, True, False]
+    # at a ratio of 3 unalike to 1 alike, as these pairs are, every pair weighs 1
+    r = reliability(p, same, negative_ratio=3)
+    assert [(b["low"], b["probability"], b["frequency"], b["share"]) for b in r["bins"]] == [(0.2, 0.2, 0.0, 0.5), (0.8, 0.8, 0.5, 0.5)]
+    assert r["ece"] == pytest.approx(0.2 * 0.5 + 0.3 * 0.5) and r["brier"] == pytest.approx((0.04 + 0.04 + 0.04 + 0.64) / 4)
+    # at 6, each unalike pair weighs 2: the 0.8 group's frequency falls to 1/3 and its gap grows
+    r = reliability(p, same, negative_ratio=6)
+    assert r["bins"][1]["frequency"] == pytest.approx(1 / 3) and r["ece"] == pytest.approx(0.2 * 4 / 7 + (0.8 - 1 / 3) * 3 / 7)
+    assert r["pairs"] == 4 and r["alike"] == 1
+    # probabilities that are frequencies score near 0; the same pairs told the opposite score high
+    rng = np.random.default_rng(0)
+    given = rng.uniform(0, 1, 20000)
+    alike = rng.uniform(0, 1, 20000) < given
+    assert reliability(given, alike, negative_ratio=(~alike).sum() / alike.sum())["ece"] < 0.02
+    assert reliability(1 - given, alike, negative_ratio=(~alike).sum() / alike.sum())["ece"] > 0.4
+    # nothing to compare with when the pairs are all of one kind
+    assert reliability([0.3, 0.9], [True, True], 10) is None
+
+
+def test_pooled_reliability_counts_each_split_equally():
+    a = reliability([0.2, 0.2, 0.8, 0.8], [False, False, True, False], 3)
+    b = reliability([0.25, 0.85, 0.85, 0.85], [False, True, True, True], 1 / 3)
+    pooled = pooled_bins([a, b])
+    assert pooled_bins([a, a]) == [row | {"pairs": 2 * row["pairs"]} for row in a["bins"]] and [row["low"] for row in pooled] == [0.2, 0.8]
+    low, high = pooled
+    assert low["share"] == pytest.approx((0.5 + 0.25) / 2) and low["probability"] == pytest.approx((0.2 * 0.5 + 0.25 * 0.25) / 0.75)
+    assert high["pairs"] == 5 and high["frequency"] == pytest.approx((0.5 * 0.5 + 1.0 * 0.75) / 1.25)

@@ -92,6 +92,11 @@ def test_report_reads_well_in_a_browser(small_run, tmp_path):
                 assert len(examples) == min(EXAMPLES_SHOWN, 3 * splits) and all(examples), "every example shown has loaded"  # 3 pictures per split
                 text = page.locator("body").inner_text()
                 assert "How to read this" in text and all(term in text for term in ("top-1 / top-5", "mAP", "copy found first", "tied matches"))
+                # calibration on test pairs: the splits' mean error, explained, and the reliability diagram loaded
+                calibration = json.loads((run / "metrics.json").read_text())["calibration"]
+                assert f"expected calibration error {calibration['ece']:.3f}" in page.locator("#calibration").inner_text()
+                assert "expected calibration error: every pair of test photos" in text and "Brier score: the mean squared gap" in text
+                assert page.locator("img[src='reliability.png']").evaluate("i => i.complete && i.naturalWidth") > 0
                 (negatives,) = _negatives_per_query(run)
                 assert f"1 positive among {negatives} negatives" in text and "allows up to 100" in text
                 unseen = json.loads((run / "metrics.json").read_text())["lookalike_search"]["unseen"]

@@ -27,7 +27,7 @@ class DistanceScores:
 
 @dataclass(frozen=True)
 class Evaluation:
-    """What `lookalike run` writes to metrics.json, typed: one entry per distance, gallery retrieval, lookalike search."""
+    """What `lookalike run` writes to metrics.json, typed: one entry per distance, gallery retrieval, lookalike search, calibration."""
 
     dataset: str
     n_images: int
@@ -38,6 +38,7 @@ class Evaluation:
     distances: dict[str, DistanceScores]
     gallery: dict[str, float] = field(default_factory=dict)
     lookalike_search: dict = field(default_factory=dict)
+    calibration: dict | None = None
     refined: bool = False
     run_dir: str | None = None
     report: str | None = None
@@ -59,6 +60,7 @@ class Evaluation:
             distances={name: DistanceScores(**scores) for name, scores in metrics["distances"].items()},
             gallery=dict(metrics.get("gallery", {})),
             lookalike_search=dict(metrics.get("lookalike_search", {})),
+            calibration=metrics.get("calibration"),
             refined=bool(metrics.get("refined", False)),
             run_dir=run_dir,
             report=str(Path(run_dir) / "report.html") if run_dir else None,

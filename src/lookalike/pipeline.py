@@ -22,6 +22,7 @@ from .data import Dataset, Split, make_fit_split, make_split, scan_dataset
 from .data.splits import NearDuplicateLeak, mislabelled_near_duplicates
 from .errors import LookalikeError
 from .evaluation import example_queries, gallery_metrics, positive_ranks, rank_summary
+from .evaluation.calibration import pooled_bins, reliability
 from .evaluation.lookalike import nearest_neighbour_accuracy, tied_fraction, unseen_shortfall_warning
 from .features import configured_cache_dir, create_engine
 from .features.extract import embed_images, embed_scanned
@@ -32,7 +33,7 @@ from .rundir import RunDir, fingerprint, up_to_date
 
 DISTANCE_ORDER = ("random", "l1", "l2", "cosine", "weighted_l2")
 #: Part of evaluate's fingerprint: raise it when evaluation.json gains content, so runs evaluated before are redone.
-EVALUATION_FORMAT = 2  # 2: example pictures drawn across attributes, misses included, each with its attribute
+EVALUATION_FORMAT = 3  # 2: example pictures drawn across attributes, misses included, each with its attribute; 3: calibration on test pairs
 
 
 def check_inputs(data: str | os.PathLike | Dataset, cfg: LookalikeConfig, run_dir: str | os.PathLike | None = None) -> None:
@@ -306,6 +307,10 @@ def evaluate(run_dir: str | os.PathLike, split: int = 0, force: bool = False) ->
     searched = {d.name: d for d in distances if d.name in ("l2", "weighted_l2")}
     ties = {name: tied_fraction(d, features[test_rows], labels) for name, d in searched.items()}
     copies = _copy_test(run, cfg, split, dataset, s.parts["test"], features[test_rows], searched) if cfg.evaluate.copy_test else {}
+    # every pair of test photos: how often pairs given probability p share an attribute
+    pairs = np.triu_indices(len(test_rows), 1)
+    probabilities = ranker.probability(LearnedWeightedL2(ranker).matrix(features[test_rows], features[test_rows])[pairs])
+    calibration = reliability(probabilities, labels[pairs[0]] == labels[pairs[1]], ranker.platt_negative_ratio)
     result = {
         "fingerprint": fp,
         "split": split,
@@ -314,6 +319,7 @@ def evaluate(run_dir: str | os.PathLike, split: int = 0, force: bool = False) ->
         "gallery": gallery,
         "copies": copies,
         "ties": ties,
+        "calibration": calibration,
         "ranks": {name: r.tolist() for name, r in ranks.items()},
         "pictures": _query_pictures(dataset, test_sets, ranks["weighted_l2"], features, row_of, ranker, sdir, cfg.evaluate.query_pictures, cfg.data.seed + split),
     }
@@ -532,6 +538,13 @@ def summarize(run_dir, splits: list[int] | None = None) -> dict:
         rows = [e[part] for e in evals if e.get(part)]
         if rows:
             search[part] = {name: _mean_of(r[name] for r in rows) for name in rows[0]}
+    calibrations = [e["calibration"] for e in evals if e.get("calibration")]
+    calibration = None
+    if calibrations:
+        calibration = {key: float(np.mean([c[key] for c in calibrations])) for key in ("ece", "brier", "pairs")}
+        calibration |= {f"{key}_std": float(np.std([c[key] for c in calibrations])) for key in ("ece", "brier")}
+        calibration |= {"splits": len(calibrations), "negative_ratio": calibrations[0]["negative_ratio"], "bins": pooled_bins(calibrations)}
+        visualize.plot_reliability(calibration["bins"], run.reliability_plot)
     unseen = _unseen_result(run, cfg, dataset)
     if unseen:
         search["unseen_skipped" if "skipped" in unseen else "unseen"] = unseen.get("skipped", unseen)
@@ -549,6 +562,7 @@ def summarize(run_dir, splits: list[int] | None = None) -> dict:
         "gallery": gallery_by.get("weighted_l2", {}),
         "gallery_by_distance": gallery_by,
         "lookalike_search": search,
+        "calibration": calibration,
         "refined": any((run.split_dir(k) / "refined" / "backbone.json").exists() for k in splits),
         "config": cfg.model_dump(),
     }

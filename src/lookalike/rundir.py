@@ -53,6 +53,10 @@ class RunDir:
         return self.root / "report.html"
 
     @property
+    def reliability_plot(self) -> Path:
+        return self.root / "reliability.png"
+
+    @property
     def log_file(self) -> Path:
         return self.root / "log.txt"
 

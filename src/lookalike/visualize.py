@@ -62,6 +62,26 @@ def plot_calibration(ranker, scores: np.ndarray, labels: np.ndarray, path: str |
     _save_figure(fig, path)
 
 
+def plot_reliability(bins: Sequence[dict], path: str | os.PathLike) -> None:
+    """Reliability diagram of test pairs: mean probability given against how often such pairs share an attribute."""
+    fig, ax = plt.subplots(figsize=(5, 4.2), layout="constrained")
+    ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--", label="perfectly calibrated")
+    x = [b["probability"] for b in bins]
+    y = [b["frequency"] for b in bins]
+    # marker area ~ the bin's share of the pairs, so a bin of three pairs does not look like one of thousands
+    sizes = [20 + 600 * b["share"] for b in bins]
+    ax.plot(x, y, color="tab:blue", lw=1.5)
+    ax.scatter(x, y, s=sizes, color="tab:blue", alpha=0.6, label="test pairs, by probability given (area: share of pairs)")
+    ax.set_xlabel("P(same attribute) given")
+    ax.set_ylabel("share of those pairs that share one")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_aspect("equal")
+    ax.set_title("Calibration on test pairs")
+    fig.legend(loc="outside lower center", ncols=1, fontsize=8, frameon=False)
+    _save_figure(fig, path)
+
+
 def rank_curves_figure(ranks_by_label: dict[str, np.ndarray], max_rank: int = 20):
     """Cumulative accuracy: fraction of queries whose positive is within the top k, per distance.
 
