@@ -113,9 +113,9 @@ class WeightedL2Ranker(ClassifierMixin, BaseEstimator):
         # a logistic fit to soft targets: each pair counts as alike with weight target and as unalike with 1 - target
         both = np.r_[np.ones(len(y)), np.zeros(len(y))]
         lr = LogisticRegression(C=1e6, max_iter=1000).fit(np.vstack([z, z]), both, sample_weight=np.r_[weight * target, weight * (1 - target)])
-        slope = max(float(lr.coef_[0, 0]), 1e-6 * scale)
-        self.platt_a_ = slope / scale
-        self.platt_b_ = float(lr.intercept_[0]) - slope * centre / scale
+        # back from standardised scores: sigmoid(c * (s - centre) / scale + i) = sigmoid(a * s + b)
+        self.platt_a_ = max(float(lr.coef_[0, 0]) / scale, 1e-6)
+        self.platt_b_ = float(lr.intercept_[0]) - self.platt_a_ * centre
         return self
 
     def decision_function(self, X) -> np.ndarray:
