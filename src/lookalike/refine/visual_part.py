@@ -123,12 +123,14 @@ def sign_test(learned_only: int, pretrained_only: int) -> float:
 
 
 def _pseudo_attributes(make_net: Callable[[list[str]], RefineNet], views: Views, items: np.ndarray, seed: int) -> np.ndarray:
-    """`items` in `PSEUDO_ATTRIBUTES` groups: k-means on their standardised centre-view descriptors."""
+    """`items` in `PSEUDO_ATTRIBUTES` groups: k-means on their centre-view descriptors, standardised as a head's input is."""
     net = make_net(["all"]).eval()
     with torch.inference_mode():
-        rows = torch.cat([net.descriptor(batch) for _, batch in centre_view_batches(views, items)]).double().numpy()
-    rows = (rows - rows.mean(0)) / np.maximum(rows.std(0), 1e-12)
-    groups = KMeans(PSEUDO_ATTRIBUTES, n_init=4, random_state=seed).fit_predict(rows)
+        rows = torch.cat([net.descriptor(batch) for _, batch in centre_view_batches(views, items)])
+    head = net.head.standardize(rows)
+    with torch.inference_mode():
+        standardized = head.standardized(rows).double().numpy()
+    groups = KMeans(PSEUDO_ATTRIBUTES, n_init=4, random_state=seed).fit_predict(standardized)
     return np.array([f"group {g + 1}" for g in groups])
 
 
