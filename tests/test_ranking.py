@@ -1,9 +1,11 @@
 import numpy as np
 import pytest
 from PIL import Image
+from sklearn.metrics import average_precision_score
 
 from lookalike.data.splits import ComparativeSet
 from lookalike.evaluation import gallery_metrics, positive_ranks, rank_summary
+from lookalike.evaluation.ranking import average_precision
 from lookalike.evaluation.calibration import pooled_bins, reliability
 from lookalike.evaluation.lookalike import altered_copy, copy_ranks, copy_summary, nearest_neighbour_accuracy, tied_fraction
 from lookalike.metric import L2
@@ -34,6 +36,17 @@ def test_gallery_metrics_hand_made():
     # image 0: relevant 1 (rank 1) and 2 (rank 2) -> AP 1; image 2: relevant at ranks 3,4 -> (1/3 + 2/4)/2
     aps = [1.0, 1.0, (1 / 3 + 2 / 4) / 2, 1.0, 1.0]
     assert np.isclose(g["map"], np.mean(aps))
+
+
+def test_average_precision_takes_equal_distances_as_one_step_like_scikit_learn():
+    # hand-computed: relevant at distances 1 and 3, an irrelevant one tied with the first -> (1/2 * 1/2 + 1/2 * 2/3)
+    assert np.isclose(average_precision(np.array([True, False, True, False]), np.array([1.0, 1.0, 3.0, 4.0])), 0.5 * 0.5 + 0.5 * 2 / 3)
+    rng = np.random.default_rng(0)
+    for n in rng.integers(2, 60, size=300):
+        relevant = rng.random(n) < 0.4
+        relevant[rng.integers(n)] = True
+        distances = rng.integers(0, 6, size=n).astype(float)  # many ties
+        assert np.isclose(average_precision(relevant, distances), average_precision_score(relevant, -distances), atol=1e-12)
 
 
 def test_empty_inputs_summarise_to_nan_and_small_ones_do_not():

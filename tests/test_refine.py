@@ -23,6 +23,7 @@ from lookalike.pipeline import featurize, prepare
 from lookalike.refine.stage import refine
 from lookalike.backbones.stages import channel_statistics, resolve_taps
 from lookalike.refine.blocks import split_trunk
+from lookalike.refine.cached import ActivationCache
 from lookalike.backbones.heads import LookalikeHead, head_from_description
 from lookalike.refine.objectives import LookalikeObjective
 from lookalike.refine.trainer import RefineNet, epoch_order, learning_rate
@@ -237,6 +238,29 @@ def test_refinement_repeats_exactly_with_the_same_seed(textures, tmp_path, monke
         run = prepared(textures, tmp_path / f"run-{attempt}", tiny_config(epochs=3))
         histories.append([h["train_loss"] for h in refine(run, progress=False)["history"]])
     assert histories[0] == histories[1]
+
+
+def test_activation_cache_serves_views_from_memory_within_its_budget_and_the_same_values_after_eviction(tmp_path):
+    rng = np.random.default_rng(0)
+    stored = {(f"{i:064x}", v): rng.normal(size=(4, 8, 8)).astype(np.float32) for i in range(40) for v in range(2)}
+    keys = list(stored)
+    with ActivationCache(tmp_path, "k") as writer:
+        writer.put_many(stored)
+    expected = np.stack([stored[k] if k[1] == 0 else stored[k].astype(np.float16) for k in keys]).astype(np.float32)
+    with ActivationCache(tmp_path, "k") as cache:
+        assert np.array_equal(cache.get_many(keys), expected)
+        cache._db.execute("DELETE FROM activations")  # a second read must not need the file
+        cache._db.commit()
+        assert np.array_equal(cache.get_many(keys[::-1] + keys[:3]), np.concatenate([expected[::-1], expected[:3]]))
+        with pytest.raises(LookalikeError, match="lacks 1 view"):
+            cache.get_many([("f" * 64, 0)])
+    with ActivationCache(tmp_path, "k", memory_mb=0) as writer:
+        writer.put_many(stored)
+    small = ActivationCache(tmp_path, "k", memory_mb=20 * stored[keys[0]].nbytes / 2**20)  # room for 20 of the 80 views
+    for _ in range(2):  # the rest are read from the file again
+        assert np.array_equal(small.get_many(keys), expected)
+    assert small._read.currsize <= small._read.maxsize
+    small.close()
 
 
 def test_cli_sets_the_descriptor_and_the_trained_stages(textures, tmp_path):

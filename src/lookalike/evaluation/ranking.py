@@ -6,7 +6,6 @@ from itertools import zip_longest
 from typing import Sequence
 
 import numpy as np
-from sklearn.metrics import average_precision_score
 
 from ..data.splits import ComparativeSet
 from ..metric.distances import Distance
@@ -51,10 +50,21 @@ def gallery_metrics(distance: Distance, features: np.ndarray, labels: np.ndarray
         order = np.argsort(D[i], kind="stable")
         for k in ks:
             hits[k].append(bool(relevant[order[:k]].any()))
-        aps.append(average_precision_score(relevant[others], -D[i][others]))
+        aps.append(average_precision(relevant[others], D[i][others]))
     out = {f"recall_at_{k}": float(np.mean(v)) if v else float("nan") for k, v in hits.items()}
     out["map"] = float(np.mean(aps)) if aps else float("nan")
     return out
+
+
+def average_precision(relevant: np.ndarray, distances: np.ndarray) -> float:
+    """Average precision of ranking by ascending distance, equal distances taken as one step (as scikit-learn's
+    `average_precision_score` of the negated distances does); a gallery asks for one per photo, and this is
+    a hundred times faster than scikit-learn's per-call input checks."""
+    order = np.argsort(distances, kind="stable")
+    found = np.cumsum(relevant[order])
+    ends = np.flatnonzero(np.append(np.diff(distances[order]) != 0, True))
+    found_at = found[ends]
+    return float(np.sum(np.diff(found_at, prepend=0) * found_at / (ends + 1)) / found_at[-1])
 
 
 def example_queries(attributes: Sequence[str], ranks: Sequence[int], limit: int, seed: int) -> list[int]:

@@ -15,6 +15,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+from cachetools import LRUCache
 from torch import nn
 
 from ..errors import BadImageError, LookalikeError
@@ -29,12 +30,15 @@ class ActivationCache:
 
     Random views are stored as float16 (they only feed training); the centre view (0) as float32, so the
     embeddings computed from it equal what featurize computes from the image.
+    Views once read stay in memory, up to `memory_mb` (least recently used first out): training asks for the
+    same few per photo every epoch, and a stored view never changes (it is a function of its key).
     """
 
-    def __init__(self, directory: str | os.PathLike, key: str):
+    def __init__(self, directory: str | os.PathLike, key: str, memory_mb: float = 512):
         self.path = Path(directory) / f"activations-{key}.sqlite"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = connect_sqlite(self.path)
+        self._read: LRUCache = LRUCache(maxsize=int(memory_mb * 2**20), getsizeof=lambda a: a.nbytes)
         self._db.execute("CREATE TABLE IF NOT EXISTS activations (sha256 TEXT, view INTEGER, dtype TEXT NOT NULL, shape TEXT NOT NULL, data BLOB NOT NULL, PRIMARY KEY (sha256, view))")
 
     def _select(self, columns: str, keys: Sequence[tuple[str, int]]) -> Iterator[tuple]:
@@ -50,10 +54,11 @@ class ActivationCache:
 
     def get_many(self, keys: Sequence[tuple[str, int]]) -> np.ndarray:
         """Stacked float32 activations in the order of `keys`."""
-        found: dict[tuple[str, int], np.ndarray] = {}
-        for digest, view, dtype, shape, blob in self._select("sha256, view, dtype, shape, data", keys):
-            found[(digest, view)] = np.frombuffer(blob, dtype=np.dtype(dtype)).reshape([int(s) for s in shape.split(",")])
-        absent = [k for k in keys if k not in found]
+        found = {k: self._read[k] for k in keys if k in self._read}
+        unread = list(dict.fromkeys(k for k in keys if k not in found))
+        for digest, view, dtype, shape, blob in self._select("sha256, view, dtype, shape, data", unread):
+            found[(digest, view)] = self._read[(digest, view)] = np.frombuffer(blob, dtype=np.dtype(dtype)).reshape([int(s) for s in shape.split(",")])
+        absent = [k for k in unread if k not in found]
         if absent:
             raise LookalikeError(f"activation cache {self.path} lacks {len(absent)} view(s) (e.g. {absent[0]}); delete the file and run refine again")
         return np.stack([found[k] for k in keys]).astype(np.float32)
