@@ -177,7 +177,7 @@ def _imports(path: Path) -> set[str]:
 LAYERS = [
     {"errors", "fileio", "config", "images", "hashing", "progress", "prefetch", "version", "results"},
     {"data", "backbones", "features", "metric", "evaluation", "visualize"},
-    {"refine", "rundir", "pipeline", "report"},
+    {"refine", "rundir", "pipeline", "parallel", "report"},
     {"model", "api", "retrieval"},
     {"index", "distributed", "datatools"},
     {"serve"},

@@ -73,6 +73,7 @@ def evaluate(
     out: str | os.PathLike | None = None,
     config: str | os.PathLike | LookalikeConfig | None = None,
     progress: bool = True,
+    jobs: int = 0,
     **sections: dict,
 ) -> Evaluation:
     """Train and test on `splits` random splits of `data` and report the rank test and lookalike search.
@@ -87,6 +88,9 @@ def evaluate(
         The run folder (report.html, per-split files); rerunning skips finished work. Default: a temporary folder.
     config : path or LookalikeConfig, optional
         A lookalike.toml, or a configuration; `sections` (e.g. ``refine={"epochs": 10}``) override it.
+    jobs : int
+        Splits (and the unseen-attribute test) computed at once, each in a forked process with its share of the
+        cores; 0 = one per core, 1 = one after another in this process.
 
     Returns
     -------
@@ -109,6 +113,6 @@ def evaluate(
     else:
         cfg = load_config(config, sections)
     if out is not None:
-        return Evaluation.from_metrics(run_pipeline(data, out, cfg, splits=splits, progress=progress), str(Path(out).resolve()))
+        return Evaluation.from_metrics(run_pipeline(data, out, cfg, splits=splits, progress=progress, jobs=jobs), str(Path(out).resolve()))
     with tempfile.TemporaryDirectory(prefix="lookalike-evaluate-") as tmp:
-        return Evaluation.from_metrics(run_pipeline(data, tmp, cfg, splits=splits, progress=progress))
+        return Evaluation.from_metrics(run_pipeline(data, tmp, cfg, splits=splits, progress=progress, jobs=jobs))

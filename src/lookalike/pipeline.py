@@ -25,6 +25,7 @@ from .evaluation import example_queries, gallery_metrics, positive_ranks, rank_s
 from .evaluation.calibration import pooled_bins, reliability
 from .evaluation.lookalike import nearest_neighbour_accuracy, tied_fraction, unseen_shortfall_warning
 from .features import configured_cache_dir, create_engine
+from .features.engines import cpu_threads
 from .features.extract import embed_images, embed_scanned
 from .fileio import load_npy, read_json, save_npy, write_json
 from .images import iter_image_files
@@ -463,27 +464,56 @@ def _unseen_stage(run: RunDir, cfg: LookalikeConfig, force: bool, progress: bool
 
 
 # ---------------------------------------------------------------- whole run
-def run_pipeline(data_dir, run_dir, cfg: LookalikeConfig, splits: int = 1, force: bool = False, progress: bool = True) -> dict:
-    """prepare -> refine -> featurize -> train-metric -> evaluate for each split, the unseen-attribute test once, then the summary and report."""
-    from .refine.stage import refine
+#: The unseen-attribute test's task number among a run's tasks (the splits are 0, 1, ...).
+UNSEEN_TASK = -1
+
+
+def run_pipeline(data_dir, run_dir, cfg: LookalikeConfig, splits: int = 1, force: bool = False, progress: bool = True, jobs: int = 0) -> dict:
+    """prepare every split, then refine -> featurize -> train-metric -> evaluate for each and the unseen-attribute test
+    once, then the summary and report.
+
+    The splits and the unseen test are independent: with `jobs` processes (0: one per core) they run side by side
+    (parallel.py), after the inputs they share are cached with every core (`prefill`).
+    """
+    from .parallel import run_tasks, workers_for
+    from .refine.stage import prefill, resolve_mode
     from .report import write_report
 
     check_inputs(data_dir, cfg, run_dir)
     run = RunDir(run_dir)
     start = time.perf_counter()
     for k in range(splits):
-        run.log(f"split {k + 1}/{splits}", style="bold")
         prepare(data_dir, run_dir, cfg, split=k, force=force, rescan=force and k == 0)
-        refine(run_dir, split=k, force=force, progress=progress)
-        featurize(run_dir, split=k, force=force, progress=progress)
-        train_metric(run_dir, split=k, force=force)
-        evaluate(run_dir, split=k, force=force)
-    if cfg.evaluate.unseen_attribute:
-        _unseen_stage(run, cfg, force, progress)
+    tasks = list(range(splits)) + ([UNSEEN_TASK] if cfg.evaluate.unseen_attribute else [])
+    workers = workers_for(jobs, len(tasks), gpu=resolve_mode(cfg) == "full")
+    if workers > 1:
+        prefill(run_dir, range(splits), force=force, progress=progress)
+        tasks = tasks[-1:] + tasks[:-1] if tasks[-1] == UNSEEN_TASK else tasks  # the longest task first
+        threads = max(1, cpu_threads() // workers)
+        run.log(f"{len(tasks)} tasks ({splits} split(s){' and the unseen-attribute test' if UNSEEN_TASK in tasks else ''}) in {workers} processes of {threads} thread(s) each")
+
+    def task(k: int) -> None:
+        if k == UNSEEN_TASK:
+            _unseen_stage(run, cfg, force, progress and workers == 1)
+        else:
+            _split_stages(run, cfg, k, splits, force, progress and workers == 1)
+
+    run_tasks(task, tasks, workers, desc="splits", progress=progress)
     metrics = summarize(run_dir, splits=list(range(splits)))
     write_report(run_dir)
     run.log(f"done in {time.perf_counter() - start:.0f}s")
     return metrics
+
+
+def _split_stages(run: RunDir, cfg: LookalikeConfig, k: int, splits: int, force: bool, progress: bool) -> None:
+    """refine -> featurize -> train-metric -> evaluate of prepared split k."""
+    from .refine.stage import refine
+
+    run.log(f"split {k + 1}/{splits}", style="bold")
+    refine(run.root, split=k, force=force, progress=progress)
+    featurize(run.root, split=k, force=force, progress=progress)
+    train_metric(run.root, split=k, force=force)
+    evaluate(run.root, split=k, force=force)
 
 
 def train_on_all(data: str | os.PathLike | Dataset, run_dir: str | os.PathLike, cfg: LookalikeConfig, force: bool = False, progress: bool = True) -> RunDir:

@@ -130,6 +130,11 @@ def run_all(
     resolution: Optional[int] = typer.Option(None, help="Input resolution in pixels (features.resolution)."),
     seed: Optional[int] = typer.Option(None, help="Seed of the first split (data.seed); split k uses seed + k."),
     by_subfolder: Optional[bool] = typer.Option(None, "--by-subfolder/--by-file", help="Assign whole sub-folders (e.g. one product's photos) to train or test, instead of single files (data.split_by_subfolder)."),
+    jobs: int = typer.Option(
+        0, "--jobs", "-j", min=0,
+        help="Splits (and the unseen-attribute test) computed at once, each in a process of its own with its share of the cores; 0 = one per core. "
+        "Training on a CUDA GPU, and where processes cannot fork (not Linux), they run one at a time.",
+    ),
     force: bool = ForceOpt,
 ):
     """Run every stage for each split, then print the evaluation table and write RUN_DIR/report.html.
@@ -140,7 +145,7 @@ def run_all(
     from ..rundir import RunDir
 
     cfg = _config(config, **{"features.backbone": backbone, "features.weights": str(weights) if weights else None, "features.resolution": resolution, "data.seed": seed, "data.split_by_subfolder": by_subfolder})
-    metrics = run_pipeline(data, run, cfg, splits=splits, force=force)
+    metrics = run_pipeline(data, run, cfg, splits=splits, force=force, jobs=jobs)
     _print_table(metrics, str(RunDir(run).report))
 
 
@@ -323,6 +328,10 @@ def exit_code(e: LookalikeError) -> int:
     return EXIT_USAGE if isinstance(e, ConfigError) or getattr(e, "param", None) else EXIT_FAILURE
 
 
+def _interrupted() -> None:
+    err.print("[yellow]interrupted[/yellow]; finished stages are kept, rerun the same command to continue")
+
+
 def main() -> None:
     _register_plugins()
     attach_log()
@@ -334,8 +343,12 @@ def main() -> None:
         err.print(f"[red]error:[/red] {escape(error_message(e))}")
         sys.exit(exit_code(e))
     except KeyboardInterrupt:
-        err.print("[yellow]interrupted[/yellow]; finished stages are kept, rerun the same command to continue")
+        _interrupted()
         sys.exit(130)
+    except SystemExit as e:
+        if e.code == 130:  # how typer ends a command on Ctrl-C, without a word
+            _interrupted()
+        raise
     except Exception as e:  # noqa: BLE001 - last line of defence: never show users a traceback
         if os.environ.get("LOOKALIKE_DEBUG") == "1":
             raise

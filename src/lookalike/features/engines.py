@@ -56,9 +56,25 @@ def network(backbone: Backbone | SavedBackbone) -> Backbone:
     return backbone
 
 
+_thread_limit: int | None = None
+
+
 def cpu_threads() -> int:
-    """Cores this process may use (respects affinity masks and container CPU sets)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """Cores this process may use (respects affinity masks, container CPU sets and `limit_threads`)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(cores, _thread_limit) if _thread_limit else cores
+
+
+def limit_threads(threads: int) -> None:
+    """Hold this process to `threads` threads from now on: ONNX Runtime sessions made later, PyTorch, and the
+    BLAS and OpenMP pools of NumPy and scikit-learn (for a worker that shares the machine with others)."""
+    global _thread_limit
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    _thread_limit = threads
+    torch.set_num_threads(threads)
+    threadpool_limits(limits=threads)
 
 
 CPU_MICRO_BATCH = 4

@@ -13,6 +13,7 @@ import shutil
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -71,25 +72,21 @@ def refine(run_dir: str | os.PathLike, split: int = 0, force: bool = False, prog
         return None
     mode = resolve_mode(cfg)
     seed = cfg.data.seed + split
-    split_fp = read_json(run.require(run.split_dir(split) / "split.json", "prepare"))["fingerprint"]
-    fp = fingerprint(split_fp, cfg.features.model_dump(include={"backbone", "weights", "resolution", "normalization"}), rc.model_dump(), mode, seed)
+    fp = _fingerprint(run, cfg, split, mode)
     record_path = out / "history.json"
-    if not force and up_to_date(record_path, fp) and (out / "backbone.safetensors").exists():
+    if not force and _done(out, fp):
         return read_json(record_path)
 
     dataset = run.dataset()
-    s = run.split(split)
     backbone = base_backbone(cfg)
     taps = backbone.config.taps
     visual_setting = rc.visual_part if rc.embedding == "lookalike" else "learned"
-    blocks = 0 if rc.last_layer_only else (-1 if mode == "full" else rc.trainable_blocks)
-    frozen, trained = split_trunk(backbone, blocks)
+    frozen, trained = split_trunk(backbone, _trained_blocks(rc, mode))
     trained_stages = "all" if frozen is None else len(trained.run.blocks)
     if frozen is None:
         mode = "full"  # every stage is trained, so there is nothing frozen to cache
-    augment = AugmentParams(rc.crop_scale_min, rc.hflip, rc.vflip, rc.color_jitter, rc.hue_jitter, rc.degrade)
-    maker = ViewMaker(backbone.config, augment)
-    parts = {p: s.parts[p] for p in ("train", "validation", "test") if s.parts.get(p)}
+    augment = _augment_params(rc)
+    parts = _parts(run.split(split))
     digests = {p: [dataset.images[i].sha256 for i in idx] for p, idx in parts.items()}
     labels = {p: [dataset.images[i].attribute for i in idx] for p, idx in parts.items()}
     start = time.perf_counter()
@@ -99,19 +96,12 @@ def refine(run_dir: str | os.PathLike, split: int = 0, force: bool = False, prog
     )
     cache = None
     if mode == "cached":
-        cache_dir = configured_cache_dir(cfg.features.cache_dir)
-        key = fingerprint(backbone.fingerprint, backbone.config.taps, len(frozen.run.blocks), asdict(augment), CACHE_FORMAT)
-        cache = ActivationCache(cache_dir, key)
-        paths = {dataset.images[i].sha256: str(dataset.absolute_path(i)) for idx in parts.values() for i in idx}
-        wanted = [(d, v) for d in digests["train"] for v in range(rc.cached_views + 1)]
-        wanted += [(d, 0) for p in ("validation", "test") for d in digests.get(p, [])]
-        todo = cache.missing(wanted)
-        runner = frozen_runner(frozen, backbone.config.input_size, cache_dir, key) if todo else None
-        computed = fill_cache(cache, runner, maker, paths, todo, batch_for(cfg.features.batch_size, backbone.config.input_size), progress=progress)
-        run.log(f"split {split}: {computed} new view(s) of the frozen blocks cached, {len(wanted) - computed} reused ({time.perf_counter() - start:.0f}s)")
+        cache, computed, wanted = _cached_views(cfg, backbone, frozen, augment, dataset, [parts], progress)
+        run.log(f"split {split}: {computed} new view(s) of the frozen blocks cached, {wanted - computed} reused ({time.perf_counter() - start:.0f}s)")
         views = {p: CachedViews(cache, digests[p], rc.cached_views) for p in parts}
         net_frozen: nn.Module = nn.Identity()
     else:
+        maker = ViewMaker(backbone.config, augment)
         views = {p: OnlineViews(maker, [str(dataset.absolute_path(i)) for i in parts[p]], digests[p]) for p in parts}
         net_frozen = frozen if frozen is not None else nn.Identity()
     dim = descriptor_dim(frozen, trained, backbone.config.input_size)
@@ -177,6 +167,74 @@ def refine(run_dir: str | os.PathLike, split: int = 0, force: bool = False, prog
         + (f", test {last['test_error']:.1%}" if "test_error" in last else "")
     )
     return record
+
+
+def prefill(run_dir: str | os.PathLike, splits: Sequence[int], force: bool = False, progress: bool = True) -> None:
+    """Cache, with every core, the frozen-block views and pretrained features that refining `splits` will read.
+
+    For splits refined side by side in processes of their own (`run_pipeline`'s jobs): each then finds its
+    inputs made, instead of making views the others make too, on its share of the cores. Splits refined already
+    (up to date) and CPU-less modes ("full", or no frozen blocks) need nothing.
+    """
+    run = RunDir(run_dir)
+    cfg = run.config()
+    rc = cfg.refine
+    mode = resolve_mode(cfg)
+    stale = [k for k in splits if force or not _done(run.split_dir(k) / "refined", _fingerprint(run, cfg, k, mode))]
+    if rc.epochs == 0 or mode != "cached" or not stale:
+        return
+    backbone = base_backbone(cfg)
+    frozen, _ = split_trunk(backbone, _trained_blocks(rc, mode))
+    if frozen is None:
+        return
+    start, dataset = time.perf_counter(), run.dataset()
+    parts = [_parts(run.split(k)) for k in stale]
+    cache, computed, wanted = _cached_views(cfg, backbone, frozen, _augment_params(rc), dataset, parts, progress)
+    cache.close()
+    if rc.embedding == "lookalike" and rc.visual_part == "auto":  # the held-out check compares with the pretrained features
+        train = sorted({i for p in parts for i in p["train"]})
+        _pretrained_features(cfg, [str(dataset.absolute_path(i)) for i in train], [dataset.images[i].sha256 for i in train], progress)
+    run.log(f"splits {', '.join(map(str, stale))}: {computed} new view(s) of the frozen blocks cached, {wanted - computed} reused ({time.perf_counter() - start:.0f}s)")
+
+
+def _fingerprint(run: RunDir, cfg: LookalikeConfig, split: int, mode: str) -> str:
+    split_fp = read_json(run.require(run.split_dir(split) / "split.json", "prepare"))["fingerprint"]
+    return fingerprint(split_fp, cfg.features.model_dump(include={"backbone", "weights", "resolution", "normalization"}), cfg.refine.model_dump(), mode, cfg.data.seed + split)
+
+
+def _done(out: Path, fp: str) -> bool:
+    """Whether the refined model in `out` was made from inputs with fingerprint `fp`."""
+    return up_to_date(out / "history.json", fp) and (out / "backbone.safetensors").exists()
+
+
+def _trained_blocks(rc: RefineConfig, mode: str) -> int:
+    return 0 if rc.last_layer_only else (-1 if mode == "full" else rc.trainable_blocks)
+
+
+def _augment_params(rc: RefineConfig) -> AugmentParams:
+    return AugmentParams(rc.crop_scale_min, rc.hflip, rc.vflip, rc.color_jitter, rc.hue_jitter, rc.degrade)
+
+
+def _parts(s) -> dict[str, list[int]]:
+    return {p: s.parts[p] for p in ("train", "validation", "test") if s.parts.get(p)}
+
+
+def _cached_views(cfg: LookalikeConfig, backbone: Backbone, frozen: nn.Module, augment: AugmentParams, dataset, parts: list[dict[str, list[int]]], progress: bool) -> tuple[ActivationCache, int, int]:
+    """The activation cache, with every view these splits' parts need computed: training images' centre and random
+    views, the others' centre view. Returns (open cache, views computed now, views wanted)."""
+    rc = cfg.refine
+    cache_dir = configured_cache_dir(cfg.features.cache_dir)
+    key = fingerprint(backbone.fingerprint, backbone.config.taps, len(frozen.run.blocks), asdict(augment), CACHE_FORMAT)
+    cache = ActivationCache(cache_dir, key)
+    paths = {dataset.images[i].sha256: str(dataset.absolute_path(i)) for split_parts in parts for idx in split_parts.values() for i in idx}
+    wanted: dict[tuple[str, int], None] = {}
+    for split_parts in parts:
+        wanted.update(((dataset.images[i].sha256, v), None) for i in split_parts["train"] for v in range(rc.cached_views + 1))
+        wanted.update(((dataset.images[i].sha256, 0), None) for p in ("validation", "test") for i in split_parts.get(p, []))
+    todo = cache.missing(list(wanted))
+    runner = frozen_runner(frozen, backbone.config.input_size, cache_dir, key) if todo else None
+    computed = fill_cache(cache, runner, ViewMaker(backbone.config, augment), paths, todo, batch_for(cfg.features.batch_size, backbone.config.input_size), progress=progress)
+    return cache, computed, len(wanted)
 
 
 def _pooled_dim(backbone: Backbone) -> int:

@@ -144,7 +144,8 @@ def describe_device(device: torch.device, mixed: bool) -> str:
     if device.type == "cuda":
         precision = f"mixed precision ({_amp_dtype(device)})".replace("torch.", "") if mixed else "float32"
         return f"GPU {torch.cuda.get_device_name(device)} ({precision})"
-    return f"CPU ({torch.get_num_threads()} threads, float32; no CUDA GPU found)"
+    threads = torch.get_num_threads()
+    return f"CPU ({threads} thread{'' if threads == 1 else 's'}, float32; no CUDA GPU found)"
 
 
 def _amp_dtype(device: torch.device) -> torch.dtype:

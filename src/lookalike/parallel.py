@@ -1,0 +1,71 @@
+"""Independent pieces of a run (its splits, the unseen-attribute test) side by side, one process per share of the cores.
+
+Training a small head in PyTorch, fitting the SVM and drawing the plots keep about 1.4 of 2 cores busy; two
+processes of one thread each keep both busy. Workers are forked, so they start with everything the parent has
+imported, and each is held to its share of the cores (PyTorch, ONNX Runtime, the BLAS and OpenMP pools), so
+they never oversubscribe the machine. Only task numbers and error messages pass between the processes: every
+result is a file the task writes, as in a run of one process.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+from typing import Callable, Sequence
+
+from .errors import LookalikeError
+from .features.engines import cpu_threads, limit_threads
+from .progress import enable as enable_progress
+from .progress import tqdm
+
+_task: Callable[[int], object] | None = None
+
+
+def workers_for(jobs: int, tasks: int, gpu: bool) -> int:
+    """Processes for `tasks` tasks: `jobs`, or one per core when 0, at most one per task.
+
+    One where processes cannot be forked (not Linux) or a CUDA GPU does the training (the processes would queue
+    on it, and CUDA does not survive a fork).
+    """
+    if gpu or "fork" not in multiprocessing.get_all_start_methods() or not hasattr(signal, "SIGINT"):
+        return 1
+    return max(1, min(jobs or cpu_threads(), tasks))
+
+
+def run_tasks(task: Callable[[int], object], items: Sequence[int], workers: int, desc: str, progress: bool = True) -> None:
+    """Call `task(item)` for every item, in `workers` processes (or in this one, in order, for 1).
+
+    The first task to fail with a LookalikeError stops the others (what they finished is kept) and its message
+    is raised here; with 1 worker this is just a loop.
+    """
+    if workers <= 1:
+        for item in items:
+            task(item)
+        return
+    global _task
+    _task = task  # the workers inherit it through the fork: no function or argument is pickled
+    bar = tqdm(total=len(items), desc=desc, unit="task", disable=not progress)
+    try:
+        pool = multiprocessing.get_context("fork").Pool(workers, initializer=_start_worker, initargs=(max(1, cpu_threads() // workers),))
+        with pool:  # leaving it (a failure, Ctrl-C) terminates the workers still running
+            for failure in pool.imap_unordered(_run_one, items):
+                if failure is not None:
+                    raise LookalikeError(*failure)
+                bar.update()
+    finally:
+        bar.close()
+        _task = None
+
+
+def _start_worker(threads: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it ends the workers
+    enable_progress(False)  # one bar, the parent's; the workers' log lines say what each does
+    limit_threads(threads)
+
+
+def _run_one(item: int) -> tuple[str, str | None] | None:
+    try:
+        _task(item)
+    except LookalikeError as e:
+        return str(e), e.param
+    return None
