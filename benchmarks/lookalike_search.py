@@ -13,7 +13,7 @@
 The pretrained backbone (EfficientNet-Lite0 pooled features at 224 px, L2 on unit vectors) is the reference
 row for each test.
 
-    .venv/bin/python benchmarks/lookalike_search.py                         # fashionTexture, 5 splits (~6 min)
+    .venv/bin/python benchmarks/lookalike_search.py                         # fashionTexture, 5 splits (~4 min on 2 cores)
     .venv/bin/python benchmarks/lookalike_search.py --data ../shared/datasets/fridgeObjects --splits 3
     .venv/bin/python benchmarks/lookalike_search.py --json                  # one JSON object
 """
@@ -36,7 +36,9 @@ from lookalike.features import configured_cache_dir
 from lookalike.images import open_image
 from lookalike.metric.distances import L2, LearnedWeightedL2
 from lookalike.model import ImageEmbedder, SimilarityModel
+from lookalike.parallel import run_tasks, workers_for
 from lookalike.pipeline import run_pipeline, unseen_attribute_test
+from lookalike.refine.stage import resolve_mode
 from lookalike.rundir import RunDir
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "fashionTexture"
@@ -65,14 +67,21 @@ def copy_test(run_dir: Path, splits: int, pretrained: ImageEmbedder) -> dict:
     return {name: {key: float(np.mean([r[key] for r in runs])) for key in runs[0]} for name, runs in rows.items()}
 
 
-def unseen_test(dataset: Dataset, work: Path, splits: int, overrides: dict) -> list[dict]:
+def unseen_test(dataset: Dataset, work: Path, splits: int, overrides: dict, jobs: int) -> list[dict]:
+    runs = [(held_out, k) for held_out in dataset.attributes for k in range(splits)]
+
+    def nested(i: int) -> dict:
+        held_out, k = runs[i]
+        cfg = load_config(None, overrides | {"data.seed": k})
+        return unseen_attribute_test(dataset, held_out, work / f"without-{held_out}" / f"run-{k}", cfg, progress=False)
+
+    # side by side as `lookalike run` does its splits; each run then reads back what it wrote (all up to date)
+    run_tasks(nested, range(len(runs)), workers_for(jobs, len(runs), gpu=resolve_mode(load_config(None, overrides)) == "full"), desc="nested runs", progress=False)
     rows = []
-    for held_out in dataset.attributes:
-        for k in range(splits):
-            cfg = load_config(None, overrides | {"data.seed": k})
-            r = unseen_attribute_test(dataset, held_out, work / f"without-{held_out}" / f"run-{k}", cfg, progress=False)
-            scores = {f"trained_model_{g}": v for g, v in r["learned"].items()} | {f"pretrained_{g}": v for g, v in r["pretrained"].items()}
-            rows.append({"held_out": held_out, "split": k, "catalog": r["catalog"]} | scores)
+    for i, (held_out, k) in enumerate(runs):
+        r = nested(i)
+        scores = {f"trained_model_{g}": v for g, v in r["learned"].items()} | {f"pretrained_{g}": v for g, v in r["pretrained"].items()}
+        rows.append({"held_out": held_out, "split": k, "catalog": r["catalog"]} | scores)
     return rows
 
 
@@ -83,6 +92,7 @@ def main() -> None:
     parser.add_argument("--splits", type=int, default=5)
     parser.add_argument("--config", type=Path, default=None, help="A lookalike.toml for every run (default: the defaults).")
     parser.add_argument("--json", action="store_true", help="Print one JSON object instead of tables.")
+    parser.add_argument("--jobs", type=int, default=0, help="Runs computed at once, one process each (0: one per core), as `lookalike run --jobs`.")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
@@ -90,9 +100,9 @@ def main() -> None:
         overrides = {f"{section}.{key}": value for section, values in cfg.model_dump().items() for key, value in values.items()}
         pretrained = ImageEmbedder(create_backbone("efficientnet-lite0"), configured_cache_dir(cfg.features.cache_dir))
         cfg.evaluate.unseen_attribute = False  # every attribute is held out below, not only the one the run would draw
-        run_pipeline(args.data, work / "all", cfg, splits=args.splits, progress=False)
+        run_pipeline(args.data, work / "all", cfg, splits=args.splits, progress=False, jobs=args.jobs)
         copies = copy_test(work / "all", args.splits, pretrained)
-        unseen = unseen_test(RunDir(work / "all").dataset(), work, args.splits, overrides)
+        unseen = unseen_test(RunDir(work / "all").dataset(), work, args.splits, overrides, args.jobs)
     summary = {key: float(np.mean([r[key] for r in unseen])) for key in unseen[0] if key.startswith(("trained_model", "pretrained"))}
     if args.json:
         print(json.dumps({"data": str(args.data), "splits": args.splits, "copies": copies, "unseen": summary, "unseen_runs": unseen}, indent=2))
