@@ -18,7 +18,7 @@ from lookalike import pipeline
 from lookalike.config import LookalikeConfig
 from lookalike.errors import LookalikeError
 from lookalike.features.engines import cpu_threads
-from lookalike.parallel import workers_for
+from lookalike.parallel import run_tasks, workers_for
 
 #: small enough for seconds, refined in cached mode so the workers read views the parent cached (prefill)
 CONFIG = {
@@ -82,6 +82,20 @@ def test_a_failing_split_stops_the_run_with_its_message_and_leaves_no_worker(tex
     assert caught.value.param == "data"
     assert not multiprocessing.active_children()
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_a_worker_that_dies_ends_the_run_with_a_message_instead_of_a_wait(tmp_path):
+    def task(item: int) -> None:
+        if item == 1:
+            os.kill(os.getpid(), signal.SIGKILL)  # what the kernel does to a process that runs out of memory
+        (tmp_path / f"done-{item}").touch()
+
+    start = time.monotonic()
+    with pytest.raises(LookalikeError, match="ended without finishing its task"):
+        run_tasks(task, [0, 1, 2, 3], workers=2, desc="tasks", progress=False)
+    assert time.monotonic() - start < 60 and not multiprocessing.active_children()
+    run_tasks(task, [0, 2], workers=2, desc="tasks", progress=False)  # the next run is unaffected
+    assert (tmp_path / "done-0").exists() and (tmp_path / "done-2").exists()
 
 
 def test_ctrl_c_ends_the_workers_with_a_message_not_a_traceback(textures, tmp_path):

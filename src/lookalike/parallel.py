@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import multiprocessing
 import signal
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Sequence
 
 from .errors import LookalikeError
@@ -36,7 +38,7 @@ def run_tasks(task: Callable[[int], object], items: Sequence[int], workers: int,
     """Call `task(item)` for every item, in `workers` processes (or in this one, in order, for 1).
 
     The first task to fail with a LookalikeError stops the others (what they finished is kept) and its message
-    is raised here; with 1 worker this is just a loop.
+    is raised here; so is a worker's sudden death (killed for memory, say), instead of a wait for its result.
     """
     if workers <= 1:
         for item in items:
@@ -45,14 +47,26 @@ def run_tasks(task: Callable[[int], object], items: Sequence[int], workers: int,
     global _task
     _task = task  # the workers inherit it through the fork: no function or argument is pickled
     bar = tqdm(total=len(items), desc=desc, unit="task", disable=not progress)
+    others = set(multiprocessing.active_children())
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_start_worker, initargs=(max(1, cpu_threads() // workers),))
     try:
-        pool = multiprocessing.get_context("fork").Pool(workers, initializer=_start_worker, initargs=(max(1, cpu_threads() // workers),))
-        with pool:  # leaving it (a failure, Ctrl-C) terminates the workers still running
-            for failure in pool.imap_unordered(_run_one, items):
-                if failure is not None:
-                    raise LookalikeError(*failure)
-                bar.update()
+        for done in as_completed([pool.submit(_run_one, item) for item in items]):
+            try:
+                failure = done.result()
+            except BrokenProcessPool:
+                raise LookalikeError(
+                    f"a worker process ended without finishing its task (killed, perhaps for lack of memory); run fewer at once (jobs = {max(1, workers // 2)})"
+                ) from None
+            if failure is not None:
+                raise LookalikeError(*failure)
+            bar.update()
+    except BaseException:
+        # a failure or Ctrl-C: the tasks still running are ended, not waited for; what they finished is kept
+        for process in set(multiprocessing.active_children()) - others:
+            process.terminate()
+        raise
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
         _task = None
 
