@@ -26,6 +26,7 @@ from ..backbones.config import PRETRAINED_INPUT_SIZE
 from ..backbones.registry import save_backbone
 from ..backbones.stages import pooled_features, resolve_taps
 from ..config import LookalikeConfig, RefineConfig
+from ..data import Dataset, Split
 from ..errors import ConfigError, LookalikeError
 from ..features import FeatureCache, configured_cache_dir, create_engine
 from ..features.extract import batch_for, embed_scanned
@@ -180,8 +181,10 @@ def prefill(run_dir: str | os.PathLike, splits: Sequence[int], force: bool = Fal
     cfg = run.config()
     rc = cfg.refine
     mode = resolve_mode(cfg)
+    if rc.epochs == 0 or mode != "cached":
+        return
     stale = [k for k in splits if force or not _done(run.split_dir(k) / "refined", _fingerprint(run, cfg, k, mode))]
-    if rc.epochs == 0 or mode != "cached" or not stale:
+    if not stale:
         return
     backbone = base_backbone(cfg)
     frozen, _ = split_trunk(backbone, _trained_blocks(rc, mode))
@@ -215,11 +218,13 @@ def _augment_params(rc: RefineConfig) -> AugmentParams:
     return AugmentParams(rc.crop_scale_min, rc.hflip, rc.vflip, rc.color_jitter, rc.hue_jitter, rc.degrade)
 
 
-def _parts(s) -> dict[str, list[int]]:
+def _parts(s: Split) -> dict[str, list[int]]:
     return {p: s.parts[p] for p in ("train", "validation", "test") if s.parts.get(p)}
 
 
-def _cached_views(cfg: LookalikeConfig, backbone: Backbone, frozen: nn.Module, augment: AugmentParams, dataset, parts: list[dict[str, list[int]]], progress: bool) -> tuple[ActivationCache, int, int]:
+def _cached_views(
+    cfg: LookalikeConfig, backbone: Backbone, frozen: nn.Module, augment: AugmentParams, dataset: Dataset, parts: list[dict[str, list[int]]], progress: bool
+) -> tuple[ActivationCache, int, int]:
     """The activation cache, with every view these splits' parts need computed: training images' centre and random
     views, the others' centre view. Returns (open cache, views computed now, views wanted)."""
     rc = cfg.refine
