@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torchvision.transforms.v2 as T
 from PIL import Image
 
 from ..backbones import BackboneConfig, Preprocessor
@@ -62,6 +61,9 @@ class ViewMaker:
     """Normalised arrays of an image: view 0 is exactly what featurize sees, views 1, 2, ... are random crops."""
 
     def __init__(self, config: BackboneConfig, params: AugmentParams, seed: int = 0):
+        # imported here, not with the module: a run whose views are all cached never needs torchvision (2 s to import)
+        import torchvision.transforms.v2 as T
+
         self.pre = Preprocessor(config)
         self.size = config.input_size
         self.seed = seed
