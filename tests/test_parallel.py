@@ -104,8 +104,8 @@ def test_ctrl_c_ends_the_workers_with_a_message_not_a_traceback(textures, tmp_pa
     env = os.environ | {"LOOKALIKE_CACHE_DIR": str(tmp_path / "cache")}
     cmd = [sys.executable, "-m", "lookalike", "run", "--data", str(textures), "--out", str(run), "--splits", "2", "--config", str(config), "--jobs", "2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while "in 2 processes" not in (run / "log.txt").read_text() if (run / "log.txt").exists() else True:
+    log, deadline = run / "log.txt", time.monotonic() + 120
+    while not (log.exists() and "in 2 processes" in log.read_text()):  # the workers are training
         assert proc.poll() is None and time.monotonic() < deadline, "the run should still be training"
         time.sleep(0.2)
     time.sleep(1.0)
