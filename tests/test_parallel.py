@@ -14,7 +14,7 @@ import time
 import pytest
 
 from conftest import make_dataset
-from lookalike import pipeline
+from lookalike import parallel, pipeline
 from lookalike.config import LookalikeConfig
 from lookalike.errors import BadImageError, LookalikeError
 from lookalike.features.engines import cpu_threads
@@ -95,6 +95,17 @@ def test_a_worker_that_dies_ends_the_run_with_a_message_instead_of_a_wait(tmp_pa
     assert time.monotonic() - start < 60 and not multiprocessing.active_children()
     run_tasks(task, [0, 2], workers=2, desc="tasks", progress=False)  # the next run is unaffected
     assert (tmp_path / "done-0").exists() and (tmp_path / "done-2").exists()
+
+
+def test_where_worker_processes_cannot_start_the_tasks_run_one_after_another(tmp_path, monkeypatch, caplog):
+    def no_semaphores(*args, **kwargs):
+        raise OSError("sem_open is not implemented on this platform")
+
+    monkeypatch.setattr(parallel, "ProcessPoolExecutor", no_semaphores)
+    order = []
+    run_tasks(order.append, [2, 0, 1], workers=2, desc="tasks", progress=False)
+    assert order == [2, 0, 1]  # in this process, in order
+    assert "cannot start worker processes (sem_open is not implemented on this platform)" in caplog.text
 
 
 def test_ctrl_c_ends_the_workers_with_a_message_not_a_traceback(textures, tmp_path):

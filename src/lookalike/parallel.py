@@ -9,6 +9,7 @@ result is a file the task writes, as in a run of one process.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import signal
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -20,6 +21,7 @@ from .features.engines import cpu_threads, limit_threads
 from .progress import enable as enable_progress
 from .progress import tqdm
 
+log = logging.getLogger(__name__)
 _task: Callable[[int], object] | None = None
 
 
@@ -40,7 +42,13 @@ def run_tasks(task: Callable[[int], object], items: Sequence[int], workers: int,
     The first task to fail with a LookalikeError stops the others (what they finished is kept) and its message
     is raised here; so is a worker's sudden death (killed for memory, say), instead of a wait for its result.
     """
-    if workers <= 1:
+    pool = None
+    if workers > 1:
+        try:
+            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_start_worker, initargs=(max(1, cpu_threads() // workers),))
+        except (ImportError, OSError) as e:  # e.g. a container without working POSIX semaphores
+            log.warning("cannot start worker processes (%s); running the tasks one after another", e)
+    if pool is None:
         for item in items:
             task(item)
         return
@@ -48,7 +56,6 @@ def run_tasks(task: Callable[[int], object], items: Sequence[int], workers: int,
     _task = task  # the workers inherit it through the fork: no function or argument is pickled
     bar = tqdm(total=len(items), desc=desc, unit="task", disable=not progress)
     others = set(multiprocessing.active_children())
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_start_worker, initargs=(max(1, cpu_threads() // workers),))
     try:
         for done in as_completed([pool.submit(_run_one, item) for item in items]):
             try:
