@@ -254,8 +254,9 @@ def test_activation_cache_serves_views_from_memory_within_its_budget_and_the_sam
         assert np.array_equal(cache.get_many(keys[::-1] + keys[:3]), np.concatenate([expected[::-1], expected[:3]]))
         with pytest.raises(LookalikeError, match="lacks 1 view"):
             cache.get_many([("f" * 64, 0)])
-    with ActivationCache(tmp_path, "k", memory_mb=0) as writer:
-        writer.put_many(stored)
+    with ActivationCache(tmp_path, "k", memory_mb=0) as uncached:  # keeps nothing in memory, and still reads
+        uncached.put_many(stored)
+        assert np.array_equal(uncached.get_many(keys), expected) and uncached._read.currsize == 0
     small = ActivationCache(tmp_path, "k", memory_mb=20 * stored[keys[0]].nbytes / 2**20)  # room for 20 of the 80 views
     for _ in range(2):  # the rest are read from the file again
         assert np.array_equal(small.get_many(keys), expected)

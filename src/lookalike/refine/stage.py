@@ -237,8 +237,10 @@ def _cached_views(
         wanted.update(((dataset.images[i].sha256, v), None) for i in split_parts["train"] for v in range(rc.cached_views + 1))
         wanted.update(((dataset.images[i].sha256, 0), None) for p in ("validation", "test") for i in split_parts.get(p, []))
     todo = cache.missing(list(wanted))
-    runner = frozen_runner(frozen, backbone.config.input_size, cache_dir, key) if todo else None
-    computed = fill_cache(cache, runner, ViewMaker(backbone.config, augment), paths, todo, batch_for(cfg.features.batch_size, backbone.config.input_size), progress=progress)
+    computed = 0
+    if todo:  # the runner is an ONNX export and the view maker imports torchvision: neither is needed otherwise
+        runner = frozen_runner(frozen, backbone.config.input_size, cache_dir, key)
+        computed = fill_cache(cache, runner, ViewMaker(backbone.config, augment), paths, todo, batch_for(cfg.features.batch_size, backbone.config.input_size), progress=progress)
     return cache, computed, len(wanted)
 
 
