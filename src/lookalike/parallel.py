@@ -31,9 +31,14 @@ def workers_for(jobs: int, tasks: int, gpu: bool) -> int:
     One where processes cannot be forked (not Linux) or a CUDA GPU does the training (the processes would queue
     on it, and CUDA does not survive a fork).
     """
-    if gpu or "fork" not in multiprocessing.get_all_start_methods() or not hasattr(signal, "SIGINT"):
+    if gpu or "fork" not in multiprocessing.get_all_start_methods():
         return 1
     return max(1, min(jobs or cpu_threads(), tasks))
+
+
+def threads_per_worker(workers: int) -> int:
+    """Each worker's share of this process's cores."""
+    return max(1, cpu_threads() // workers)
 
 
 def run_tasks(task: Callable[[int], object], items: Sequence[int], workers: int, desc: str, progress: bool = True) -> None:
@@ -45,7 +50,7 @@ def run_tasks(task: Callable[[int], object], items: Sequence[int], workers: int,
     pool = None
     if workers > 1:
         try:
-            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_start_worker, initargs=(max(1, cpu_threads() // workers),))
+            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_start_worker, initargs=(threads_per_worker(workers),))
         except (ImportError, OSError) as e:  # e.g. a container without working POSIX semaphores
             log.warning("cannot start worker processes (%s); running the tasks one after another", e)
     if pool is None:

@@ -25,7 +25,6 @@ from .evaluation import example_queries, gallery_metrics, positive_ranks, rank_s
 from .evaluation.calibration import pooled_bins, reliability
 from .evaluation.lookalike import nearest_neighbour_accuracy, tied_fraction, unseen_shortfall_warning
 from .features import configured_cache_dir, create_engine
-from .features.engines import cpu_threads
 from .features.extract import embed_images, embed_scanned
 from .fileio import load_npy, read_json, save_npy, write_json
 from .images import iter_image_files
@@ -475,7 +474,7 @@ def run_pipeline(data_dir, run_dir, cfg: LookalikeConfig, splits: int = 1, force
     The splits and the unseen test are independent: with `jobs` processes (0: one per core) they run side by side
     (parallel.py), after the inputs they share are cached with every core (`prefill`).
     """
-    from .parallel import run_tasks, workers_for
+    from .parallel import run_tasks, threads_per_worker, workers_for
     from .refine.stage import prefill, resolve_mode
     from .report import write_report
 
@@ -489,8 +488,7 @@ def run_pipeline(data_dir, run_dir, cfg: LookalikeConfig, splits: int = 1, force
     if workers > 1:
         prefill(run_dir, range(splits), force=force, progress=progress)
         tasks = tasks[-1:] + tasks[:-1] if tasks[-1] == UNSEEN_TASK else tasks  # the longest task first
-        threads = max(1, cpu_threads() // workers)
-        run.log(f"{len(tasks)} tasks ({splits} split(s){' and the unseen-attribute test' if UNSEEN_TASK in tasks else ''}) in {workers} processes of {threads} thread(s) each")
+        run.log(f"{len(tasks)} tasks ({splits} split(s){' and the unseen-attribute test' if UNSEEN_TASK in tasks else ''}) in {workers} processes of {threads_per_worker(workers)} thread(s) each")
 
     def task(k: int) -> None:
         if k == UNSEEN_TASK:
