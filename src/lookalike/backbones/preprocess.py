@@ -37,9 +37,13 @@ class Preprocessor:
         return img.crop((left, top, left + self.size, top + self.size))
 
     def array(self, img: Image.Image) -> np.ndarray:
+        return self.normalize(np.asarray(self.resize(img)))
+
+    def normalize(self, pixels: np.ndarray) -> np.ndarray:
+        """(S, S, 3) uint8 pixels, already resized and cropped, into the (3, S, S) float32 the network takes."""
         # Channels first before the arithmetic: a multiply-add over whole planes is ~10x faster than one
         # broadcast over Pillow's 3-wide channels-last rows, and gives the same floats.
-        x = np.asarray(self.resize(img)).transpose(2, 0, 1).astype(np.float32, order="C")
+        x = pixels.transpose(2, 0, 1).astype(np.float32, order="C")
         x *= self._scale
         x += self._bias
         return x

@@ -126,7 +126,7 @@ def connect(address: str | None = None, **init_kwargs):
 def decode_block(row: dict, config: dict) -> dict:
     """Read, hash and decode one block's images into (n, S, S, 3) uint8 pixels, already resized and cropped.
 
-    The model actor applies the rest of `Preprocessor.array` (scaling), so its input is bit-for-bit
+    The model actor applies `Preprocessor.normalize`, the rest of `Preprocessor.array`, so its input is bit-for-bit
     what the single-process path feeds the network.
     """
     import hashlib
@@ -185,14 +185,12 @@ class BlockEmbedder:
         self.batch_size = batch_size
 
     def __call__(self, row: dict) -> dict:
-        from PIL import Image
-
         from ..features.extract import l2_normalize
 
         pixels = row.pop("pixels")
         out = np.zeros((len(pixels), self.dim), dtype=np.float32)
         for start in range(0, len(pixels), self.batch_size):
-            batch = np.stack([self.pre.array(Image.fromarray(p)) for p in pixels[start : start + self.batch_size]])
+            batch = np.stack([self.pre.normalize(p) for p in pixels[start : start + self.batch_size]])
             out[start : start + len(batch)] = self.engine(batch)
         row["embedding"] = l2_normalize(out)
         return row
