@@ -27,7 +27,7 @@ from lookalike.refine.cached import ActivationCache
 from lookalike.backbones.heads import LookalikeHead, head_from_description
 from lookalike.refine.objectives import LookalikeObjective
 from lookalike.refine.trainer import RefineNet, epoch_order, learning_rate
-from lookalike.refine.visual_part import SIGNIFICANCE, choose_visual_part, sign_test
+from lookalike.refine.visual_part import MARGIN, SIGNIFICANCE, choose_visual_part, decide, sign_test
 
 #: without CUDA refinement caches the frozen part's output; with it, mode "auto" trains every block
 CUDA = torch.cuda.is_available()
@@ -495,6 +495,15 @@ def test_the_sign_test_is_one_sided_at_the_conventional_level():
     assert sign_test(0, 3) > SIGNIFICANCE
     # the learned part finding more is never evidence for the pretrained one
     assert sign_test(12, 4) > 0.9 and sign_test(0, 0) == 1.0
+
+
+def test_a_gap_the_sign_test_cannot_tell_from_chance_keeps_the_learned_part_and_says_what_to_compare():
+    # a 3-class object set's check (fridgeObjects without one class): 13 points worse, on 6 + 11 photos only one part found
+    chosen, verdict = decide(-0.13, sign_test(6, 11))
+    assert chosen == "learned" and 'compare with refine.visual_part = "pretrained"' in verdict and "chance" in verdict
+    assert decide(-0.13, sign_test(4, 12)) == ("pretrained", f": more than {MARGIN:.0%} less, and clearly so")
+    # within the margin, or the learned part ahead: nothing to say, however clear
+    assert decide(-MARGIN / 2, 0.001) == ("learned", "") and decide(0.05, 1.0) == ("learned", "")
 
 
 @pytest.mark.parametrize("informative", ["texture", "pooled"])

@@ -14,7 +14,7 @@ from lookalike import visualize
 from lookalike.evaluation import example_queries
 from lookalike.evaluation.lookalike import unseen_shortfall_warning
 from lookalike.pipeline import summarize
-from lookalike.report import EXAMPLES_SHOWN, write_report
+from lookalike.report import EXAMPLES_SHOWN, visual_part_summary, write_report
 
 MAX_HEIGHT = 5000
 
@@ -121,3 +121,11 @@ def test_report_reads_well_in_a_browser(small_run, tmp_path):
         finally:
             browser.close()
     assert (tmp_path / "report-5-splits.png").stat().st_size > 10_000
+
+
+def test_the_report_counts_the_splits_whose_check_leaned_toward_the_pretrained_part():
+    leaning = {"chosen": "learned", "unclear": True}
+    assert visual_part_summary([{"chosen": "learned"}, leaning, {"chosen": "pretrained"}]) == (
+        "learned on 2 of 3 splits, pretrained on 1; on 1 the check found the learned part weaker on attributes it never saw, but not clearly enough to switch"
+    )
+    assert visual_part_summary([{"chosen": "learned"}] * 2) == "learned on 2 of 2 splits" and visual_part_summary([None]) is None

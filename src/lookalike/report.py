@@ -43,12 +43,15 @@ def write_report(run_dir: str | os.PathLike) -> str:
 
 
 def visual_part_summary(choices: list[dict | None]) -> str | None:
-    """Which visual part the splits' models keep, e.g. "learned on 3 of 5 splits, pretrained on 2" (None without a lookalike head)."""
+    """Which visual part the splits' models keep, e.g. "learned on 3 of 5 splits, pretrained on 2", and on how many the check
+    leaned toward the pretrained part without clear evidence (None without a lookalike head)."""
     chosen = Counter(c["chosen"] for c in choices if c)
     if not chosen:
         return None
     n = sum(chosen.values())
-    return ", ".join(f"{part} on {count} of {n} split{'s' if n > 1 else ''}" if i == 0 else f"{part} on {count}" for i, (part, count) in enumerate(chosen.most_common()))
+    summary = ", ".join(f"{part} on {count} of {n} split{'s' if n > 1 else ''}" if i == 0 else f"{part} on {count}" for i, (part, count) in enumerate(chosen.most_common()))
+    unclear = sum(1 for c in choices if c and c.get("unclear"))
+    return summary + (f"; on {unclear} the check found the learned part weaker on attributes it never saw, but not clearly enough to switch" if unclear else "")
 
 
 def best_rows(metrics: dict) -> dict[str, set[str]]:

@@ -123,7 +123,7 @@ def refine(run_dir: str | os.PathLike, split: int = 0, force: bool = False, prog
         else:
             choice = {"chosen": visual_setting, "reason": f"refine.visual_part = {rc.visual_part}"}
         if rc.embedding == "lookalike":
-            run.log(f"split {split}: {choice['chosen']} visual part ({choice['reason']})")
+            run.log(f"split {split}: {choice['chosen']} visual part ({choice['reason']})", style="yellow" if choice.get("unclear") else "")
         refiner = Refiner(rc, objective, seed=seed, standardize=standardize, progress=progress, log=run.log)
         refiner.fit(net, views["train"], labels["train"], monitor)
         pooled_size = 0

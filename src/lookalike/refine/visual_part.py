@@ -100,19 +100,36 @@ def choose_visual_part(
         pretrained_only += int(np.sum(pretrained_hits & ~learned))
     gap = float(np.mean([f["learned"] - f["pretrained"] for f in figures.values()]))
     p_value = sign_test(learned_only, pretrained_only)
-    chosen = "pretrained" if gap < -MARGIN and p_value < SIGNIFICANCE else "learned"
+    chosen, verdict = decide(gap, p_value)
     reason = (
         f"held out {', '.join(held_out)} in turn"
         + ("" if len(attributes) > 2 else f" (the other one split into {PSEUDO_ATTRIBUTES} groups to train on)")
         + ": the learned visual part finds a same-attribute nearest neighbour "
         f"{abs(gap):.1%} {'less' if gap < 0 else 'more'} often than the pretrained backbone "
         f"({pretrained_only} photos only the pretrained one finds, {learned_only} only the learned one, p = {p_value:.2g})"
-        + (f": more than {MARGIN:.0%} less, and clearly so" if chosen == "pretrained" else "")
+        + verdict
     )
     return {
-        "chosen": chosen, "held_out": figures, "mean_gap": gap,
+        "chosen": chosen, "held_out": figures, "mean_gap": gap, "unclear": chosen == "learned" and gap < -MARGIN,
         "only_learned": learned_only, "only_pretrained": pretrained_only, "p_value": p_value, "reason": reason,
     }
+
+
+def decide(gap: float, p_value: float) -> tuple[str, str]:
+    """The visual part to keep, and what the check's figures say about that choice (the end of its reason).
+
+    A gap past the margin that the sign test cannot tell from chance keeps the learned part, and says so: on
+    a few photos per attribute that is where a collection of other kinds of photos (objects next to patterns)
+    lands, and only the user knows whether the catalog will hold such photos.
+    """
+    if gap >= -MARGIN:
+        return "learned", ""
+    if p_value < SIGNIFICANCE:
+        return "pretrained", f": more than {MARGIN:.0%} less, and clearly so"
+    return "learned", (
+        f": more than {MARGIN:.0%} less, but on too few photos to tell from chance (p ≥ {SIGNIFICANCE:g}), so the learned part is kept; "
+        'if the catalog will hold kinds of photos the attributes do not cover, compare with refine.visual_part = "pretrained"'
+    )
 
 
 def sign_test(learned_only: int, pretrained_only: int) -> float:
