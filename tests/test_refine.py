@@ -498,7 +498,7 @@ def test_the_sign_test_is_one_sided_at_the_conventional_level():
 
 
 def test_a_gap_the_sign_test_cannot_tell_from_chance_keeps_the_learned_part_and_says_what_to_compare():
-    # a 3-class object set's check (fridgeObjects without one class): 13 points worse, on 6 + 11 photos only one part found
+    # a gap like those of checks trained on 2 object classes (down to -13 points), resting on 6 + 11 photos only one part found: p = 0.17
     chosen, verdict = decide(-0.13, sign_test(6, 11))
     assert chosen == "learned" and 'compare with refine.visual_part = "pretrained"' in verdict and "chance" in verdict
     assert decide(-0.13, sign_test(4, 12)) == ("pretrained", f": more than {MARGIN:.0%} less, and clearly so")
