@@ -112,6 +112,9 @@ def test_report_reads_well_in_a_browser(small_run, tmp_path):
                 assert len(reasons) == splits and all(r.startswith(f"Visual part: {c} (") for r, c in zip(reasons, chosen)), reasons
                 if run is five:
                     assert "less sure than the median validation photo (0.570)" in reasons[4] and "median" not in reasons[0]
+                # the check's figures per held-out attribute, which show which kind of photo the learned part loses
+                held_out = json.loads((run / "split-0" / "refined" / "history.json").read_text())["visual_part"]["held_out"]
+                assert held_out and all(f"{a} {100 * f['learned']:.1f}% / {100 * f['pretrained']:.1f}% ({f['photos']} photos)" in reasons[0] for a, f in held_out.items()), reasons[0]
                 warning = unseen_shortfall_warning(unseen)
                 assert (run is five) == (warning is not None), unseen
                 shown = page.locator("#unseen-warning")
