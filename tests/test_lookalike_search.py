@@ -8,6 +8,7 @@ checks must catch: it is run too, and fails them.
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import numpy as np
@@ -161,6 +162,17 @@ def test_a_dataset_too_small_for_the_unseen_test_still_gets_its_report(tmp_path)
     assert "warning: split 0: no test query for checks, dots (a query and its positive need 2 of its test photos)" in log  # 1 test photo each
 
 
+class _Collect(logging.Handler):
+    """The messages the `lookalike` logger emits, as the console shows them."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 def test_an_attribute_never_trained_on_keeps_apart(workspace, monkeypatch):
     """`lookalike run` held one attribute out (metrics.json); the same test on the other two, and the mean against the pretrained model."""
     root, env = workspace
@@ -171,9 +183,23 @@ def test_an_attribute_never_trained_on_keeps_apart(workspace, monkeypatch):
     held_out = recorded["held_out"]
     assert held_out == held_out_attribute(list(ATTRIBUTES), cfg.data.seed)
     results = {held_out: recorded}
-    for attribute in ATTRIBUTES:
-        if attribute != held_out:
-            results[attribute] = unseen_attribute_test(dataset, attribute, root / f"without-{attribute}", cfg, progress=False)
+    logged, library_log = _Collect(), logging.getLogger("lookalike")
+    level = library_log.level
+    library_log.addHandler(logged)
+    library_log.setLevel(logging.INFO)
+    try:
+        for attribute in ATTRIBUTES:
+            if attribute != held_out:
+                results[attribute] = unseen_attribute_test(dataset, attribute, root / f"without-{attribute}", cfg, progress=False)
+    finally:
+        library_log.removeHandler(logged)
+        library_log.setLevel(level)
+    # on the console, a nested run's own "split 0" lines say whose they are; its log.txt, a run of its own, needs no label
+    for attribute in set(ATTRIBUTES) - {held_out}:
+        scoped = [m for m in logged.messages if m.startswith(f"unseen test without {attribute}: ")]
+        assert any("split 0: " in m and "visual part (" in m for m in scoped), logged.messages
+        assert "split 0: " in (root / f"without-{attribute}" / "log.txt").read_text() and "unseen test without" not in (root / f"without-{attribute}" / "log.txt").read_text()
+    assert not [m for m in logged.messages if m.startswith("split 0: ")], "every nested-run line is labelled"
     for attribute, r in results.items():
         nested = RunDir(root / "default" / "unseen" if attribute == held_out else root / f"without-{attribute}")
         trained_on = {im.attribute for im in nested.dataset().images}

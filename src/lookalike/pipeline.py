@@ -29,7 +29,7 @@ from .features.extract import embed_images, embed_scanned
 from .fileio import load_npy, read_json, save_npy, write_json
 from .images import iter_image_files
 from .metric import L2, LABELS, HardNegativeMiner, LearnedWeightedL2, WeightedL2Ranker, pair_features, pairs_from_sets, standard_distances
-from .rundir import RunDir, fingerprint, up_to_date
+from .rundir import RunDir, fingerprint, log_scope, up_to_date
 
 DISTANCE_ORDER = ("random", "l1", "l2", "cosine", "weighted_l2")
 #: Part of evaluate's fingerprint: raise it when evaluation.json gains content, so runs evaluated before are redone.
@@ -389,10 +389,11 @@ def unseen_attribute_test(dataset: Dataset, held_out: str, run_dir: str | os.Pat
     if len(trained_on.attributes) < 2:
         raise LookalikeError(f"cannot hold out {held_out!r}: the model trained without it needs 2 other attributes, the dataset has {', '.join(dataset.attributes)}")
     run = RunDir(run_dir)
-    prepare(trained_on, run_dir, cfg, force=force)
-    refine(run_dir, force=force, progress=progress)
-    featurize(run_dir, force=force, progress=progress)
-    train_metric(run_dir, force=force)
+    with log_scope(f"unseen test without {held_out}"):  # its "split 0" and its check are not the parent run's
+        prepare(trained_on, run_dir, cfg, force=force)
+        refine(run_dir, force=force, progress=progress)
+        featurize(run_dir, force=force, progress=progress)
+        train_metric(run_dir, force=force)
     unseen = [i for i, im in enumerate(dataset.images) if im.attribute == held_out]
     pretrained_model = functools.cache(lambda: create_backbone(cfg.features.backbone, cfg.features.weights or None))  # built once, and only if needed
     # weights still to download: only the built model knows its fingerprint

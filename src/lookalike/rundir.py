@@ -6,6 +6,8 @@ them reaches back into the orchestrator (`pipeline.py`) for a loader.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import datetime as _dt
 import hashlib
 import json
@@ -27,6 +29,18 @@ if TYPE_CHECKING:
 logger = logging.getLogger("lookalike")
 
 _LEVELS = {"": logging.INFO, "bold": logging.INFO, "yellow": logging.WARNING, "red": logging.ERROR}
+#: What the runs logging now are part of ("" for a run of its own), named on the console before each message.
+_scope: contextvars.ContextVar[str] = contextvars.ContextVar("lookalike_log_scope", default="")
+
+
+@contextlib.contextmanager
+def log_scope(label: str):
+    """Name `label` before every message a run logs inside, on the console: a nested run's "split 0" is not the run's own."""
+    token = _scope.set(label)
+    try:
+        yield
+    finally:
+        _scope.reset(token)
 
 
 class RunDir:
@@ -125,8 +139,9 @@ class RunDir:
     # ---- log ----------------------------------------------------------------------------------
 
     def log(self, message: str, style: str = "") -> None:
-        """Log to the `lookalike` logger (the CLI shows it) and append to RUN_DIR/log.txt; yellow = a warning."""
-        logger.log(_LEVELS.get(style, logging.INFO), message)
+        """Log to the `lookalike` logger (the CLI shows it, after the `log_scope` label) and append to RUN_DIR/log.txt; yellow = a warning."""
+        scope = _scope.get()
+        logger.log(_LEVELS.get(style, logging.INFO), f"{scope}: {message}" if scope else message)
         self.root.mkdir(parents=True, exist_ok=True)
         stamp = _dt.datetime.now().isoformat(timespec="seconds")
         with open(self.log_file, "a", encoding="utf-8") as f:
