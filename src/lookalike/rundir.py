@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("lookalike")
 
 _LEVELS = {"": logging.INFO, "bold": logging.INFO, "yellow": logging.WARNING, "red": logging.ERROR}
-#: What the runs logging now are part of ("" for a run of its own), named on the console before each message.
+#: The label of the larger run a nested run logs for ("" for a run of its own), shown on the console before each message.
 _scope: contextvars.ContextVar[str] = contextvars.ContextVar("lookalike_log_scope", default="")
 
 
