@@ -110,7 +110,7 @@ def choose_visual_part(
         + verdict
     )
     return {
-        "chosen": chosen, "held_out": figures, "mean_gap": gap, "unclear": chosen == "learned" and gap < -MARGIN,
+        "chosen": chosen, "held_out": figures, "mean_gap": gap, "unclear": chosen == "learned" and bool(verdict),
         "only_learned": learned_only, "only_pretrained": pretrained_only, "p_value": p_value, "reason": reason,
     }
 
@@ -120,7 +120,8 @@ def decide(gap: float, p_value: float) -> tuple[str, str]:
 
     A gap past the margin that the sign test cannot tell from chance keeps the learned part, and says so: on
     a few photos per attribute that is where a collection of other kinds of photos (objects next to patterns)
-    lands, and only the user knows whether the catalog will hold such photos.
+    lands, and only the user knows whether the catalog will hold such photos. The learned part comes with a
+    verdict only then, so that verdict is what marks a check unclear.
     """
     if gap >= -MARGIN:
         return "learned", ""
