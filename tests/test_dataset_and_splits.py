@@ -43,6 +43,19 @@ def test_a_relative_dataset_path_scans_like_an_absolute_one(tmp_path, monkeypatc
     assert relative.root == absolute.root and [im.path for im in relative.images] == [im.path for im in absolute.images]
 
 
+def test_linked_photos_keep_their_names_in_the_dataset(tmp_path):
+    """Photos linked into attribute folders from elsewhere are listed by where they sit, as every other photo is."""
+    elsewhere = make_dataset(tmp_path / "elsewhere", per_attribute=4)
+    root = tmp_path / "linked"
+    for attribute in ("dots", "stripes"):
+        (root / attribute).mkdir(parents=True)
+        for src in sorted((elsewhere / attribute).iterdir()):
+            os.symlink(src, root / attribute / f"linked-{src.name}")
+    ds = scan_dataset(root, progress=False)
+    assert [im.path for im in ds.images if im.attribute == "dots"] == [f"dots/linked-{i:03d}.png" for i in range(4)]
+    assert ds.absolute_path(0).is_symlink() and ds.absolute_path(0).read_bytes() == (elsewhere / "dots" / "000.png").read_bytes()
+
+
 def test_single_attribute_is_refused(tmp_path):
     root = make_dataset(tmp_path / "d", per_attribute=6, kinds=("dots",))
     with pytest.raises(LookalikeError, match="at least 2 attribute"):
