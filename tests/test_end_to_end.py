@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import held_out_reliability
+from conftest import REAL_DATA, held_out_reliability
 from lookalike.data.splits import PARTS
 
 CONTRACT_DISTANCES = {"random", "l1", "l2", "cosine", "weighted_l2"}
@@ -86,6 +86,26 @@ def test_run_two_splits_writes_the_contract(real_subset, tmp_path, small_config)
     assert dists == sorted(dists) and all(0 < r["probability"] < 1 for r in res["results"])
     probs = [r["probability"] for r in res["results"]]
     assert probs == sorted(probs, reverse=True)
+
+
+def test_the_run_names_the_misfiled_photos_behind_its_misses(real_subset, tmp_path):
+    """Two leopard photos filed under dotted: the rank test misses because of them, and the run says so, with pictures."""
+    for src in sorted((REAL_DATA / "leopard").glob("*.jpg"))[20:22]:
+        os.symlink(src, real_subset / "dotted" / f"misfiled-{src.name}")
+    config = tmp_path / "quick.toml"
+    config.write_text("[data]\ntrain_queries_per_attribute = 10\ntest_queries_per_attribute = 4\n[evaluate]\nquery_pictures = 0\ncopy_test = false\nunseen_attribute = false\n")
+    run = tmp_path / "run"
+    proc = lookalike("run", "--data", real_subset, "--out", run, "--splits", "3", "--config", config)
+    misses = json.loads((run / "metrics.json").read_text())["misses"]
+    top = misses["photos"][0]
+    # measured: 12 misses of 36 queries; the first misfiled photo takes part in 8 (in 2 splits), the next photo in 5
+    assert top["path"].startswith("dotted/misfiled-") and top["attribute"] == "dotted", misses["photos"]
+    assert top["misses"] >= 5 and set(top["outranked_for"]) <= {"leopard"} and top["as_query"] + top["as_positive"] > 0
+    assert misses["queries"] == 36 and misses["covered"] <= misses["misses"] <= 36
+    assert f"take part in {misses['covered']} of them (most: {top['path']}, in {top['misses']})" in proc.stdout
+    html = (run / "report.html").read_text()
+    assert f'data-path="{top["path"]}"' in html and "Photos behind the most misses" in html
+    assert all((run / p["file"]).stat().st_size > 1_000 for p in misses["photos"])
 
 
 def test_stages_one_by_one_and_featurize_dir(real_subset, tmp_path, small_config):

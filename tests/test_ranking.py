@@ -4,7 +4,9 @@ from PIL import Image
 from sklearn.metrics import average_precision_score
 
 from lookalike.data.splits import ComparativeSet
-from lookalike.evaluation import gallery_metrics, positive_ranks, rank_summary
+from lookalike.data.dataset import ImageRecord
+from lookalike.evaluation import gallery_metrics, negatives_above, positive_ranks, rank_summary
+from lookalike.evaluation.misses import misses_of, photos_behind_misses
 from lookalike.evaluation.ranking import average_precision
 from lookalike.evaluation.calibration import pooled_bins, reliability
 from lookalike.evaluation.lookalike import altered_copy, copy_ranks, copy_summary, nearest_neighbour_accuracy, tied_fraction
@@ -25,6 +27,40 @@ def test_ranks_on_hand_made_sets():
 def test_ties_count_against_the_positive():
     feats = np.array([[0.0], [1.0], [1.0]])
     assert positive_ranks(L2(), feats, {0: 0, 1: 1, 2: 2}, [ComparativeSet(0, 1, (2,))]).tolist() == [2]
+
+
+def test_the_negatives_above_each_positive_are_the_ones_its_rank_counts():
+    feats = np.array([[0.0], [0.5], [0.1], [0.3], [1.0], [2.0], [0.5]])
+    sets = [ComparativeSet(0, 1, (2, 3, 4, 5, 6)), ComparativeSet(0, 2, (4, 5))]
+    row_of = {i: i for i in range(len(feats))}
+    above = negatives_above(L2(), feats, row_of, sets)
+    assert above == [[2, 3, 6], []]  # 6 ties with the positive, and a tie counts against it
+    assert misses_of(sets, above) == [{"query": 0, "positive": 1, "above": [2, 3, 6]}]
+    assert positive_ranks(L2(), feats, row_of, sets).tolist() == [1 + len(a) for a in above]
+
+
+def test_the_photos_behind_the_misses_are_counted_in_every_role_over_every_split():
+    images = [ImageRecord(f"{a}/{i}.jpg", a, "", "") for i, a in enumerate("aaabbbccc")]
+    split_0 = [  # photo 4, a "b" photo, outranks the positive of three "a" queries and one "c" query
+        {"query": 0, "positive": 1, "above": [4]},
+        {"query": 1, "positive": 2, "above": [4, 7]},
+        {"query": 2, "positive": 0, "above": [4]},
+        {"query": 6, "positive": 8, "above": [4]},
+    ]
+    split_1 = [{"query": 4, "positive": 5, "above": [0]}, {"query": 3, "positive": 5, "above": [8]}, {"query": 3, "positive": 5, "above": [1]}]
+    found = photos_behind_misses([split_0, split_1], images)
+    assert found["misses"] == 7
+    top = found["photos"][0]
+    assert top == {
+        "image": 4, "path": "b/4.jpg", "attribute": "b", "misses": 5, "as_query": 1, "as_positive": 0,
+        "outranked": 4, "outranked_for": {"a": 3, "c": 1}, "splits": 2,
+    }
+    # then the photos in 3 misses, by path; photos in fewer (b/3.jpg, a/2.jpg, c/8.jpg: 2 each) are not listed
+    assert [(p["path"], p["misses"]) for p in found["photos"]] == [("b/4.jpg", 5), ("a/0.jpg", 3), ("a/1.jpg", 3), ("b/5.jpg", 3)]
+    assert found["covered"] == 7
+    narrow = photos_behind_misses([split_0, split_1], images, limit=1)
+    assert [p["path"] for p in narrow["photos"]] == ["b/4.jpg"] and narrow["covered"] == 5  # the two misses of b/3.jpg are not its
+    assert photos_behind_misses([[]], images) == {"misses": 0, "covered": 0, "photos": []}
 
 
 def test_gallery_metrics_hand_made():

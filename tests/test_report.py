@@ -92,7 +92,14 @@ def test_report_reads_well_in_a_browser(small_run, tmp_path):
                 assert len(examples) == min(EXAMPLES_SHOWN, 3 * splits) and all(examples), "every example shown has loaded"  # 3 pictures per split
                 text = page.locator("body").inner_text()
                 assert "How to read this" in text and all(term in text for term in ("top-1 / top-5", "mAP", "copy found first", "tied matches"))
-                # calibration on test pairs: the splits' mean error, explained, and the reliability diagram loaded
+                # the photos behind the most misses, pictured in the order metrics.json lists them
+                misses = json.loads((run / "metrics.json").read_text())["misses"]
+                assert page.locator("#misses").count() == (misses["misses"] > 0)
+                if misses["misses"]:
+                    assert f"{misses['misses']} of the {misses['queries']} test queries missed" in page.locator("#misses").inner_text()
+                    photos = page.locator(".photos figure").evaluate_all("fs => fs.map(f => [f.dataset.path, f.querySelector('img').complete && f.querySelector('img').naturalWidth > 0])")
+                    assert photos == [[p["path"], True] for p in misses["photos"]], photos
+                    assert (run is five) <= bool(photos), "five copies of a split repeat each miss five times, enough to list its photos"
                 calibration = json.loads((run / "metrics.json").read_text())["calibration"]
                 assert f"expected calibration error {calibration['ece']:.3f}" in page.locator("#calibration").inner_text()
                 assert "expected calibration error: every pair of test photos" in text and "Brier score: the mean squared gap" in text

@@ -27,7 +27,8 @@ class DistanceScores:
 
 @dataclass(frozen=True)
 class Evaluation:
-    """What `lookalike run` writes to metrics.json, typed: one entry per distance, gallery retrieval, lookalike search, calibration."""
+    """What `lookalike run` writes to metrics.json, typed: one entry per distance, gallery retrieval, lookalike search, calibration,
+    and the photos behind the most misses."""
 
     dataset: str
     n_images: int
@@ -39,6 +40,7 @@ class Evaluation:
     gallery: dict[str, float] = field(default_factory=dict)
     lookalike_search: dict = field(default_factory=dict)
     calibration: dict | None = None
+    misses: dict | None = None
     refined: bool = False
     run_dir: str | None = None
     report: str | None = None
@@ -61,6 +63,7 @@ class Evaluation:
             gallery=dict(metrics.get("gallery", {})),
             lookalike_search=dict(metrics.get("lookalike_search", {})),
             calibration=metrics.get("calibration"),
+            misses=metrics.get("misses"),
             refined=bool(metrics.get("refined", False)),
             run_dir=run_dir,
             report=str(Path(run_dir) / "report.html") if run_dir else None,

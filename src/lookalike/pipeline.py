@@ -21,8 +21,9 @@ from .config import LookalikeConfig
 from .data import Dataset, Split, make_fit_split, make_split, scan_dataset
 from .data.splits import NearDuplicateLeak, mislabelled_near_duplicates
 from .errors import LookalikeError
-from .evaluation import example_queries, gallery_metrics, positive_ranks, rank_summary
+from .evaluation import example_queries, gallery_metrics, negatives_above, positive_ranks, rank_summary
 from .evaluation.calibration import pooled_bins, reliability
+from .evaluation.misses import misses_of, photos_behind_misses
 from .evaluation.lookalike import nearest_neighbour_accuracy, tied_fraction, unseen_shortfall_warning
 from .features import configured_cache_dir, create_engine
 from .features.extract import embed_images, embed_scanned
@@ -33,7 +34,7 @@ from .rundir import RunDir, fingerprint, log_scope, up_to_date
 
 DISTANCE_ORDER = ("random", "l1", "l2", "cosine", "weighted_l2")
 #: Part of evaluate's fingerprint: raise it when evaluation.json gains content, so runs evaluated before are redone.
-EVALUATION_FORMAT = 3  # 2: example pictures drawn across attributes, misses included, each with its attribute; 3: calibration on test pairs
+EVALUATION_FORMAT = 4  # 2: example pictures drawn across attributes, misses included, each with its attribute; 3: calibration on test pairs; 4: the misses
 
 
 def check_inputs(data: str | os.PathLike | Dataset, cfg: LookalikeConfig, run_dir: str | os.PathLike | None = None) -> None:
@@ -321,6 +322,7 @@ def evaluate(run_dir: str | os.PathLike, split: int = 0, force: bool = False) ->
         "ties": ties,
         "calibration": calibration,
         "ranks": {name: r.tolist() for name, r in ranks.items()},
+        "misses": misses_of(test_sets, negatives_above(searched["weighted_l2"], features, row_of, test_sets)),
         "pictures": _query_pictures(dataset, test_sets, ranks["weighted_l2"], features, row_of, ranker, sdir, cfg.evaluate.query_pictures, cfg.data.seed + split),
     }
     visualize.plot_rank_curves({LABELS[name]: r for name, r in ranks.items()}, sdir / "ranks.png")
@@ -577,6 +579,7 @@ def summarize(run_dir, splits: list[int] | None = None) -> dict:
     unseen = _unseen_result(run, cfg, dataset)
     if unseen:
         search["unseen_skipped" if "skipped" in unseen else "unseen"] = unseen.get("skipped", unseen)
+    misses = _photos_behind_misses(run, dataset, evals)
     backbone = read_json(run.split_dir(splits[0]) / "features.json")["backbone"]["name"]
     negatives = [len(cset.negatives) for k in splits for cset in run.split(k).sets["test"]]
     metrics = {
@@ -592,11 +595,25 @@ def summarize(run_dir, splits: list[int] | None = None) -> dict:
         "gallery_by_distance": gallery_by,
         "lookalike_search": search,
         "calibration": calibration,
+        "misses": misses,
         "refined": any((run.split_dir(k) / "refined" / "backbone.json").exists() for k in splits),
         "config": cfg.model_dump(),
     }
     write_json(run.metrics, metrics)
     return metrics
+
+
+def _photos_behind_misses(run: RunDir, dataset: Dataset, evals: list[dict]) -> dict | None:
+    """The photos most of the learned distance's misses come back to, over every split, each pictured in RUN_DIR/misses/."""
+    if not all("misses" in e for e in evals):
+        return None
+    found = photos_behind_misses([e["misses"] for e in evals], dataset.images) | {"queries": sum(e["n_queries"] for e in evals)}
+    for old in run.misses_dir.glob("photo-*.jpg"):
+        old.unlink()
+    for n, photo in enumerate(found["photos"]):
+        photo["file"] = f"{run.misses_dir.name}/photo-{n:02d}.jpg"
+        visualize.thumbnail(dataset.absolute_path(photo["image"]), run.root / photo["file"])
+    return found
 
 
 def _unseen_result(run: RunDir, cfg: LookalikeConfig, dataset: Dataset) -> dict | None:

@@ -71,6 +71,10 @@ class RunDir:
         return self.root / "reliability.png"
 
     @property
+    def misses_dir(self) -> Path:
+        return self.root / "misses"
+
+    @property
     def log_file(self) -> Path:
         return self.root / "log.txt"
 

@@ -156,6 +156,11 @@ def _row(tiles: list[Image.Image], gap: int = 8) -> Image.Image:
     return out
 
 
+def thumbnail(path: str | os.PathLike, dest: str | os.PathLike, size: int = 160) -> None:
+    """One photo, padded to a white square, small enough for a report to show several side by side."""
+    _save_image(_thumb(path, size), dest)
+
+
 def query_picture(query: str, best: str, correct: str, is_right: bool, path: str | os.PathLike, rank: int, size: int = 200) -> None:
     """query | best match | correct match; the best match is framed green when it is the positive, red otherwise."""
     tiles = [

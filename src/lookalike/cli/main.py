@@ -293,6 +293,13 @@ def _print_table(metrics: dict, report: str) -> None:
     g = metrics.get("gallery") or {}
     if g:
         out.print(f"gallery (weighted L2): recall@1 {g['recall_at_1']:.1%}, recall@5 {g['recall_at_5']:.1%}, mAP {g['map']:.3f}")
+    misses = metrics.get("misses") or {}
+    if misses.get("photos"):
+        top = misses["photos"][0]
+        out.print(
+            f"misses: {misses['misses']} of {misses['queries']} queries; {len(misses['photos'])} photo(s) take part in {misses['covered']} of them "
+            f"(most: {escape(top['path'])}, in {top['misses']}); check their folders: the report pictures them"
+        )
     out.print(f"report: {report}")
 
 

@@ -13,12 +13,17 @@ from ..metric.distances import Distance
 
 def positive_ranks(distance: Distance, features: np.ndarray, row_of: dict[int, int], sets: list[ComparativeSet]) -> np.ndarray:
     """Rank (1 = best) of each set's positive among positive + negatives; ties count against it."""
-    ranks = []
+    return np.asarray([1 + len(above) for above in negatives_above(distance, features, row_of, sets)], dtype=np.int64)
+
+
+def negatives_above(distance: Distance, features: np.ndarray, row_of: dict[int, int], sets: list[ComparativeSet]) -> list[list[int]]:
+    """Per set, its negatives at least as close to the query as the positive (empty when the positive comes first)."""
+    above = []
     for s in sets:
         refs = features[[row_of[s.positive]] + [row_of[n] for n in s.negatives]]
         d = distance(features[row_of[s.query]], refs)
-        ranks.append(1 + int(np.sum(d[1:] <= d[0])))
-    return np.asarray(ranks, dtype=np.int64)
+        above.append([n for n, dn in zip(s.negatives, d[1:]) if dn <= d[0]])
+    return above
 
 
 def rank_summary(ranks: np.ndarray) -> dict[str, float]:
