@@ -139,6 +139,8 @@ def run_all(
 ):
     """Run every stage for each split, then print the evaluation table and write RUN_DIR/report.html.
 
+    The report also pictures the photos behind the most misses: one photo filed in the wrong folder, or one the model places with another attribute, can cost many queries, and these are the ones to look at first.
+
     Example:  lookalike run --data ../shared/datasets/fashionTexture --out runs/demo --splits 5
     """
     from ..pipeline import run_pipeline
