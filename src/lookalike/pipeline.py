@@ -23,8 +23,8 @@ from .data.splits import NearDuplicateLeak, mislabelled_near_duplicates
 from .errors import LookalikeError
 from .evaluation import example_queries, gallery_metrics, negatives_above, positive_ranks, rank_summary
 from .evaluation.calibration import pooled_bins, reliability
-from .evaluation.misses import misses_of, photos_behind_misses
 from .evaluation.lookalike import nearest_neighbour_accuracy, tied_fraction, unseen_shortfall_warning
+from .evaluation.misses import misses_of, photos_behind_misses
 from .features import configured_cache_dir, create_engine
 from .features.extract import embed_images, embed_scanned
 from .fileio import load_npy, read_json, save_npy, write_json

@@ -27,7 +27,7 @@ def misses_of(sets: Sequence[ComparativeSet], above: Sequence[Sequence[int]]) ->
 def photos_behind_misses(misses_by_split: Sequence[Sequence[dict]], images: Sequence[ImageRecord], limit: int = LISTED, min_misses: int = MIN_MISSES) -> dict:
     """The photos that take part in the most misses over all splits, and how.
 
-    Returns {"misses": all misses, "covered": misses at least one listed photo takes part in, "photos": [{"image",
+    Returns {"misses": all misses, "covered": misses at least one listed photo takes part in, "min_misses", "photos": [{"image",
     "path", "attribute", "misses", "as_query", "as_positive", "outranked", "outranked_for": {query attribute: misses},
     "splits"}]}, most misses first.
     """
@@ -62,4 +62,4 @@ def photos_behind_misses(misses_by_split: Sequence[Sequence[dict]], images: Sequ
         }
         for i in listed
     ]
-    return {"misses": len(involved), "covered": sum(1 for p in involved if p & set(listed)), "photos": photos}
+    return {"misses": len(involved), "covered": sum(1 for p in involved if p & set(listed)), "min_misses": min_misses, "photos": photos}
