@@ -171,7 +171,4 @@ def _checked_dataset(
 
 def _rel(root: Path, path: str) -> str:
     """A path found by walking `root`, relative to it; a linked photo keeps its name in the dataset, not its target's."""
-    try:
-        return Path(path).relative_to(root).as_posix()
-    except ValueError:
-        return str(path)
+    return Path(path).relative_to(root).as_posix()
