@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import REAL_DATA, held_out_reliability
+from lookalike import visualize
 from lookalike.data.splits import PARTS
 
 CONTRACT_DISTANCES = {"random", "l1", "l2", "cosine", "weighted_l2"}
@@ -102,10 +103,12 @@ def test_the_run_names_the_misfiled_photos_behind_its_misses(real_subset, tmp_pa
     assert top["path"].startswith("dotted/misfiled-") and top["attribute"] == "dotted", misses["photos"]
     assert top["misses"] >= 5 and set(top["outranked_for"]) <= {"leopard"} and top["as_query"] + top["as_positive"] > 0
     assert misses["queries"] == 36 and misses["covered"] <= misses["misses"] <= 36
-    assert f"take part in {misses['covered']} of them (most: {top['path']}, in {top['misses']})" in proc.stdout
+    assert f"take part in {misses['covered']} of them (most: {top['path']}, in {top['misses']} misses)" in proc.stdout
     html = (run / "report.html").read_text()
     assert f'data-path="{top["path"]}"' in html and "Photos behind the most misses" in html
-    assert all((run / p["file"]).stat().st_size > 1_000 for p in misses["photos"])
+    for n, photo in enumerate(misses["photos"]):  # each thumbnail pictures its own photo
+        visualize.thumbnail(real_subset / photo["path"], tmp_path / "expected.jpg")
+        assert photo["file"] == f"misses/photo-{n:02d}.jpg" and (run / photo["file"]).read_bytes() == (tmp_path / "expected.jpg").read_bytes()
 
 
 def test_stages_one_by_one_and_featurize_dir(real_subset, tmp_path, small_config):

@@ -139,3 +139,30 @@ def test_the_report_counts_the_splits_whose_check_leaned_toward_the_pretrained_p
         "learned on 2 of 3 splits, pretrained on 1; on 1 the check found the learned part weaker on attributes it never saw, but not clearly enough to switch"
     )
     assert visual_part_summary([{"chosen": "learned"}] * 2) == "learned on 2 of 2 splits" and visual_part_summary([None]) is None
+
+
+def test_the_summary_leaves_out_splits_of_another_dataset_and_says_what_earlier_evaluations_lack(small_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(small_run.run, run, ignore=shutil.ignore_patterns("*.safetensors", "report.html"))
+    (run / "misses").mkdir(exist_ok=True)
+    (run / "misses" / "photo-99.jpg").write_bytes(b"a thumbnail from an earlier summary")
+    # a split folder left by an earlier run over another dataset: its image indices are not this dataset's
+    shutil.copytree(run / "split-0", run / "split-1")
+    split = json.loads((run / "split-1" / "split.json").read_text())
+    (run / "split-1" / "split.json").write_text(json.dumps(split | {"fingerprint": "made from another dataset"}))
+    metrics = summarize(run)  # no splits named, as `lookalike evaluate` calls it
+    assert metrics["splits"] == 1 and metrics["misses"]["splits"] == 1
+    assert "left out split(s) 1: made from another version of the dataset" in (run / "log.txt").read_text()
+    assert sorted(p.name for p in (run / "misses").iterdir()) == [f"photo-{n:02d}.jpg" for n in range(len(metrics["misses"]["photos"]))]
+    # misses too spread out to list a photo
+    (run / "metrics.json").write_text(json.dumps(metrics | {"misses": metrics["misses"] | {"misses": 5, "photos": []}}))
+    assert "5 of the 12 test queries missed under weighted L2 (the positive not first). They are spread out: no photo takes part in 3 or more." in " ".join(
+        Path(write_report(run)).read_text().split()
+    )
+    # a split evaluated by a version that kept no misses: nothing listed, and the log says how to list them
+    evaluation = json.loads((run / "split-0" / "evaluation.json").read_text())
+    (run / "split-0" / "evaluation.json").write_text(json.dumps({key: value for key, value in evaluation.items() if key != "misses"}))
+    metrics = summarize(run)
+    assert metrics["misses"] is None and not list((run / "misses").glob("photo-*.jpg"))
+    assert "split(s) 0 were evaluated by an earlier version" in (run / "log.txt").read_text()
+    assert "Photos behind the most misses" not in Path(write_report(run)).read_text()

@@ -547,7 +547,7 @@ def summarize(run_dir, splits: list[int] | None = None) -> dict:
     run = RunDir(run_dir)
     cfg = run.config()
     dataset = run.dataset()
-    splits = [k for k in (splits if splits is not None else run.splits()) if (run.split_dir(k) / "evaluation.json").exists()]
+    splits = [k for k in (splits if splits is not None else _current_splits(run, cfg)) if (run.split_dir(k) / "evaluation.json").exists()]
     if not splits:
         raise LookalikeError(f"no evaluated split in {run.root}; run `lookalike evaluate` first")
     evals = [read_json(run.split_dir(k) / "evaluation.json") for k in splits]
@@ -603,13 +603,35 @@ def summarize(run_dir, splits: list[int] | None = None) -> dict:
     return metrics
 
 
+def _current_splits(run: RunDir, cfg: LookalikeConfig) -> list[int]:
+    """The run's split folders made from the dataset and [data] settings it has now; a folder left by an earlier run
+    of more splits over another dataset is logged and left out, since its numbers and image indices are not this run's."""
+    scan_fp = read_json(run.dataset_file).get("fingerprint")
+    current, stale = [], []
+    for k in run.splits():
+        made = read_json(split_file).get("fingerprint") if (split_file := run.split_dir(k) / "split.json").exists() else None
+        (current if made == fingerprint(scan_fp, cfg.data.model_dump(), cfg.data.seed + k) else stale).append(k)
+    if stale:
+        run.log(
+            f"warning: left out split(s) {', '.join(map(str, stale))}: made from another version of the dataset or of the [data] settings; "
+            f"`lookalike run --splits {max(stale) + 1}` makes them again, or delete their folders",
+            style="yellow",
+        )
+    return current
+
+
 def _photos_behind_misses(run: RunDir, dataset: Dataset, evals: list[dict]) -> dict | None:
     """The photos most of the learned distance's misses come back to, over every split, each pictured in RUN_DIR/misses/."""
-    if not all("misses" in e for e in evals):
-        return None
-    found = photos_behind_misses([e["misses"] for e in evals], dataset.images) | {"queries": sum(e["n_queries"] for e in evals)}
     for old in run.misses_dir.glob("photo-*.jpg"):
         old.unlink()
+    if earlier := [e["split"] for e in evals if "misses" not in e]:
+        run.log(
+            f"split(s) {', '.join(map(str, earlier))} were evaluated by an earlier version, which kept no misses: "
+            "`lookalike evaluate --split K` on each lists the photos behind the misses",
+            style="yellow",
+        )
+        return None
+    found = photos_behind_misses([e["misses"] for e in evals], dataset.images) | {"queries": sum(e["n_queries"] for e in evals), "splits": len(evals)}
     for n, photo in enumerate(found["photos"]):
         photo["file"] = f"{run.misses_dir.name}/photo-{n:02d}.jpg"
         visualize.thumbnail(dataset.absolute_path(photo["image"]), run.root / photo["file"])

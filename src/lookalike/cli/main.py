@@ -300,7 +300,7 @@ def _print_table(metrics: dict, report: str) -> None:
         top = misses["photos"][0]
         out.print(
             f"misses: {misses['misses']} of {misses['queries']} queries; {len(misses['photos'])} photo(s) take part in {misses['covered']} of them "
-            f"(most: {escape(top['path'])}, in {top['misses']}); check their folders: the report pictures them"
+            f"(most: {escape(top['path'])}, in {top['misses']} misses); the report pictures them: check their folders"
         )
     out.print(f"report: {report}")
 
