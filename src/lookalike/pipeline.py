@@ -75,7 +75,7 @@ def prepare(data_dir: str | os.PathLike, run_dir: str | os.PathLike, cfg: Lookal
     dataset = run.dataset()
     split_path = run.split_dir(split) / "split.json"
     seed = cfg.data.seed + split
-    fp = fingerprint(scan_fp, cfg.data.model_dump(), seed)
+    fp = _split_fingerprint(scan_fp, cfg, split)
     if not force and up_to_date(split_path, fp):
         return run.split(split)
     report = run.split_dir(split) / "near_duplicates.json"
@@ -98,6 +98,11 @@ def prepare(data_dir: str | os.PathLike, run_dir: str | os.PathLike, cfg: Lookal
     sizes = ", ".join(f"{p} {len(v)} images / {len(s.sets[p])} queries" for p, v in s.parts.items())
     run.log(f"split {split} (seed {seed}): {sizes}; train, validation and test share no image (checked by path and content hash)")
     return s
+
+
+def _split_fingerprint(scan_fp: str, cfg: LookalikeConfig, split: int) -> str:
+    """What split.json records it was made from: the dataset's scan, the [data] settings and the split's seed."""
+    return fingerprint(scan_fp, cfg.data.model_dump(), cfg.data.seed + split)
 
 
 def _scan(run: RunDir, data: str | os.PathLike | Dataset, rescan: bool, max_distance: int) -> str:
@@ -610,7 +615,7 @@ def _current_splits(run: RunDir, cfg: LookalikeConfig) -> list[int]:
     current, stale = [], []
     for k in run.splits():
         made = read_json(split_file).get("fingerprint") if (split_file := run.split_dir(k) / "split.json").exists() else None
-        (current if made == fingerprint(scan_fp, cfg.data.model_dump(), cfg.data.seed + k) else stale).append(k)
+        (current if made == _split_fingerprint(scan_fp, cfg, k) else stale).append(k)
     if stale:
         run.log(
             f"warning: left out split(s) {', '.join(map(str, stale))}: made from another version of the dataset or of the [data] settings; "

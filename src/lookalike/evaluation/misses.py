@@ -62,4 +62,4 @@ def photos_behind_misses(misses_by_split: Sequence[Sequence[dict]], images: Sequ
         }
         for i in listed
     ]
-    return {"misses": len(involved), "covered": sum(1 for p in involved if p & set(listed)), "min_misses": min_misses, "photos": photos}
+    return {"misses": len(involved), "covered": sum(1 for p in involved if not p.isdisjoint(listed)), "min_misses": min_misses, "photos": photos}
