@@ -1,5 +1,6 @@
 import io
 import os
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -53,6 +54,20 @@ def test_odd_modes_become_rgb(tmp_path, mode):
         # the colour survives: red stays red (CMYK JPEGs are not inverted), grey modes keep the red's luma (81)
         expected = (81, 81, 81) if mode in ("L", "LA", "1") else (200, 30, 30)
         np.testing.assert_allclose(arr.reshape(-1, 3).mean(0), expected, atol=3 if mode != "1" else 5)
+
+
+def test_a_large_16_bit_grey_image_is_scaled_in_bands_not_all_at_once():
+    """A 4000x4000 16-bit PNG is 40 kB on disk; scaled as one float64 array it took 128 MB and more for each copy."""
+    buf = io.BytesIO()
+    Image.fromarray(np.tile(np.arange(4000, dtype=np.uint16) * 16, (4000, 1))).save(buf, "PNG")
+    tracemalloc.start()
+    try:
+        out = open_image_bytes(buf.getvalue())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert out.size == (4000, 4000) and np.asarray(out)[0, -1, 0] == round(3999 * 16 / 65535 * 255)
+    assert peak < 32 * 2**20, f"{peak / 2**20:.0f} MB of arrays for a 16 MB 8-bit image"
 
 
 def test_alpha_composited_on_white(tmp_path):
