@@ -466,6 +466,7 @@ def test_missing_catalog_file_is_a_404_that_keeps_its_path_secret(served, writab
         img.transpose(Image.FLIP_LEFT_RIGHT).save(buf, "PNG")
     (added,) = w.post("/catalog", files=[("images", upload(buf.getvalue(), "gone.png", "image/png"))], headers=auth).json()["added"]
     (stored,) = [p for p in writable.uploads.iterdir() if p.read_bytes() == buf.getvalue()]
+    assert w.get(added["thumbnail_url"]).status_code == 200  # now cached
     stored.unlink()
     try:
         for url in (added["image_url"], added["thumbnail_url"]):

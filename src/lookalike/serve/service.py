@@ -171,7 +171,7 @@ class Service:
         self.pool = ThreadPoolExecutor(settings.max_concurrency, thread_name_prefix="lookalike-model")
         self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopState] = weakref.WeakKeyDictionary()
         self.jobs_running = 0
-        self.thumbnail = lru_cache(maxsize=settings.thumbnail_cache)(self._render_thumbnail)
+        self._thumbnails = lru_cache(maxsize=settings.thumbnail_cache)(self._render_thumbnail)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
@@ -260,8 +260,19 @@ class Service:
         fused = fuse_probabilities({s["name"]: s["probability"] for s in scores})
         return {**{k: scores[0][k] for k in ("distance", "probability")}, "rankers": scores, "fused_probability": float(fused)}
 
-    def _render_thumbnail(self, entry: ImageEntry) -> bytes:
-        """JPEG thumbnail of the indexed content (cached by entry)."""
+    def thumbnail(self, entry: ImageEntry) -> bytes:
+        """JPEG thumbnail of the indexed content, cached while the file keeps its inode, size and modification time.
+
+        A file removed since is a 404 even when its thumbnail is cached; a file replaced is checked again.
+        """
+        try:
+            st = os.stat(entry.path)
+        except OSError:
+            raise missing(entry) from None
+        return self._thumbnails(entry, (st.st_ino, st.st_size, st.st_mtime_ns))
+
+    def _render_thumbnail(self, entry: ImageEntry, file_identity: tuple[int, int, int]) -> bytes:
+        """JPEG thumbnail of the indexed content; `file_identity` only keys the cache."""
         px = self.settings.thumbnail_px
         try:
             img = open_image_bytes(indexed_bytes(entry), entry.path, draft_size=px)
@@ -377,10 +388,14 @@ def indexed_bytes(entry: ImageEntry) -> bytes:
                 raise ApiError(404, "image_changed", changed_message(entry))
             data = f.read(entry.size + 1)
     except OSError:
-        raise ApiError(404, "image_missing", f"catalog image {entry.id} is no longer available on the server") from None
+        raise missing(entry) from None
     if hashlib.sha256(data).hexdigest() != entry.sha256:
         raise ApiError(404, "image_changed", changed_message(entry))
     return data
+
+
+def missing(entry: ImageEntry) -> ApiError:
+    return ApiError(404, "image_missing", f"catalog image {entry.id} is no longer available on the server")
 
 
 def not_found(image_id: int) -> ApiError:
