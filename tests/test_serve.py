@@ -616,6 +616,8 @@ def test_health_metrics_docs_and_page(client):
     assert client.get("/docs").status_code == 200
     spec = client.get("/openapi.json").json()
     assert {"/search", "/compare", "/images/{image_id}", "/images/{image_id}/thumbnail", "/catalog", "/catalog/{image_id}", "/healthz", "/metrics"} <= set(spec["paths"])
+    tags = [op["tags"] for ops in spec["paths"].values() for op in ops.values()]
+    assert all(len(t) == 1 for t in tags) and {t[0] for t in tags} == {"search", "catalog", "service"}, tags
     page = client.get("/")
     assert page.status_code == 200 and "script-src 'self'" in page.headers["content-security-policy"]
     assert page.headers["x-content-type-options"] == "nosniff"
@@ -762,6 +764,55 @@ def test_browser_upload_see_results_click_one_and_a_rejected_upload(served, engi
         finally:
             browser.close()
     assert (ARTIFACTS / "serve-search.png").stat().st_size > 10_000
+
+
+def test_browser_api_docs_work_offline_and_a_vanished_thumbnail_says_so(served, engine):
+    playwright = require_playwright()
+    expect = playwright.expect
+    query = photo(served, "dotted", 3)
+    with LiveServer(create_app(engine)) as base, playwright.sync_playwright() as p, tempfile.TemporaryDirectory() as profile:
+        browser = launch_chromium(p, profile)
+        try:
+            page = browser.new_page()
+            outside, console_errors = [], []
+            # as on a server without internet: anything not served by the app fails
+            page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(base) else (outside.append(route.request.url), route.abort()))
+            page.on("console", lambda m: m.type == "error" and console_errors.append(m.text))
+            page.goto(base + "/docs")
+            expect(page.locator(".swagger-ui .info")).to_contain_text("lookalike", timeout=30_000)
+            expect(page.locator(".opblock-summary-path", has_text="/search")).to_have_count(1)
+            page.goto(base + "/")
+            expect(page.locator("#attribute option")).to_have_count(4)
+            assert not outside and not console_errors, (outside, console_errors)
+
+            page.fill("#top", "0")
+            page.set_input_files("#file", str(query))
+            expect(page.locator("#status")).to_contain_text("1 match in", timeout=30_000)
+            expect(page.locator("#top")).to_have_value("1")
+            page.fill("#top", "500")
+            page.dispatch_event("#top", "change")
+            expect(page.locator("#status")).to_contain_text("42 matches", timeout=30_000)  # all the catalog holds
+            expect(page.locator("#top")).to_have_value("100")
+
+            # the server answers 404 for one match's thumbnail and picture, as when its file was removed
+            page.fill("#top", "5")
+            page.dispatch_event("#top", "change")
+            items = page.locator("#results li")
+            expect(items).to_have_count(5, timeout=30_000)
+            gone = items.nth(2).get_attribute("data-id")
+            page.route(f"{base}/images/{gone}**", lambda route: route.fulfill(status=404, json={"error": "image_missing", "detail": "gone"}) if "similar" not in route.request.url else route.continue_())
+            page.reload()  # a page keeps the pictures it has shown
+            expect(page.locator("#attribute option")).to_have_count(4)
+            page.fill("#top", "5")
+            page.set_input_files("#file", str(query))
+            expect(page.locator(f"#results li[data-id='{gone}'] .missing")).to_have_text("image no longer available on the server", timeout=30_000)
+            broken = page.eval_on_selector_all("#results img", "imgs => imgs.filter(i => i.complete && i.naturalWidth === 0).length")
+            assert broken == 0, "a broken-image icon is left among the matches"
+            page.locator(f"#results li[data-id='{gone}'] button").click()
+            expect(page.locator("#drop-text")).to_have_text("This catalog image is no longer available on the server", timeout=30_000)
+            expect(items).to_have_count(5)
+        finally:
+            browser.close()
 
 
 def raw_get(port: int, target: bytes) -> bytes:

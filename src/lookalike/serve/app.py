@@ -7,12 +7,14 @@ so no traceback ever reaches a client. Catalog images are served by id, never by
 
 
 import logging
+from importlib.resources import files
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from fastapi.openapi.docs import get_swagger_ui_html
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import LookalikeError
@@ -39,6 +41,10 @@ def create_app(service: Service) -> FastAPI:
         title="lookalike",
         version=__version__,
         description="Search a catalog of images for look-alikes, ranked by a learned, calibrated similarity. The web page is at /.",
+        # FastAPI's own /docs and /redoc load their scripts from a CDN, blank on a server without internet
+        docs_url=None,
+        redoc_url=None,
+        swagger_ui_oauth2_redirect_url=None,
     )
     answers = SimilarAnswers(service, metrics.similar_lookups)
     searches = search_router(service, answers)
@@ -48,10 +54,26 @@ def create_app(service: Service) -> FastAPI:
     app.add_middleware(metrics.middleware)
     _install_error_handlers(app)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    _serve_api_docs(app)
     app.include_router(service_router(service, metrics, answers.cache, (STATIC / "index.html").read_text()))
     app.include_router(searches)
     app.include_router(catalog_router(service))
     return app
+
+
+def _serve_api_docs(app: FastAPI) -> None:
+    """/docs: Swagger UI from the fastapi-swagger package's copy, served by the app itself."""
+    app.mount("/docs-assets", StaticFiles(directory=str(files("fastapi_swagger") / "resources")), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def api_docs():
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url,
+            title=f"{app.title} API",
+            swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs-assets/swagger-ui.css",
+            swagger_favicon_url="/static/favicon.svg",
+        )
 
 
 def _install_error_handlers(app: FastAPI) -> None:

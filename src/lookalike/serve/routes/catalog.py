@@ -31,7 +31,6 @@ def catalog_router(service: Service) -> APIRouter:
         "/images/{image_id}",
         response_class=Response,
         responses={200: {"content": {"image/*": {"schema": {"type": "string", "format": "binary"}}}}} | _errors(404, 422, 503),
-        tags=["catalog"],
     )
     async def image_file(image_id: ImageId) -> Response:
         """The catalog image itself, by id (only while the file holds the content that was indexed)."""
@@ -43,7 +42,6 @@ def catalog_router(service: Service) -> APIRouter:
         "/images/{image_id}/thumbnail",
         response_class=Response,
         responses={200: {"content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}}}} | _errors(404, 422, 503),
-        tags=["catalog"],
     )
     async def thumbnail(image_id: ImageId) -> Response:
         """A JPEG thumbnail of the catalog image (made on first request, then cached in memory)."""
@@ -51,13 +49,13 @@ def catalog_router(service: Service) -> APIRouter:
         data = await service.cpu(service.thumbnail, entry)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
-    @router.get("/catalog", response_model=CatalogOut, tags=["catalog"])
+    @router.get("/catalog", response_model=CatalogOut)
     async def catalog() -> CatalogOut:
         """What the catalog holds: image count per attribute, the distance it ranks by, whether writes are on."""
         stats = await service.on_index(service.stats)
         return CatalogOut(**stats, writes_enabled=settings.writes_enabled, rankers=[r.name for r in service.rankers])
 
-    @router.post("/catalog", response_model=AddOut, responses=common | _errors(401, 403, 409, 415), tags=["catalog"])
+    @router.post("/catalog", response_model=AddOut, responses=common | _errors(401, 403, 409, 415))
     async def add_images(
         _: Annotated[None, Depends(require_writer)],
         images: Annotated[list[UploadFile], File(description="One or more images to add.")],
@@ -71,7 +69,7 @@ def catalog_router(service: Service) -> APIRouter:
         added = await service.on_index(service.add, uploads, vectors, attribute)
         return AddOut(added=[{**a, "image_url": f"/images/{a['id']}", "thumbnail_url": f"/images/{a['id']}/thumbnail"} for a in added])
 
-    @router.delete("/catalog/{image_id}", response_model=RemoveOut, responses=_errors(401, 403, 404, 409, 422, 503), tags=["catalog"])
+    @router.delete("/catalog/{image_id}", response_model=RemoveOut, responses=_errors(401, 403, 404, 409, 422, 503))
     async def remove_image(image_id: ImageId, _: Annotated[None, Depends(require_writer)]) -> RemoveOut:
         """Remove an image from the catalog by id (needs --allow-writes and the X-API-Key header)."""
         await service.on_index(service.remove, image_id)

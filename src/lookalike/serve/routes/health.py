@@ -20,13 +20,13 @@ def service_router(service: Service, metrics: Metrics, similar_cache: AnswerCach
     async def home() -> HTMLResponse:
         return HTMLResponse(page, headers={"Content-Security-Policy": PAGE_CSP})
 
-    @router.get("/healthz", response_model=HealthOut, responses=_errors(503), tags=["service"])
+    @router.get("/healthz", response_model=HealthOut, responses=_errors(503))
     async def healthz() -> HealthOut:
         """Liveness and readiness: the index answers and the model is loaded."""
         stats = await service.on_index(service.stats)
         return HealthOut(status="ok", images=stats["images"], generation=stats["generation"], model=service.rankers[0].name)
 
-    @router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}}, tags=["service"])
+    @router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def prometheus_metrics() -> Response:
         """Prometheus metrics: requests, errors and latency per route, model jobs running, catalog size, /similar answer cache."""
         metrics.model_jobs.set(service.jobs_running)

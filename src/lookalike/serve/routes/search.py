@@ -20,7 +20,7 @@ def search_router(service: Service, answers: SimilarAnswers) -> APIRouter:
     TopForm = Annotated[int, Form(ge=1, le=service.settings.max_top, description="How many matches to return.")]
     TopQuery = Annotated[int, Query(ge=1, le=service.settings.max_top, description="How many matches to return.")]
 
-    @router.post("/search", response_model=SearchOut, responses=_errors(400, 408, 413, 415, 422, 503), tags=["search"])
+    @router.post("/search", response_model=SearchOut, responses=_errors(400, 408, 413, 415, 422, 503))
     async def search(
         image: ImageFile,
         top: TopForm = DEFAULT_TOP,
@@ -39,12 +39,12 @@ def search_router(service: Service, answers: SimilarAnswers) -> APIRouter:
             results=[MatchOut.from_match(m) for m in matches], took_ms=took,
         )
 
-    @router.get("/images/{image_id}/similar", response_model=SearchOut, responses=_errors(404, 422, 503), tags=["search"])
+    @router.get("/images/{image_id}/similar", response_model=SearchOut, responses=_errors(404, 422, 503))
     async def similar(image_id: ImageId, top: TopQuery = DEFAULT_TOP, attribute: AttributeQuery = None, min_probability: FloorQuery = None) -> Response:
         """Search with a catalog image as the query (its stored vector; the image itself is left out)."""
         return Response(await answers.body(image_id, top, attribute, min_probability), media_type="application/json")
 
-    @router.post("/compare", response_model=CompareOut, responses=common | _errors(415), tags=["search"])
+    @router.post("/compare", response_model=CompareOut, responses=common | _errors(415))
     async def compare(
         first: Annotated[UploadFile, File(description="First image.")],
         second: Annotated[UploadFile, File(description="Second image.")],

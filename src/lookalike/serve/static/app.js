@@ -34,8 +34,11 @@ function clearQuery(text = DROP_PROMPT) {
   $("drop-text").hidden = false;
 }
 
+// The box shows what is asked for: a count out of range is put back to the one sent.
 function params() {
-  const top = Math.max(1, Math.min(100, parseInt($("top").value, 10) || 15));
+  const asked = parseInt($("top").value, 10);
+  const top = Number.isNaN(asked) ? 15 : Math.max(1, Math.min(100, asked));
+  $("top").value = String(top);
   const floor = Math.max(0, Math.min(100, parseInt($("floor").value, 10) || 0));
   return { top, attribute: $("attribute").value, minProbability: floor / 100 };
 }
@@ -85,7 +88,8 @@ async function run(request) {
     const body = await answer(await request(pending.signal));
     if (state.pending !== pending) return null;
     render(body.results);
-    setStatus(`${body.results.length} matches in ${Math.round(body.took_ms)} ms`);
+    const n = body.results.length;
+    setStatus(`${n} ${n === 1 ? "match" : "matches"} in ${Math.round(body.took_ms)} ms`);
     return true;
   } catch (err) {
     if (state.pending !== pending) return null;
@@ -93,6 +97,15 @@ async function run(request) {
     setStatus(err.message, true);
     return false;
   }
+}
+
+// In place of a thumbnail the server no longer has (its file was removed or changed since indexing),
+// which would otherwise show as a broken-image icon.
+function missingPicture() {
+  const box = document.createElement("div");
+  box.className = "missing";
+  box.textContent = "image no longer available on the server";
+  return box;
 }
 
 function render(results) {
@@ -108,6 +121,7 @@ function render(results) {
     img.src = r.thumbnail_url;
     img.alt = r.name;
     img.loading = "lazy";
+    img.addEventListener("error", () => img.replaceWith(missingPicture()), { once: true });
     const name = document.createElement("div");
     name.className = "name";
     name.textContent = r.name;
@@ -168,7 +182,8 @@ function init() {
     if (file) searchFile(file);
   });
   $("query-image").addEventListener("error", () => {
-    if (!$("query-image").hidden) clearQuery("No preview of this file in the browser");
+    if ($("query-image").hidden) return;
+    clearQuery(state.last && state.last.id !== undefined ? "This catalog image is no longer available on the server" : "No preview of this file in the browser");
   });
   $("attribute").addEventListener("change", rerun);
   $("top").addEventListener("change", rerun);
