@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from conftest import launch_chromium, require_playwright
-from lookalike import visualize
+from conftest import launch_chromium, lookalike_cli, make_dataset, require_playwright
+from lookalike import SimilarityModel, visualize
+from lookalike.errors import LookalikeError
 from lookalike.evaluation import example_queries
 from lookalike.evaluation.lookalike import unseen_shortfall_warning
 from lookalike.pipeline import summarize
@@ -166,3 +169,24 @@ def test_the_summary_leaves_out_splits_of_another_dataset_and_says_what_earlier_
     assert metrics["misses"] is None and not list((run / "misses").glob("photo-*.jpg"))
     assert "split(s) 0 were evaluated by an earlier version" in (run / "log.txt").read_text()
     assert "Photos behind the most misses" not in Path(write_report(run)).read_text()
+
+
+def test_a_run_folder_whose_split_no_longer_matches_its_dataset_is_refused_not_misread(small_run, tmp_path):
+    """A `lookalike run` into a finished run's folder that stops after scanning its new photos leaves the old split's
+    model beside the new dataset.json: read together, the old model's matches would carry the new photos' names."""
+    run = tmp_path / "run"
+    shutil.copytree(small_run.run, run)
+    query = next((small_run.data / "dotted").iterdir())
+    assert SimilarityModel.load(run).attributes_ == ["dotted", "leopard", "striped"]
+    other = make_dataset(tmp_path / "other", per_attribute=4, kinds=("cans", "bottles"))  # too few photos to test on
+    env = os.environ | {"LOOKALIKE_CACHE_DIR": str(small_run.root / "cache")}
+    failed = lookalike_cli("run", "--data", other, "--out", run, "--splits", "1", env=env, check=False)
+    assert failed.returncode != 0 and "the test part holds only 1" in failed.stderr
+    assert json.loads((run / "dataset.json").read_text())["attributes"] == ["bottles", "cans"]  # the scan was written
+    with pytest.raises(LookalikeError, match="split 0 of .* was made from another dataset"):
+        SimilarityModel.load(run)
+    refused = lookalike_cli("retrieve", query, "--run", run, env=env, check=False)
+    assert refused.returncode != 0 and "was made from another dataset" in refused.stderr and "Traceback" not in refused.stderr
+    assert "cans" not in refused.stdout and "bottles" not in refused.stdout
+    with pytest.raises(LookalikeError, match="has no split 3; its splits: 0"):
+        SimilarityModel.load(small_run.run, split=3)

@@ -30,7 +30,7 @@ from .features.extract import embed_images, embed_scanned
 from .fileio import load_npy, read_json, save_npy, write_json
 from .images import iter_image_files
 from .metric import L2, LABELS, HardNegativeMiner, LearnedWeightedL2, WeightedL2Ranker, pair_features, pairs_from_sets, standard_distances
-from .rundir import RunDir, fingerprint, log_scope, up_to_date
+from .rundir import RunDir, fingerprint, log_scope, split_fingerprint, up_to_date
 
 DISTANCE_ORDER = ("random", "l1", "l2", "cosine", "weighted_l2")
 #: Part of evaluate's fingerprint: raise it when evaluation.json gains content, so runs evaluated before are redone.
@@ -75,7 +75,7 @@ def prepare(data_dir: str | os.PathLike, run_dir: str | os.PathLike, cfg: Lookal
     dataset = run.dataset()
     split_path = run.split_dir(split) / "split.json"
     seed = cfg.data.seed + split
-    fp = _split_fingerprint(scan_fp, cfg, split)
+    fp = split_fingerprint(scan_fp, cfg, split)
     if not force and up_to_date(split_path, fp):
         return run.split(split)
     report = run.split_dir(split) / "near_duplicates.json"
@@ -98,11 +98,6 @@ def prepare(data_dir: str | os.PathLike, run_dir: str | os.PathLike, cfg: Lookal
     sizes = ", ".join(f"{p} {len(v)} images / {len(s.sets[p])} queries" for p, v in s.parts.items())
     run.log(f"split {split} (seed {seed}): {sizes}; train, validation and test share no image (checked by path and content hash)")
     return s
-
-
-def _split_fingerprint(scan_fp: str, cfg: LookalikeConfig, split: int) -> str:
-    """What split.json records it was made from: the dataset's scan, the [data] settings and the split's seed."""
-    return fingerprint(scan_fp, cfg.data.model_dump(), cfg.data.seed + split)
 
 
 def _scan(run: RunDir, data: str | os.PathLike | Dataset, rescan: bool, max_distance: int) -> str:
@@ -536,7 +531,7 @@ def train_on_all(data: str | os.PathLike | Dataset, run_dir: str | os.PathLike, 
     run.save_config(cfg)
     scan_fp = _scan(run, data, force, cfg.data.near_duplicate_max_distance)
     split_path = run.split_dir(0) / "split.json"
-    fp = fingerprint(scan_fp, cfg.data.model_dump(), "all")
+    fp = split_fingerprint(scan_fp, cfg, None)
     if force or not up_to_date(split_path, fp):
         s = make_fit_split(run.dataset(), cfg.data, cfg.data.seed)
         write_json(split_path, s.to_dict() | {"fingerprint": fp})
@@ -614,8 +609,7 @@ def _current_splits(run: RunDir, cfg: LookalikeConfig) -> list[int]:
     scan_fp = read_json(run.dataset_file).get("fingerprint")
     current, stale = [], []
     for k in run.splits():
-        made = read_json(split_file).get("fingerprint") if (split_file := run.split_dir(k) / "split.json").exists() else None
-        (current if made == _split_fingerprint(scan_fp, cfg, k) else stale).append(k)
+        (current if run.split_is_current(k, cfg, scan_fp) else stale).append(k)
     if stale:
         run.log(
             f"warning: left out split(s) {', '.join(map(str, stale))}: made from another version of the dataset or of the [data] settings; "

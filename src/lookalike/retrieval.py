@@ -37,7 +37,7 @@ def retrieve(
         features, paths, attributes = _gallery_folder(model, Path(gallery))
     elif (Path(model_dir) / "config.json").is_file():
         run = RunDir(model_dir)
-        dataset, members = run.dataset(), run.split(split).parts["test"]
+        dataset, members = run.dataset(), run.current_split(split).parts["test"]
         all_features, row_of = run.features(split)
         features = all_features[[row_of[i] for i in members]]
         paths = [str(dataset.absolute_path(i)) for i in members]

@@ -121,6 +121,27 @@ class RunDir:
 
         return Split.from_dict(read_json(self.require(self.split_dir(k) / "split.json", "prepare")))
 
+    def split_is_current(self, k: int, cfg: "LookalikeConfig", scan_fp: str | None) -> bool:
+        """Whether split k was made from the dataset scan `scan_fp` and the [data] settings of `cfg`."""
+        split_file = self.split_dir(k) / "split.json"
+        made = read_json(split_file).get("fingerprint") if split_file.exists() else None
+        return made is not None and made in {split_fingerprint(scan_fp, cfg, k), *([split_fingerprint(scan_fp, cfg, None)] if k == 0 else [])}
+
+    def current_split(self, k: int) -> "Split":
+        """Split k, for reading it with the run's dataset.json: refused when the run has no such split, or when the
+        split was made from another dataset or other [data] settings (a later `lookalike run` into this folder that
+        stopped early, or made fewer splits), whose image numbers would name the wrong photos."""
+        if k not in self.splits():
+            have = ", ".join(map(str, self.splits())) or "none yet; run `lookalike run` first"
+            raise LookalikeError(f"{self.root} has no split {k}; its splits: {have}", param="split")
+        if not self.split_is_current(k, self.config(), read_json(self.require(self.dataset_file, "prepare")).get("fingerprint")):
+            raise LookalikeError(
+                f"split {k} of {self.root} was made from another dataset or other [data] settings than the run's dataset.json and "
+                f"config.json hold now (a later `lookalike run` into this folder stopped before making it again, or made fewer splits); "
+                f"run `lookalike run` into this folder again, or into a new one"
+            )
+        return self.split(k)
+
     def backbone(self, k: int, cfg: "LookalikeConfig | None" = None) -> "Backbone | SavedBackbone":
         """Split k's refined backbone when one was trained (built only when PyTorch must run it), else the pretrained one the config names."""
         from .backbones import SavedBackbone
@@ -155,6 +176,12 @@ class RunDir:
 def fingerprint(*parts) -> str:
     """A short stable hash of JSON-serialisable inputs."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def split_fingerprint(scan_fp: str | None, cfg: "LookalikeConfig", split: int | None) -> str:
+    """What split.json records it was made from: the dataset's scan, the [data] settings and the split's seed
+    (`split` None: the one split of `train_on_all`, every image but a validation slice)."""
+    return fingerprint(scan_fp, cfg.data.model_dump(), "all" if split is None else cfg.data.seed + split)
 
 
 def up_to_date(path: Path, fp: str) -> bool:
