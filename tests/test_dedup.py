@@ -125,6 +125,12 @@ def test_quarantine_moves_duplicates_keeping_relative_paths(dataset):
     again = quarantine(find_duplicates(dataset, progress=False), q)
     assert again.moves[0]["to"] == "dotted/img4_copy.1.png"
     assert (q / "dotted" / "img4_copy.png").exists() and (q / "dotted" / "img4_copy.1.png").exists()
+    # ... nor the record of the first run's moves, which is what undoing them needs
+    report = json.loads((q / REPORT_NAME).read_text())
+    assert [m["to"] for m in report["moved"]] == ["dotted/img4_copy.1.png"]
+    assert sorted(m["to"] for m in report["earlier_moves"]) == sorted(m["to"] for m in result.moves)
+    quarantine(find_duplicates(dataset, progress=False), q, dry_run=True, report_path=q / REPORT_NAME)
+    assert len(json.loads((q / REPORT_NAME).read_text())["earlier_moves"]) == 6, "a dry run keeps the record, and adds no move that did not happen"
 
 
 def test_quarantine_inside_the_dataset_must_be_hidden(dataset):

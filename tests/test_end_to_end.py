@@ -87,6 +87,9 @@ def test_run_two_splits_writes_the_contract(real_subset, tmp_path, small_config)
     assert dists == sorted(dists) and all(0 < r["probability"] < 1 for r in res["results"])
     probs = [r["probability"] for r in res["results"]]
     assert probs == sorted(probs, reverse=True)
+    # the table, written to a pipe, keeps whole paths on their rows however narrow a terminal would be
+    table = lookalike("retrieve", query, "--run", run, "--top", "5", env=os.environ | {"COLUMNS": "60"}).stdout
+    assert all(any(r["path"] in line for line in table.splitlines()) for r in res["results"]), table
 
 
 def test_the_run_names_the_misfiled_photos_behind_its_misses(real_subset, tmp_path):

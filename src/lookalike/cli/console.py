@@ -22,7 +22,8 @@ from ..results import MatchOut, QueryOut, SearchOut, format_distance, format_pro
 #: 3 a partial success (some inputs failed; the command's report lists them).
 EXIT_FAILURE, EXIT_USAGE, EXIT_PARTIAL = 1, 2, 3
 
-out = Console(highlight=False, soft_wrap=not sys.stdout.isatty())
+# into a file or a pipe, tables take the width their cells need (whole paths), not a terminal's 80 columns
+out = Console(highlight=False, soft_wrap=not sys.stdout.isatty(), width=None if sys.stdout.isatty() else 100_000)
 err = Console(stderr=True, highlight=False, soft_wrap=not sys.stderr.isatty())
 
 #: The flag that sets each library parameter a LookalikeError may name (`param`).
@@ -30,7 +31,7 @@ PARAM_FLAGS = {
     "data": "--data", "out": "--out", "run_dir": "--out", "weights": "--weights", "backbone": "--backbone", "config": "--config",
     "directory": "DIRECTORY", "gallery": "--gallery", "attributes": "--attributes", "key": "BING_SEARCH_KEY (or --list-queries)",
     "model": "--model", "k": "--top", "kind": "--kind", "overwrite": "--overwrite", "images": "--images",
-    "shard_size": "--shard-size", "address": "--address", "executor": "--executor", "index": "--index",
+    "shard_size": "--shard-size", "address": "--address", "executor": "--executor", "index": "--index", "split": "--split",
 }
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import LookalikeError
-from ..fileio import sha256_file, write_json
+from ..fileio import read_json, sha256_file, write_json
 from ..hashing import DEFAULT_HASH_SIZE, default_max_distance, hamming, hash_images, near_pairs
 from ..images import Skipped, iter_image_files, skipped_file
 from ..progress import tqdm
@@ -270,8 +270,22 @@ def quarantine(result: DedupResult, quarantine_dir: str | os.PathLike, *, dry_ru
         report_path = q / REPORT_NAME
     if report_path is not None:
         report = result.to_dict() | {"quarantine": str(q)}
+        if earlier := _earlier_moves(Path(report_path)):
+            report["earlier_moves"] = earlier
         write_json(report_path, report)
     return result
+
+
+def _earlier_moves(report_path: Path) -> list[dict]:
+    """The moves an earlier report at `report_path` records (its own and those it kept), so that a later run's
+    report still says where every quarantined file came from; a dry run's planned moves are not kept."""
+    try:
+        earlier = read_json(report_path)
+    except (OSError, ValueError):
+        return []
+    if not isinstance(earlier, dict):
+        return []
+    return list(earlier.get("earlier_moves", [])) + ([] if earlier.get("dry_run") else [m for m in earlier.get("moved", []) if "error" not in m])
 
 
 def _free_path(target: Path, planned: set[Path]) -> Path:
