@@ -21,6 +21,8 @@ def test_version_and_short_help():
     assert "Usage: lookalike retrieve" in help_text and "IMAGE" in help_text
     assert "<bool>" not in help_text and "{image}" not in help_text, "flags show no placeholder, arguments read as IMAGE"
     assert "--install-completion" in lookalike("-h").stdout
+    # install hints keep their extras: rich markup would read [milvus] as a style and drop it
+    assert "pip install 'lookalike[milvus]'" in lookalike("index", "build", "-h", env=os.environ | {"COLUMNS": "250"}).stdout
 
 
 def test_piped_output_has_no_bars_and_no_wrapped_lines(real_subset, tmp_path):

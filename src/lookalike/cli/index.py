@@ -40,7 +40,7 @@ index_app = typer.Typer(
 )
 
 IndexDirArg = typer.Argument(..., help="The index folder (made by `lookalike index build`); with --backend milvus, the collection's name.")
-BackendOpt = typer.Option("faiss", "--backend", help=f"Where the index lives: {' or '.join(BACKENDS)} (a collection in Milvus at --uri; needs `pip install 'lookalike[milvus]'`).")
+BackendOpt = typer.Option("faiss", "--backend", help=f"Where the index lives: {' or '.join(BACKENDS)} (a collection in Milvus at --uri; needs `pip install 'lookalike\\[milvus]'`).")
 UriOpt = typer.Option(None, "--uri", help="With --backend milvus: a Milvus Lite file (catalog.db, no server) or a Milvus server (http://host:19530).")
 JsonOpt = typer.Option(False, "--json", help="Print JSON instead of tables.")
 KindOpt = typer.Option("auto", "--kind", help="auto (by size), flat (exact), hnsw (graph) or ivfpq (compressed, for catalogs past RAM); in Milvus: auto, flat, hnsw or diskann (servers only).")
