@@ -11,6 +11,8 @@ from PIL import Image
 
 from conftest import REAL_DATA
 from conftest import lookalike_cli as lookalike
+from lookalike import ImageIndex as CatalogIndex
+from lookalike.errors import LookalikeError
 
 pytestmark = pytest.mark.slow
 ATTRIBUTES = ("dotted", "leopard", "striped")
@@ -115,6 +117,24 @@ def test_build_search_add_remove_stats_on_real_photos(trained):
     assert wrong.returncode == 1 and "is not the one the index" in " ".join(wrong.stderr.split()) and "Traceback" not in wrong.stderr
     missing = lookalike("index", "search", root / "nowhere", new_photo, env=env, check=False)
     assert missing.returncode == 1 and "is not a lookalike index" in " ".join(missing.stderr.split())
+
+
+def test_mistyped_searches_and_builds_are_refused_with_what_exists(trained, tmp_path):
+    root, env = trained
+    run, index = root / "run", tmp_path / "idx"
+    lookalike("index", "build", "--run", run, "--images", root / "later", "--out", index, env=env)
+    query = next((root / "later" / "dotted").iterdir())
+    unknown = lookalike("index", "search", index, query, "--attribute", "polka", env=env, check=False)
+    assert unknown.returncode == 2 and "--attribute: no catalog image has the attribute 'polka'; known attributes: dotted" in " ".join(unknown.stderr.split())
+    with CatalogIndex.open(index) as catalog:
+        with pytest.raises(LookalikeError, match="known attributes"):
+            catalog.search(query, attribute="polka")
+        with pytest.raises(LookalikeError, match="nprobe = 0"):
+            catalog.search(query, params={"nprobe": 0})
+    typo = lookalike("index", "build", "--run", run, "--images", root / "latr", "--out", tmp_path / "typo", env=env, check=False)
+    assert typo.returncode == 2 and "latr does not exist" in typo.stderr and not (tmp_path / "typo").exists(), "no empty index left behind"
+    no_model = lookalike("index", "build", "--run", root / "rnu", "--images", root / "later", "--out", tmp_path / "typo", env=env, check=False)
+    assert no_model.returncode == 2 and "--model: the model or run folder" in no_model.stderr and "moved?" not in no_model.stderr
 
 
 def test_a_catalog_with_attributes_the_model_never_learned_says_so(trained, tmp_path):

@@ -166,9 +166,9 @@ def search(
     grid: Optional[Path] = typer.Option(None, "--grid", help="One query only: also save the tutorial's picture of the query and its matches (.png/.jpg)."),
     keep_self: bool = typer.Option(False, "--keep-self", help="When a query is itself in the index, list it too (first; it is left out by default)."),
     run: Optional[Path] = typer.Option(None, "--model", "-m", "--run", "-r", help="Model or run folder to embed the queries with (default: the one the index was built with)."),
-    rerank: Optional[int] = typer.Option(None, help=f"Approximate kinds: shortlist size re-ranked exactly (default {DEFAULT_PARAMS['rerank']})."),
-    ef_search: Optional[int] = typer.Option(None, help=f"HNSW: search breadth (default {DEFAULT_PARAMS['ef_search']})."),
-    nprobe: Optional[int] = typer.Option(None, help=f"IVF-PQ: cells visited (default {DEFAULT_PARAMS['nprobe']})."),
+    rerank: Optional[int] = typer.Option(None, min=1, help=f"Approximate kinds: shortlist size re-ranked exactly (default: the index's own, {DEFAULT_PARAMS['rerank']} unless IVF-PQ's build chose it)."),
+    ef_search: Optional[int] = typer.Option(None, min=1, help=f"HNSW: search breadth (default {DEFAULT_PARAMS['ef_search']})."),
+    nprobe: Optional[int] = typer.Option(None, min=1, help="IVF-PQ: cells visited (default: the number its build chose to reach its recall target; `index stats` shows it)."),
     attribute: Optional[str] = typer.Option(None, "--attribute", "-a", help="Only matches of this attribute."),
     min_probability: Optional[float] = typer.Option(None, "--min-probability", "-p", min=0, max=1, help="Only matches at least this likely (0-1) to share the query's attribute."),
     backend: str = BackendOpt,
@@ -186,6 +186,7 @@ def search(
         raise ConfigError(f"--grid draws one query's matches; {len(paths)} queries were given (leave out --grid or pass one image)")
     params = {k: v for k, v in {"rerank": rerank, "ef_search": ef_search, "nprobe": nprobe}.items() if v is not None}
     with CatalogIndex.open(IndexLocation.parse(index_dir, backend, uri), model=run) as index:
+        index.check_search(top, attribute, min_probability, params)
         start = time.perf_counter()
         skipped: list = []  # one unreadable query among many must not cost the others their answers
         vectors, own_ids = index.query_vectors(paths, skipped=skipped if len(paths) > 1 else None)

@@ -164,18 +164,31 @@ class ImageIndex:
         self, queries: Sequence, k: int = 15, attribute: str | None = None, min_probability: float | None = None, keep_self: bool = False, params: dict | None = None
     ) -> list[list[Match]]:
         """`search` for many queries; images among them are embedded in one batch."""
+        self.check_search(k, attribute, min_probability, params)
+        vectors, own = self.query_vectors(queries)
+        return self._search(vectors, k, attribute, min_probability, None if keep_self else own, params)
+
+    def check_search(self, k: int = 15, attribute: str | None = None, min_probability: float | None = None, params: dict | None = None) -> None:
+        """Refuse, before any query is embedded, a search that cannot be answered as asked."""
         if k < 1:
             raise LookalikeError(f"k = {k}: ask for at least 1 match", param="k")
         if min_probability is not None and not 0 <= min_probability <= 1:
             raise LookalikeError(f"min_probability = {min_probability}: give a probability between 0 and 1", param="min_probability")
-        vectors, own = self.query_vectors(queries)
-        return self.search_vectors(vectors, k, attribute, min_probability, None if keep_self else own, params)
+        for name, value in (params or {}).items():
+            if name in ("rerank", "ef_search", "nprobe") and int(value) < 1:
+                raise LookalikeError(f"{name} = {value}: give 1 or more (leave it out for the index's own setting)", param=name)
+        if attribute is not None and attribute not in (known := self.store.stats()["attributes"]):
+            raise LookalikeError(unknown_attribute(attribute, known), param="attribute")
 
     def search_vectors(
         self, vectors: np.ndarray, k: int = 15, attribute: str | None = None, min_probability: float | None = None,
         leave_out: Sequence[int | None] | None = None, params: dict | None = None,
     ) -> list[list[Match]]:
         """`search` for query vectors (rows); `leave_out[i]` is a catalog id query i must not match (its own)."""
+        self.check_search(k, attribute, min_probability, params)
+        return self._search(vectors, k, attribute, min_probability, leave_out, params)
+
+    def _search(self, vectors, k: int, attribute: str | None, min_probability: float | None, leave_out, params: dict | None) -> list[list[Match]]:
         vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
         leave_out = leave_out if leave_out is not None else [None] * len(vectors)
         return [
@@ -249,6 +262,11 @@ class ImageIndex:
     def stats(self) -> dict:
         """What the index holds: images per attribute, kind, tail, tombstones, files and sizes."""
         return self.store.stats()
+
+
+def unknown_attribute(attribute: str, known) -> str:
+    """Why a search for `attribute` cannot match anything in a catalog whose attributes are `known`."""
+    return f"no catalog image has the attribute {attribute!r}; known attributes: {', '.join(known) or 'none'}"
 
 
 def filtered_search(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import LookalikeError
 from .backends import IndexLocation, IndexStore, as_location
-from .ingest import IngestReport, check_embedder, ingest
+from .ingest import IngestReport, check_embedder, ingest, source_paths
 from .metric import IndexMetric
 
 log = logging.getLogger(__name__)
@@ -39,9 +39,11 @@ def load_model(run: str | os.PathLike | None, index: IndexStore | None = None, p
 
     run_dir = run or (index.manifest["run_dir"] if index is not None else None)
     if not run_dir:
-        raise LookalikeError("this index does not record the model it was built with; name the model (or run) folder to embed with")
+        raise LookalikeError("this index does not record the model it was built with; name the model (or run) folder to embed with", param="model")
     if not Path(run_dir).is_dir():
-        raise LookalikeError(f"the model {run_dir} does not exist (moved?); name the model (or run) folder the index was built with")
+        if run:
+            raise LookalikeError(f"the model or run folder {run_dir} does not exist", param="model")
+        raise LookalikeError(f"the model {run_dir} that {index.location} was built with does not exist (moved?); name the model (or run) folder it was built with", param="model")
     model = SimilarityModel.load(run_dir)
     embedder = ModelEmbedder(model, progress)
     if index is not None:
@@ -71,6 +73,7 @@ def build_index(
 ) -> tuple[IngestReport, dict]:
     """Embed every image below `images` into a new index at `out_dir` (a folder, or any backend's location); rerunning resumes an interrupted build."""
     model, embedder = load_model(run, progress=progress)
+    source_paths(images)  # before the index is made: a mistyped folder leaves no empty index behind
     metric = IndexMetric.from_ranker(model.ranker_, distance)
     with as_location(out_dir).create(embedder.dim, metric, embedder.fingerprint, kind, run_dir=absolute(run), overwrite=overwrite) as index:
         report = ingest(index, images, embedder, chunk_size=chunk)

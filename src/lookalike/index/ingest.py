@@ -53,15 +53,21 @@ def image_sources(sources: str | os.PathLike | Sequence[str | os.PathLike], attr
     A folder's images take their top sub-folder as attribute unless `attribute` is given; files take `attribute`.
     """
     found = []
-    for source in [sources] if isinstance(sources, (str, os.PathLike)) else sources:
-        path = Path(os.path.abspath(Path(source).expanduser()))
+    for path in source_paths(sources):
         if path.is_dir():
             found += [(p, attribute if attribute is not None else a) for p, a in scan_images(path)]
-        elif path.is_file():
-            found.append((str(path), attribute))
         else:
-            raise LookalikeError(f"{path} does not exist; pass image files or folders of them")
+            found.append((str(path), attribute))
     return found
+
+
+def source_paths(sources: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """The absolute paths of image files or folders given, each checked to exist before any work starts."""
+    paths = [Path(os.path.abspath(Path(source).expanduser())) for source in ([sources] if isinstance(sources, (str, os.PathLike)) else sources)]
+    for path in paths:
+        if not (path.is_dir() or path.is_file()):
+            raise LookalikeError(f"{path} does not exist; pass image files or folders of them", param="images")
+    return paths
 
 
 def ingest(

@@ -35,7 +35,7 @@ from ..errors import BadImageError, LookalikeError
 from ..features.extract import l2_normalize
 from ..fileio import open_regular, write_bytes
 from ..images import FORMAT_EXTENSIONS, open_image_bytes
-from ..index.api import filtered_search
+from ..index.api import filtered_search, unknown_attribute
 from ..index.backends import IndexLocation, IndexStore
 from ..index.build import check_model
 from ..index.catalog import ImageEntry, NewImage
@@ -290,8 +290,7 @@ class Service:
     ) -> list[dict]:
         """Top matches, optionally of one attribute and at least `min_probability` likely to share the query's."""
         if attribute is not None and attribute not in self.index.attributes:
-            known = ", ".join(self.index.attributes) or "none"
-            raise ApiError(422, "unknown_attribute", f"no catalog image has the attribute {attribute!r}; known attributes: {known}")
+            raise ApiError(422, "unknown_attribute", unknown_attribute(attribute, self.index.attributes))
         rows = self._with_probability(index, vector, filtered_search(index, vector, top, attribute, exclude=exclude))
         return [r for r in rows if min_probability is None or r["probability"] >= min_probability]
 
