@@ -870,3 +870,6 @@ def test_cli_serves_on_loopback_and_stops(served):
     assert "/similar HTTP/1.1" not in output[0] and "/metrics HTTP/1.1" not in output[0]
     bad = subprocess.run([sys.executable, "-m", "lookalike", "serve", "--index", str(served.index), "--allow-writes"], capture_output=True, text=True, env=env | {"LOOKALIKE_API_KEY": ""})
     assert bad.returncode == 2 and "--api-key" in bad.stderr and "Traceback" not in bad.stderr
+    for not_an_index in (served.run, served.root / "no-such-folder"):  # a run folder is the usual slip
+        wrong = subprocess.run([sys.executable, "-m", "lookalike", "serve", "--index", str(not_an_index)], capture_output=True, text=True, env=env)
+        assert wrong.returncode == 1 and "is not a lookalike index" in wrong.stderr and "gone away" not in wrong.stderr, wrong.stderr

@@ -116,7 +116,12 @@ class IndexAccess:
             return None  # the index thread gives the error
 
     def _current(self) -> IndexStore:
-        stamp = self.location.version()
+        try:
+            stamp = self.location.version()
+        except LookalikeError:
+            if self._index is None:  # never opened: say what the path holds instead, not that the index went away
+                self.location.open().close()
+            raise
         if stamp != self._stamp:
             fresh = self.location.open()
             try:
