@@ -199,6 +199,10 @@ def test_attribute_filter_keeps_only_that_attribute(served, client):
         "unknown_attribute",
         "dotted, leopard, striped",
     )
+    # an empty attribute means all of them, in the form and in the query string alike
+    everything = client.get("/images/3/similar?top=20").json()["results"]
+    assert client.get("/images/3/similar?top=20&attribute=").json()["results"] == everything
+    assert client.post("/search", files={"image": upload(photo(served, "dotted"))}, data={"top": "20", "attribute": ""}).json()["attribute"] is None
 
 
 def test_attribute_filter_widens_its_shortlist_until_it_has_enough(served, client):

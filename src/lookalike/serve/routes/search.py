@@ -42,7 +42,8 @@ def search_router(service: Service, answers: SimilarAnswers) -> APIRouter:
     @router.get("/images/{image_id}/similar", response_model=SearchOut, responses=_errors(404, 422, 503))
     async def similar(image_id: ImageId, top: TopQuery = DEFAULT_TOP, attribute: AttributeQuery = None, min_probability: FloorQuery = None) -> Response:
         """Search with a catalog image as the query (its stored vector; the image itself is left out)."""
-        return Response(await answers.body(image_id, top, attribute, min_probability), media_type="application/json")
+        # an empty attribute means all of them, as in POST /search's form
+        return Response(await answers.body(image_id, top, attribute or None, min_probability), media_type="application/json")
 
     @router.post("/compare", response_model=CompareOut, responses=common | _errors(415))
     async def compare(
