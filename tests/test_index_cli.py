@@ -45,6 +45,7 @@ def test_build_search_add_remove_stats_on_real_photos(trained):
     query = sorted((root / "photos" / "leopard").iterdir())[0]
     result = json.loads(lookalike("index", "search", index, query, "--top", "15", "--json", "--grid", root / "grid.png", env=env).stdout)
     assert set(result) == {"query", "attribute", "min_probability", "results", "took_ms"} and result["query"]["path"] == str(query)
+    assert result["query"]["format"] == "JPEG", "the format as REST /search names it"
     matches = result["results"]
     assert len(matches) == 15 and str(query) not in [m["path"] for m in matches]
     distances = [m["distance"] for m in matches]

@@ -95,6 +95,8 @@ def test_fit_makes_a_self_contained_model_folder_that_every_command_takes(worksp
     compared = json.loads(lookalike("compare", workspace / "a.jpg", workspace / "b.jpg", "--model", model_dir, "--json").stdout)
     apart = json.loads(lookalike("compare", workspace / "a.jpg", workspace / "query.jpg", "--model", model_dir, "--json").stdout)
     assert compared["probability"] > apart["probability"], "two dotted photos are likelier to share the attribute than dotted and striped"
+    itself = lookalike("compare", workspace / "a.jpg", workspace / "a.jpg", "--model", model_dir).stdout
+    assert itself.startswith("distance 0.0000,"), itself
     retrieved = json.loads(lookalike("retrieve", workspace / "query.jpg", "--model", model_dir, "--gallery", workspace / "catalog", "--top", "3", "--json").stdout)
     assert [r["path"] for r in retrieved["results"]] == [m["path"] for m in found["results"][:3]], "retrieve and index search agree"
     assert set(retrieved) == set(found) and set(retrieved["results"][0]) == set(found["results"][0]), "one answer shape"

@@ -351,6 +351,8 @@ def test_compare_agrees_with_search_and_fuses_rankers(served, client, writable):
     logit = np.log(first["probability"] / (1 - first["probability"]))
     assert strict["probability"] == pytest.approx(1 / (1 + np.exp(2.0 - logit)), rel=1e-6)
     assert two["fused_probability"] == pytest.approx((first["probability"] + strict["probability"]) / 2, rel=1e-9)
+    same = client.post("/compare", files={"first": upload(a, "a.jpg"), "second": upload(a, "again.jpg")}).json()
+    assert same["distance"] == 0 and str(same["distance"]) == "0.0" and all(str(s["distance"]) == "0.0" for s in same["rankers"]), same
 
 
 # ---- micro-batching ----------------------------------------------------------------------------

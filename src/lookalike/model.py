@@ -36,6 +36,7 @@ from .features.extract import EmbeddingResult, embed_images, l2_normalize
 from .fileio import read_json, write_json, write_text
 from .images import to_rgb
 from .metric import WeightedL2Ranker
+from .results import shown_distance
 from .rundir import RunDir, fingerprint
 
 if TYPE_CHECKING:
@@ -364,7 +365,7 @@ class SimilarityModel:
             ``.distance`` (learned, lower = more alike) and ``.probability`` (calibrated P(same attribute)).
         """
         va, vb = self.embed([a, b])
-        d = float(self.distance(va, vb)[0])
+        d = shown_distance(self.distance(va, vb)[0])
         return Comparison(d, float(self.probability(d)))
 
     def distance(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -27,8 +27,13 @@ class Match:
         return asdict(self)
 
 
+def shown_distance(d: float) -> float:
+    """A distance as users see it: float rounding of a 0 distance (or -0.0) is 0, never a negative number."""
+    return float(d) if d > 0 else 0.0
+
+
 def format_distance(d: float) -> str:
-    return f"{max(d, 0.0):.4f}"  # a 0 distance rounded below 0 in float arithmetic still reads 0
+    return f"{shown_distance(d):.4f}"
 
 
 def format_probability(p: float | None) -> str:
@@ -60,7 +65,7 @@ class MatchOut(BaseModel):
             "name": os.path.basename(m["path"]),
             "path": m["path"] if with_path else None,
             "attribute": m["attribute"],
-            "distance": float(m["distance"]) if m["distance"] > 0 else 0.0,  # float rounding of a 0 distance (or -0.0), never a negative one
+            "distance": shown_distance(m["distance"]),
             "probability": None if probability is None else float(probability),
             "image_url": None if with_path or image_id is None else f"/images/{image_id}",
             "thumbnail_url": None if with_path or image_id is None else f"/images/{image_id}/thumbnail",

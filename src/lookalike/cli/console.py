@@ -65,7 +65,7 @@ def search_answer(path: Path, own: int | None, matches, took_ms: float, attribut
     from PIL import Image
 
     with Image.open(path) as img:
-        width, height, fmt = img.width, img.height, (img.format or "").lower() or None
+        width, height, fmt = img.width, img.height, img.format or None  # as the service names it (PIL: "JPEG", "PNG")
     return SearchOut(
         query=QueryOut(width=width, height=height, format=fmt, id=own, path=str(path)),
         attribute=attribute,

@@ -40,7 +40,7 @@ from ..index.backends import IndexLocation, IndexStore
 from ..index.build import check_model
 from ..index.catalog import ImageEntry, NewImage
 from ..model import SimilarityModel
-from ..results import Match
+from ..results import Match, shown_distance
 from .batching import MicroBatcher
 from .errors import ApiError
 from .settings import ServeSettings
@@ -260,7 +260,7 @@ class Service:
             size = ranker.model.backbone_.config.input_size
             pair = images.setdefault(size, [open_image_bytes(u.data, u.name, draft_size=size) for u in (a, b)])
             va, vb = (ranker.model.embed_image(img) for img in pair)
-            d = float(ranker.model.distance(va, vb)[0])
+            d = shown_distance(ranker.model.distance(va, vb)[0])
             scores.append({"name": ranker.name, "distance": d, "probability": float(ranker.model.probability(d))})
         fused = fuse_probabilities({s["name"]: s["probability"] for s in scores})
         return {**{k: scores[0][k] for k in ("distance", "probability")}, "rankers": scores, "fused_probability": float(fused)}
