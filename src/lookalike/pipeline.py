@@ -259,10 +259,8 @@ def train_metric(run_dir: str | os.PathLike, split: int = 0, force: bool = False
     }
     write_json(summary_path, summary)
     visualize.plot_calibration(ranker, ranker.decision_function(Xv), vy, sdir / "calibration.png")
-    run.log(
-        f"split {split}: SVM pair accuracy train {summary['train']['accuracy']:.1%} (balanced {summary['train']['balanced_accuracy']:.1%}), "
-        f"{calib_part} {summary[calib_part]['accuracy']:.1%} (balanced {summary[calib_part]['balanced_accuracy']:.1%})"
-    )
+    parts = dict.fromkeys(["train", calib_part])  # once when calibrated on the training pairs themselves
+    run.log(f"split {split}: SVM pair accuracy " + ", ".join(f"{p} {summary[p]['accuracy']:.1%} (balanced {summary[p]['balanced_accuracy']:.1%})" for p in parts))
     return ranker
 
 
@@ -510,7 +508,7 @@ def _split_stages(run: RunDir, cfg: LookalikeConfig, k: int, splits: int, force:
     """refine -> featurize -> train-metric -> evaluate of prepared split k."""
     from .refine.stage import refine
 
-    run.log(f"split {k + 1}/{splits}", style="bold")
+    run.log(f"split {k} (of splits 0-{splits - 1})" if splits > 1 else f"split {k}", style="bold")
     refine(run.root, split=k, force=force, progress=progress)
     featurize(run.root, split=k, force=force, progress=progress)
     train_metric(run.root, split=k, force=force)

@@ -197,7 +197,7 @@ def prefill(run_dir: str | os.PathLike, splits: Sequence[int], force: bool = Fal
     if rc.embedding == "lookalike" and rc.visual_part == "auto":  # the held-out check compares with the pretrained features
         train = sorted({i for p in parts for i in p["train"]})
         _pretrained_features(cfg, [str(dataset.absolute_path(i)) for i in train], [dataset.images[i].sha256 for i in train], progress)
-    run.log(f"splits {', '.join(map(str, stale))}: {computed} new view(s) of the frozen blocks cached, {wanted - computed} reused ({time.perf_counter() - start:.0f}s)")
+    run.log(f"split{'s' if len(stale) > 1 else ''} {', '.join(map(str, stale))}: {computed} new view(s) of the frozen blocks cached, {wanted - computed} reused ({time.perf_counter() - start:.0f}s)")
 
 
 def _fingerprint(run: RunDir, cfg: LookalikeConfig, split: int, mode: str) -> str:
