@@ -150,7 +150,8 @@ def dedup_command(
     result = find_duplicates(folder, hash_size, max_distance, progress=progress)
     quarantine(result, q, dry_run=dry_run, report_path=report)
     d = result.to_dict()
-    typer.echo(f"{d['images']} images, {d['groups']} duplicate group(s): {d['exact_duplicates']} exact and {d['near_duplicates']} near duplicate(s) "
+    unreadable = f" ({len(result.unreadable)} unreadable, left out)" if result.unreadable else ""
+    typer.echo(f"{d['images']} images{unreadable}, {d['groups']} duplicate group(s): {d['exact_duplicates']} exact and {d['near_duplicates']} near duplicate(s) "
                f"(hash size {result.hash_size}, max distance {result.max_distance} bits)")
     shown = 20
     for group in result.groups[:shown]:
@@ -164,13 +165,15 @@ def dedup_command(
     for m in failed:
         typer.echo(f"  {m['from']}: {m['error']}", err=True)
     for u in result.unreadable:
-        typer.echo(f"  skipped {u['path']}: {u['reason']}")
+        typer.echo(f"  skipped {u['path']}: {u['reason']}", err=True)
     if dry_run:
         typer.echo("dry run: nothing moved" + (f"; report written to {report}" if report else ""))
     elif result.moves:
         typer.echo(f"moved {len(result.moves) - len(failed)} file(s) to {q}; report: {report or q / REPORT_NAME}")
     if failed:
         raise LookalikeError(f"{len(failed)} duplicate(s) could not be moved into {q}; see above")
+    if result.unreadable:
+        raise typer.Exit(EXIT_PARTIAL)  # the other images were compared; the unreadable ones could hide duplicates
 
 
 def combine_command(

@@ -46,7 +46,7 @@ class IndexMetric:
         norm_bound: float = 1.0,
     ):
         if kind not in METRICS:
-            raise LookalikeError(f"unknown distance '{kind}'; choose one of: {', '.join(METRICS)}")
+            raise LookalikeError(f"unknown distance '{kind}'; choose one of: {', '.join(METRICS)}", param="distance")
         if kind == "learned" and weights is None:
             raise LookalikeError("the learned distance needs the SVM weights of a trained run")
         self.kind = kind

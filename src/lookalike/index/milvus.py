@@ -485,7 +485,7 @@ def _schema(client, dim: int, search_dim: int):
 
 def _check_options(kind: str, params: dict | None) -> None:
     if kind != "auto" and kind not in INDEX_TYPES:
-        raise LookalikeError(f"unknown Milvus index kind '{kind}'; choose one of: auto, {', '.join(INDEX_TYPES)}")
+        raise LookalikeError(f"unknown Milvus index kind '{kind}'; choose one of: auto, {', '.join(INDEX_TYPES)}", param="kind")
     unknown = set(params or {}) - set(PARAMS)
     if unknown:
         raise LookalikeError(f"unknown Milvus index parameter(s) {sorted(unknown)}; known: {', '.join(PARAMS)}")

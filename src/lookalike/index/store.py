@@ -88,7 +88,7 @@ class ImageIndex:
         An existing finished index is replaced only with overwrite=True.
         """
         if kind != "auto" and kind not in KINDS:
-            raise LookalikeError(f"unknown index kind '{kind}'; choose one of: auto, {', '.join(KINDS)}")
+            raise LookalikeError(f"unknown index kind '{kind}'; choose one of: auto, {', '.join(KINDS)}", param="kind")
         unknown = set(params or {}) - set(DEFAULT_PARAMS)
         if unknown:
             raise LookalikeError(f"unknown index parameter(s) {sorted(unknown)}; known: {', '.join(DEFAULT_PARAMS)}")
@@ -375,7 +375,7 @@ class ImageIndex:
         self._require_writer()
         kind = kind or self.manifest["kind"]
         if kind != "auto" and kind not in KINDS:
-            raise LookalikeError(f"unknown index kind '{kind}'; choose one of: auto, {', '.join(KINDS)}")
+            raise LookalikeError(f"unknown index kind '{kind}'; choose one of: auto, {', '.join(KINDS)}", param="kind")
         unknown = set(params or {}) - set(DEFAULT_PARAMS)
         if unknown:
             raise LookalikeError(f"unknown index parameter(s) {sorted(unknown)}; known: {', '.join(DEFAULT_PARAMS)}")

@@ -169,7 +169,7 @@ class AnnIndex:
     def train(cls, kind: str, dim: int, sample: np.ndarray, n_expected: int, params: dict) -> "AnnIndex":
         """An empty index of `kind` over `dim`-d vectors, trained on `sample` when the kind needs it."""
         if kind not in KINDS:
-            raise LookalikeError(f"unknown index kind '{kind}'; choose one of: auto, {', '.join(KINDS)}")
+            raise LookalikeError(f"unknown index kind '{kind}'; choose one of: auto, {', '.join(KINDS)}", param="kind")
         p = {**DEFAULT_PARAMS, **params}
         # a PCA cannot output more dimensions than it has training vectors (a small catalog reindexed as hnsw)
         wanted = int(p["hnsw_pca_dim" if kind == "hnsw" else "pca_dim"])
