@@ -579,6 +579,13 @@ def test_add_search_and_remove_an_uploaded_image(served, writable):
 
     again = w.post("/catalog", files=[("images", upload(buf.getvalue(), "again.png"))], headers=auth).json()["added"][0]
     assert again["already_present"] and again["id"] == added["id"]
+    other = io.BytesIO()
+    with Image.open(io.BytesIO(buf.getvalue())) as img:
+        img.rotate(180).save(other, "PNG")
+    # one new image sent twice in one request: added once, and the second copy says so
+    twice = w.post("/catalog", files=[("images", upload(other.getvalue(), "one.png")), ("images", upload(other.getvalue(), "two.png"))], headers=auth).json()["added"]
+    assert [a["already_present"] for a in twice] == [False, True] and twice[0]["id"] == twice[1]["id"], twice
+    w.delete(f"/catalog/{twice[0]['id']}", headers=auth)
 
     assert w.delete(f"/catalog/{added['id']}", headers=auth).json() == {"removed": added["id"]}
     assert_error(w.delete(f"/catalog/{added['id']}", headers=auth), 404, "not_found")

@@ -349,15 +349,17 @@ class Service:
                 images = [NewImage(p, attribute, Path(p).stem, os.stat(p).st_size, os.stat(p).st_mtime) for p in fresh]
                 ids = dict(zip(fresh, writer.add(images, np.stack([v for _, v in fresh.values()])).tolist()))
                 writer.merge()
-            return [
-                {
+            answers, added = [], set()
+            for p, u in zip(paths, uploads):
+                # the second copy of one image in the same request is not added again either
+                answers.append({
                     "id": known[p].id if p in known else ids[p],
                     "name": u.filename,
                     "attribute": known[p].attribute if p in known else attribute,
-                    "already_present": p in known,
-                }
-                for p, u in zip(paths, uploads)
-            ]
+                    "already_present": p in known or p in added,
+                })
+                added.add(p)
+            return answers
         finally:
             writer.close()
 
