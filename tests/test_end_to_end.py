@@ -34,6 +34,10 @@ def test_run_two_splits_writes_the_contract(real_subset, tmp_path, small_config)
     run = tmp_path / "run"
     proc = lookalike("run", "--data", real_subset, "--out", run, "--splits", "2", "--config", small_config)
     assert "weighted L2" in proc.stdout and "report:" in proc.stdout
+    # on a pipe no bar shows: the log says what the longest quiet stretch is before it starts
+    log = proc.stderr.splitlines()
+    computing = next(n for n, line in enumerate(log) if "splits 0, 1: computing" in line and "view(s) of the frozen stages" in line)
+    assert computing < next(n for n, line in enumerate(log) if "splits 0, 1:" in line and "new view(s) of the frozen blocks cached" in line)
     m = json.loads((run / "metrics.json").read_text())
     assert m["splits"] == 2 and m["n_images"] == 42 and m["attributes"] == ["dotted", "leopard", "striped"]
     assert m["backbone"] == "efficientnet-lite0"

@@ -13,7 +13,7 @@ import shutil
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -97,7 +97,7 @@ def refine(run_dir: str | os.PathLike, split: int = 0, force: bool = False, prog
     )
     cache = None
     if mode == "cached":
-        cache, computed, wanted = _cached_views(cfg, backbone, frozen, augment, dataset, [parts], progress)
+        cache, computed, wanted = _cached_views(cfg, backbone, frozen, augment, dataset, [parts], progress, lambda m: run.log(f"split {split}: {m}"))
         run.log(f"split {split}: {computed} new view(s) of the frozen blocks cached, {wanted - computed} reused ({time.perf_counter() - start:.0f}s)")
         views = {p: CachedViews(cache, digests[p], rc.cached_views) for p in parts}
         net_frozen: nn.Module = nn.Identity()
@@ -192,12 +192,13 @@ def prefill(run_dir: str | os.PathLike, splits: Sequence[int], force: bool = Fal
         return
     start, dataset = time.perf_counter(), run.dataset()
     parts = [_parts(run.split(k)) for k in stale]
-    cache, computed, wanted = _cached_views(cfg, backbone, frozen, _augment_params(rc), dataset, parts, progress)
+    label = f"split{'s' if len(stale) > 1 else ''} {', '.join(map(str, stale))}"
+    cache, computed, wanted = _cached_views(cfg, backbone, frozen, _augment_params(rc), dataset, parts, progress, lambda m: run.log(f"{label}: {m}"))
     cache.close()
     if rc.embedding == "lookalike" and rc.visual_part == "auto":  # the held-out check compares with the pretrained features
         train = sorted({i for p in parts for i in p["train"]})
         _pretrained_features(cfg, [str(dataset.absolute_path(i)) for i in train], [dataset.images[i].sha256 for i in train], progress)
-    run.log(f"split{'s' if len(stale) > 1 else ''} {', '.join(map(str, stale))}: {computed} new view(s) of the frozen blocks cached, {wanted - computed} reused ({time.perf_counter() - start:.0f}s)")
+    run.log(f"{label}: {computed} new view(s) of the frozen blocks cached, {wanted - computed} reused ({time.perf_counter() - start:.0f}s)")
 
 
 def _fingerprint(run: RunDir, cfg: LookalikeConfig, split: int, mode: str) -> str:
@@ -223,10 +224,14 @@ def _parts(s: Split) -> dict[str, list[int]]:
 
 
 def _cached_views(
-    cfg: LookalikeConfig, backbone: Backbone, frozen: nn.Module, augment: AugmentParams, dataset: Dataset, parts: list[dict[str, list[int]]], progress: bool
+    cfg: LookalikeConfig, backbone: Backbone, frozen: nn.Module, augment: AugmentParams, dataset: Dataset, parts: list[dict[str, list[int]]], progress: bool,
+    log: Callable[[str], None],
 ) -> tuple[ActivationCache, int, int]:
     """The activation cache, with every view these splits' parts need computed: training images' centre and random
-    views, the others' centre view. Returns (open cache, views computed now, views wanted)."""
+    views, the others' centre view. Returns (open cache, views computed now, views wanted).
+
+    `log` says what is about to be computed: on a pipe, where no progress bar shows, the longest quiet stretch of a run.
+    """
     rc = cfg.refine
     cache_dir = configured_cache_dir(cfg.features.cache_dir)
     key = fingerprint(backbone.fingerprint, backbone.config.taps, len(frozen.run.blocks), asdict(augment), CACHE_FORMAT)
@@ -239,6 +244,7 @@ def _cached_views(
     todo = cache.missing(list(wanted))
     computed = 0
     if todo:  # the runner is an ONNX export and the view maker imports torchvision: neither is needed otherwise
+        log(f"computing {len(todo)} view(s) of the frozen stages ({len(wanted) - len(todo)} cached already); later splits and runs reuse them")
         runner = frozen_runner(frozen, backbone.config.input_size, cache_dir, key)
         computed = fill_cache(cache, runner, ViewMaker(backbone.config, augment), paths, todo, batch_for(cfg.features.batch_size, backbone.config.input_size), progress=progress)
     return cache, computed, len(wanted)
