@@ -132,6 +132,12 @@ def test_mistyped_searches_and_builds_are_refused_with_what_exists(trained, tmp_
             catalog.search(query, attribute="polka")
         with pytest.raises(LookalikeError, match="nprobe = 0"):
             catalog.search(query, params={"nprobe": 0})
+    manifest = json.loads((index / "manifest.json").read_text())
+    (index / "manifest.json").write_text(json.dumps(manifest | {"building": True}))  # as a build killed half-way leaves it
+    for args in (["stats", index], ["search", index, query]):
+        assert "the build of this index was interrupted after 12 image(s)" in " ".join(lookalike("index", *args, env=env).stderr.split())
+    (index / "manifest.json").write_text(json.dumps(manifest))
+    assert "interrupted" not in lookalike("index", "stats", index, env=env).stderr
     typo = lookalike("index", "build", "--run", run, "--images", root / "latr", "--out", tmp_path / "typo", env=env, check=False)
     assert typo.returncode == 2 and "latr does not exist" in typo.stderr and not (tmp_path / "typo").exists(), "no empty index left behind"
     no_model = lookalike("index", "build", "--run", root / "rnu", "--images", root / "later", "--out", tmp_path / "typo", env=env, check=False)

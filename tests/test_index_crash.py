@@ -93,6 +93,8 @@ def test_killed_writer_leaves_a_consistent_index_and_rerun_completes(tmp_path, o
     embedder = PixelEmbedder()
     before = check_consistent(index_dir, embedder)
     assert len(before) == committed  # every chunk committed before the kill, and nothing of the one after
+    with ImageIndex.open(index_dir) as ix:
+        assert ix.stats()["build_finished"] is False, "stats says the build must be run again"
 
     # the re-run takes over: resumes the build, embeds only what was not committed
     embedder.calls.clear()
@@ -107,6 +109,7 @@ def test_killed_writer_leaves_a_consistent_index_and_rerun_completes(tmp_path, o
     leftovers = sorted(p.name for p in index_dir.iterdir() if p.name.startswith(("ann-", ".")))
     assert len(leftovers) == 1 and leftovers[0].startswith("ann-")  # no stray FAISS or temporary files
     with ImageIndex.open(index_dir) as ix:
+        assert ix.stats()["build_finished"] is True
         for path, i in list(after.items())[::5]:
             assert search_vectors(ix, ix.vectors()[i], 1)[0][0].path == path
 

@@ -197,6 +197,7 @@ def search(
         results = index.search_vectors(vectors, top, attribute, min_probability, leave_out=None if keep_self else own_ids, params=params)
         took_ms = (time.perf_counter() - start) * 1000 / len(paths)
         description = index.store.metric.describe()
+        _warn_unfinished(index.store.stats())
     if grid is not None:
         from ..visualize import retrieval_grid
 
@@ -222,6 +223,7 @@ def stats(index_dir: Path = IndexDirArg, backend: str = BackendOpt, uri: Optiona
     """What the index holds: images per attribute, index kind, un-merged tail, tombstones, files and sizes."""
     with IndexLocation.parse(index_dir, backend, uri).open() as index:
         s, location = index.stats(), index.location
+    _warn_unfinished(s)
     if as_json:
         print(json.dumps(s, indent=2))
         return
@@ -233,6 +235,15 @@ def stats(index_dir: Path = IndexDirArg, backend: str = BackendOpt, uri: Optiona
     if "files_bytes" in s:
         table.add_row("files", ", ".join(f"{n} {b / 2**20:.1f} MB" for n, b in s["files_bytes"].items()))
     out.print(table)
+
+
+def _warn_unfinished(stats: dict) -> None:
+    if not stats["build_finished"]:
+        err.print(
+            f"the build of this index was interrupted after {stats['images']} image(s): run the same `lookalike index build` again to finish it "
+            "(searches see only the images embedded so far)",
+            style="yellow",
+        )
 
 
 @index_app.command()

@@ -454,6 +454,7 @@ class MilvusIndex:
             "location": self.location,
             "backend": "milvus",
             "images": self.size,
+            "build_finished": not self.state["building"],
             "attributes": self.state["attributes"],
             "dim": self.dim,
             "distance": self.metric.describe(),

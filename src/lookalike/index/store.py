@@ -428,6 +428,7 @@ class ImageIndex:
         return {
             "directory": str(self.directory),
             "images": self.size,
+            "build_finished": not self.manifest.get("building"),
             "attributes": self.catalog.attribute_counts(self.generation),
             "dim": self.dim,
             "distance": self.metric.describe(),
