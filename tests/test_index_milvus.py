@@ -42,6 +42,7 @@ def test_milvus_answers_like_faiss_through_add_change_and_remove(tmp_path, kind)
     indexes, locations = both(tmp_path, metric)
     for index in indexes:
         ingest(index, photos, PixelEmbedder(), progress=False)
+        assert index.stats()["build_finished"] is False
         index.finish_build()
     faiss_index, milvus_index = indexes
     assert milvus_index.stats()["kind"] == "flat" and milvus_index.size == 30
@@ -66,6 +67,7 @@ def test_milvus_answers_like_faiss_through_add_change_and_remove(tmp_path, kind)
         assert index.remove(e.id for e in index.entries_by_path(str(photos / "stripes")).values()) == 10
     assert faiss_index.entries_by_path() == milvus_index.entries_by_path()
     assert faiss_index.stats()["attributes"] == milvus_index.stats()["attributes"] == {"checks": 23, "dots": 23, "stripes": 13}
+    assert faiss_index.stats()["build_finished"] is milvus_index.stats()["build_finished"] is True
     queries = np.r_[faiss_index.vectors(), queries[-4:]]
     assert_same_answers(faiss_index, milvus_index, queries)
 
