@@ -89,7 +89,7 @@ def test_build_search_add_remove_stats_on_real_photos(trained):
     assert found["results"][0]["path"] == str(new_photo)
 
     removed = json.loads(lookalike("index", "remove", index, root / "later" / "striped", root / "nowhere.jpg", "--json", env=env).stdout)
-    assert removed["removed"] == 4 and removed["images"] == 44 and removed["not_in_index"] == [str(root / "nowhere.jpg")]
+    assert removed["action"] == "remove" and removed["removed"] == 4 and removed["images"] == 44 and removed["not_in_index"] == [str(root / "nowhere.jpg")]
     stats = json.loads(lookalike("index", "stats", index, "--json", env=env).stdout)
     assert stats["images"] == 44 and stats["attributes"] == {"dotted": 16, "leopard": 16, "striped": 12}
     assert stats["distance"].startswith("learned weighted L2")

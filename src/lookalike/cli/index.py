@@ -147,11 +147,11 @@ def remove(
             if entries:
                 ids.extend(e.id for e in entries.values())
             else:
-                missing.append(str(p))
+                missing.append(absolute(p))
         removed = index.remove(ids)
         index.merge()
-        if as_json:
-            print(json.dumps({"removed": removed, "not_in_index": missing, "images": index.size}, indent=2))
+        if as_json:  # the keys of build's and add's reports where they mean the same; paths absolute, as the catalog stores them
+            print(json.dumps({"action": "remove", "removed": removed, "not_in_index": missing, "images": index.size}, indent=2))
             return
         out.print(f"removed {removed} image(s); index now holds {index.size:,}")
         for m in missing:

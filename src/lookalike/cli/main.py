@@ -174,7 +174,7 @@ def retrieve(
     start = time.perf_counter()
     matches = _retrieve(run, image, top=top, split=split, picture=picture, gallery=gallery, min_probability=min_probability)
     if as_json:
-        print(search_answer(image, None, matches, (time.perf_counter() - start) * 1000, None, min_probability).model_dump_json())
+        print(search_answer(Path(os.path.abspath(image)), None, matches, (time.perf_counter() - start) * 1000, None, min_probability).model_dump_json())
         return
     print_matches(f"Most alike to {image}", matches)
     out.print(f"grid picture: {picture}")
