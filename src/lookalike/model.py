@@ -301,7 +301,7 @@ class SimilarityModel:
         elif (path / "config.json").is_file():
             run = RunDir(path)
             cfg = run.config()
-            run.current_split(split)  # refuses a split folder left from another dataset, whose model is not this run's
+            run.check_split(split, cfg)  # refuses a split folder left from another dataset, whose model is not this run's
             ranker = WeightedL2Ranker.load(run.require(run.split_dir(split) / "metric.json", "train-metric"))
             backbone = run.backbone(split, cfg)
             card = partial(_card, run, cfg, backbone, ranker, split)  # read from the run's files only when asked for

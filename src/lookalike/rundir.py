@@ -127,19 +127,27 @@ class RunDir:
         made = read_json(split_file).get("fingerprint") if split_file.exists() else None
         return made is not None and made in {split_fingerprint(scan_fp, cfg, k), *([split_fingerprint(scan_fp, cfg, None)] if k == 0 else [])}
 
-    def current_split(self, k: int) -> "Split":
-        """Split k, for reading it with the run's dataset.json: refused when the run has no such split, or when the
-        split was made from another dataset or other [data] settings (a later `lookalike run` into this folder that
-        stopped early, or made fewer splits), whose image numbers would name the wrong photos."""
+    def check_split(self, k: int, cfg: "LookalikeConfig | None" = None) -> None:
+        """Refuse split k when the run has no such split, or when it was made from another dataset or other [data]
+        settings than the run's dataset.json and config.json (a later `lookalike run` into this folder that stopped
+        early, or made fewer splits): read with this dataset.json, its image numbers would name the wrong photos.
+        A folder trimmed to its models keeps no dataset.json, so nothing in it can disagree with the split."""
         if k not in self.splits():
             have = ", ".join(map(str, self.splits())) or "none yet; run `lookalike run` first"
-            raise LookalikeError(f"{self.root} has no split {k}; its splits: {have}", param="split")
-        if not self.split_is_current(k, self.config(), read_json(self.require(self.dataset_file, "prepare")).get("fingerprint")):
+            raise LookalikeError(f"{self.root} has no split {k}; its splits: {have}")
+        if not self.dataset_file.exists():
+            return
+        self.require(self.split_dir(k) / "split.json", "prepare")
+        if not self.split_is_current(k, cfg or self.config(), read_json(self.dataset_file).get("fingerprint")):
             raise LookalikeError(
                 f"split {k} of {self.root} was made from another dataset or other [data] settings than the run's dataset.json and "
                 f"config.json hold now (a later `lookalike run` into this folder stopped before making it again, or made fewer splits); "
                 f"run `lookalike run` into this folder again, or into a new one"
             )
+
+    def current_split(self, k: int) -> "Split":
+        """Split k, once `check_split` finds it made from the run's dataset.json, to read with it."""
+        self.check_split(k)
         return self.split(k)
 
     def backbone(self, k: int, cfg: "LookalikeConfig | None" = None) -> "Backbone | SavedBackbone":

@@ -31,7 +31,7 @@ PARAM_FLAGS = {
     "data": "--data", "out": "--out", "run_dir": "--out", "weights": "--weights", "backbone": "--backbone", "config": "--config",
     "directory": "DIRECTORY", "gallery": "--gallery", "attributes": "--attributes", "key": "BING_SEARCH_KEY (or --list-queries)",
     "model": "--model", "k": "--top", "kind": "--kind", "overwrite": "--overwrite", "images": "--images",
-    "shard_size": "--shard-size", "address": "--address", "executor": "--executor", "index": "--index", "split": "--split", "attribute": "--attribute", "distance": "--distance",
+    "shard_size": "--shard-size", "address": "--address", "executor": "--executor", "index": "--index", "attribute": "--attribute", "distance": "--distance",
 }
 
 

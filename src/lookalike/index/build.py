@@ -73,7 +73,10 @@ def build_index(
 ) -> tuple[IngestReport, dict]:
     """Embed every image below `images` into a new index at `out_dir` (a folder, or any backend's location); rerunning resumes an interrupted build."""
     model, embedder = load_model(run, progress=progress)
-    source_paths(images)  # before the index is made: a mistyped folder leaves no empty index behind
+    try:  # before the index is made: a mistyped folder leaves no empty index behind
+        source_paths(images)
+    except LookalikeError as e:
+        raise LookalikeError(str(e), param="images") from None
     metric = IndexMetric.from_ranker(model.ranker_, distance)
     with as_location(out_dir).create(embedder.dim, metric, embedder.fingerprint, kind, run_dir=absolute(run), overwrite=overwrite) as index:
         report = ingest(index, images, embedder, chunk_size=chunk)

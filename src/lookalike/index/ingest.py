@@ -66,7 +66,7 @@ def source_paths(sources: str | os.PathLike | Sequence[str | os.PathLike]) -> li
     paths = [Path(os.path.abspath(Path(source).expanduser())) for source in ([sources] if isinstance(sources, (str, os.PathLike)) else sources)]
     for path in paths:
         if not (path.is_dir() or path.is_file()):
-            raise LookalikeError(f"{path} does not exist; pass image files or folders of them", param="images")
+            raise LookalikeError(f"{path} does not exist; pass image files or folders of them")
     return paths
 
 
