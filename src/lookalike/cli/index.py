@@ -197,7 +197,8 @@ def search(
         results = index.search_vectors(vectors, top, attribute, min_probability, leave_out=None if keep_self else own_ids, params=params)
         took_ms = (time.perf_counter() - start) * 1000 / len(paths)
         description = index.store.metric.describe()
-        _warn_unfinished(index.store.stats())
+        if not index.store.build_finished:
+            _warn_unfinished(index.store.size)
     if grid is not None:
         from ..visualize import retrieval_grid
 
@@ -223,7 +224,8 @@ def stats(index_dir: Path = IndexDirArg, backend: str = BackendOpt, uri: Optiona
     """What the index holds: images per attribute, index kind, un-merged tail, tombstones, files and sizes."""
     with IndexLocation.parse(index_dir, backend, uri).open() as index:
         s, location = index.stats(), index.location
-    _warn_unfinished(s)
+    if not s["build_finished"]:
+        _warn_unfinished(s["images"])
     if as_json:
         print(json.dumps(s, indent=2))
         return
@@ -237,13 +239,12 @@ def stats(index_dir: Path = IndexDirArg, backend: str = BackendOpt, uri: Optiona
     out.print(table)
 
 
-def _warn_unfinished(stats: dict) -> None:
-    if not stats["build_finished"]:
-        err.print(
-            f"the build of this index was interrupted after {stats['images']} image(s): run the same `lookalike index build` again to finish it "
-            "(searches see only the images embedded so far)",
-            style="yellow",
-        )
+def _warn_unfinished(images: int) -> None:
+    err.print(
+        f"the build of this index was interrupted after {images} image(s): run the same `lookalike index build` again to finish it "
+        "(searches see only the images embedded so far)",
+        style="yellow",
+    )
 
 
 @index_app.command()

@@ -177,7 +177,7 @@ class ImageIndex:
         for name, value in (params or {}).items():
             if name in ("rerank", "ef_search", "nprobe") and int(value) < 1:
                 raise LookalikeError(f"{name} = {value}: give 1 or more (leave it out for the index's own setting)", param=name)
-        if attribute is not None and attribute not in (known := self.store.stats()["attributes"]):
+        if attribute is not None and attribute not in (known := self.store.attribute_counts()):
             raise LookalikeError(unknown_attribute(attribute, known), param="attribute")
 
     def search_vectors(

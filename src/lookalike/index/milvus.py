@@ -448,14 +448,23 @@ class MilvusIndex:
         rows = self.client.query(self.name, filter=f"sha256 == {_literal(sha256)}", output_fields=["embedding"], limit=1)
         return np.array(rows[0]["embedding"], dtype=np.float32) if rows else None
 
+    def attribute_counts(self) -> dict[str, int]:
+        """Images per attribute ("(none)": unlabelled), as the collection's state records them."""
+        return dict(self.state["attributes"])
+
+    @property
+    def build_finished(self) -> bool:
+        """False while a build that was interrupted has not been run again to its end."""
+        return not self.state["building"]
+
     def stats(self) -> dict:
         """What the index holds and how Milvus indexes it, for `lookalike index stats`."""
         return {
             "location": self.location,
             "backend": "milvus",
             "images": self.size,
-            "build_finished": not self.state["building"],
-            "attributes": self.state["attributes"],
+            "build_finished": self.build_finished,
+            "attributes": self.attribute_counts(),
             "dim": self.dim,
             "distance": self.metric.describe(),
             "kind_requested": self.settings["kind"],

@@ -420,6 +420,15 @@ class ImageIndex:
     def entries_by_path(self, prefix: str | None = None) -> dict[str, ImageEntry]:
         return self.catalog.by_path(self.generation, prefix)
 
+    def attribute_counts(self) -> dict[str, int]:
+        """Images per attribute ("(none)": unlabelled), from the catalog alone: cheap enough to check a search with."""
+        return self.catalog.attribute_counts(self.generation)
+
+    @property
+    def build_finished(self) -> bool:
+        """False while a build that was interrupted has not been run again to its end."""
+        return not self.manifest.get("building")
+
     def stats(self) -> dict:
         """What the index holds and how it is laid out, for `lookalike index stats`."""
         ann = self.manifest["ann"]
@@ -428,8 +437,8 @@ class ImageIndex:
         return {
             "directory": str(self.directory),
             "images": self.size,
-            "build_finished": not self.manifest.get("building"),
-            "attributes": self.catalog.attribute_counts(self.generation),
+            "build_finished": self.build_finished,
+            "attributes": self.attribute_counts(),
             "dim": self.dim,
             "distance": self.metric.describe(),
             "kind_requested": self.manifest["kind"],
