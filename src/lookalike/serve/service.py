@@ -132,7 +132,7 @@ class IndexAccess:
             if self._index is not None:
                 self._index.close()
             self._index, self._stamp = fresh, stamp
-            self.attributes = fresh.stats()["attributes"]
+            self.attributes = fresh.attribute_counts()
         return self._index
 
     def _check(self, index: IndexStore) -> None:
@@ -266,7 +266,8 @@ class Service:
         return {**{k: scores[0][k] for k in ("distance", "probability")}, "rankers": scores, "fused_probability": float(fused)}
 
     def thumbnail(self, entry: ImageEntry) -> bytes:
-        """JPEG thumbnail of the indexed content, cached while the file keeps its inode, size and modification time.
+        """JPEG thumbnail of the indexed content, cached while the file keeps its inode, size and modification and
+        change times (a rewrite moves the change time even when a copy keeps the modification time).
 
         A file removed since is a 404 even when its thumbnail is cached; a file replaced is checked again.
         """
@@ -274,9 +275,9 @@ class Service:
             st = os.stat(entry.path)
         except OSError:
             raise missing(entry) from None
-        return self._thumbnails(entry, (st.st_ino, st.st_size, st.st_mtime_ns))
+        return self._thumbnails(entry, (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
 
-    def _render_thumbnail(self, entry: ImageEntry, file_identity: tuple[int, int, int]) -> bytes:
+    def _render_thumbnail(self, entry: ImageEntry, file_identity: tuple[int, int, int, int]) -> bytes:
         """JPEG thumbnail of the indexed content; `file_identity` only keys the cache."""
         px = self.settings.thumbnail_px
         try:
