@@ -129,6 +129,7 @@ def test_quarantine_moves_duplicates_keeping_relative_paths(dataset):
     report = json.loads((q / REPORT_NAME).read_text())
     assert [m["to"] for m in report["moved"]] == ["dotted/img4_copy.1.png"]
     assert sorted(m["to"] for m in report["earlier_moves"]) == sorted(m["to"] for m in result.moves)
+    assert {(m["root"], m["quarantine"]) for m in report["earlier_moves"]} == {(str(dataset), str(q))}, "paths are relative to these"
     quarantine(find_duplicates(dataset, progress=False), q, dry_run=True, report_path=q / REPORT_NAME)
     assert len(json.loads((q / REPORT_NAME).read_text())["earlier_moves"]) == 6, "a dry run keeps the record, and adds no move that did not happen"
 

@@ -277,15 +277,17 @@ def quarantine(result: DedupResult, quarantine_dir: str | os.PathLike, *, dry_ru
 
 
 def _earlier_moves(report_path: Path) -> list[dict]:
-    """The moves an earlier report at `report_path` records (its own and those it kept), so that a later run's
-    report still says where every quarantined file came from; a dry run's planned moves are not kept."""
+    """The moves an earlier report at `report_path` records (its own and those it kept), each with the dataset and
+    quarantine folders its paths are relative to, so that a later run's report still says where every quarantined
+    file came from; a dry run's planned moves are not kept."""
     try:
         earlier = read_json(report_path)
     except (OSError, ValueError):
         return []
-    if not isinstance(earlier, dict):
-        return []
-    return list(earlier.get("earlier_moves", [])) + ([] if earlier.get("dry_run") else [m for m in earlier.get("moved", []) if "error" not in m])
+    if not isinstance(earlier, dict) or earlier.get("dry_run"):
+        return list(earlier.get("earlier_moves", [])) if isinstance(earlier, dict) else []
+    where = {"root": earlier.get("root"), "quarantine": earlier.get("quarantine")}
+    return list(earlier.get("earlier_moves", [])) + [where | m for m in earlier.get("moved", []) if "error" not in m]
 
 
 def _free_path(target: Path, planned: set[Path]) -> Path:
