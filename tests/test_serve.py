@@ -633,6 +633,12 @@ def test_health_metrics_docs_and_page(client):
     assert all(len(t) == 1 for t in tags) and {t[0] for t in tags} == {"search", "catalog", "service"}, tags
     page = client.get("/")
     assert page.status_code == 200 and "script-src 'self'" in page.headers["content-security-policy"]
+    # HEAD, as uptime monitors probe: the GET's status and headers, no body
+    for path in ("/healthz", "/", "/images/1", "/images/1/similar"):
+        got, head = client.get(path), client.head(path)
+        assert (head.status_code, head.content, head.headers["content-type"]) == (200, b"", got.headers["content-type"]), path
+    assert client.head("/images/1").headers["content-length"] == client.get("/images/1").headers["content-length"]
+    assert client.head("/images/99999").status_code == 404
     assert page.headers["x-content-type-options"] == "nosniff"
     assert client.get("/static/app.js").status_code == 200
 
@@ -869,6 +875,8 @@ def test_cli_serves_on_loopback_and_stops(served):
     with cli_service(served) as (port, output):
         r = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
         assert r.json()["images"] == 42
+        probe = httpx.head(f"http://127.0.0.1:{port}/healthz", timeout=2)
+        assert probe.status_code == 200 and probe.content == b"", "an uptime monitor's HEAD through uvicorn"
         r = httpx.post(f"http://127.0.0.1:{port}/search", files={"image": upload(photo(served, "dotted", 5))}, data={"top": "2"}, timeout=30)
         assert r.status_code == 200 and r.json()["results"][0]["name"] == photo(served, "dotted", 5).name
         # dot segments sent as they are (an HTTP client would remove them before sending)

@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import LookalikeError
 from ..version import __version__
 from .errors import ApiError, error_response, expected_error_response
-from .middleware import Metrics, RequestGuard
+from .middleware import HeadAsGet, Metrics, RequestGuard
 from .routes.catalog import catalog_router
 from .routes.health import service_router
 from .routes.search import search_router
@@ -52,6 +52,7 @@ def create_app(service: Service) -> FastAPI:
     app.add_middleware(SimilarLane, answers=answers, route=similar_route, max_top=settings.max_top)
     app.add_middleware(RequestGuard, max_body=settings.max_upload_bytes, stall_s=settings.timeout_s, deadline_s=settings.upload_deadline_s)
     app.add_middleware(metrics.middleware)
+    app.add_middleware(HeadAsGet)
     _install_error_handlers(app)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     _serve_api_docs(app)

@@ -104,6 +104,27 @@ class RequestGuard:
         await response(scope, no_body, send)
 
 
+class HeadAsGet:
+    """Answers HEAD as GET, headers only: uptime monitors probe with HEAD, and FastAPI's GET routes refuse it (405)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                if message.get("more_body", False):
+                    return
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
+
+
 class Metrics:
     """Request counts, error counts and a latency histogram per route template, in Prometheus text format."""
 
